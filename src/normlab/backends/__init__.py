@@ -1,0 +1,38 @@
+"""Compute backends.
+
+A backend is a module with ``forward`` and ``backward`` of the same signatures as
+:mod:`normlab.backends.reference` (torch ops, analytic backward), which is the
+definition every other backend must agree with and the fallback for whatever they
+don't cover. :func:`select_backend` picks one per call; faster backends register
+themselves with :func:`register_backend` and decline inputs they don't handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from ..core.spec import NormSpec
+from . import reference
+
+__all__ = ["reference", "register_backend", "select_backend"]
+
+# (name, predicate, backend), tried in order; the first whose predicate accepts wins.
+_BACKENDS: list[tuple[str, Callable[[torch.Tensor, NormSpec], bool], ModuleType]] = []
+
+
+def register_backend(name: str, accepts: Callable[[torch.Tensor, NormSpec], bool],
+                     backend: ModuleType) -> None:
+    """Put ``backend`` before the reference for inputs where ``accepts(x, spec)``."""
+    _BACKENDS[:] = [entry for entry in _BACKENDS if entry[0] != name]
+    _BACKENDS.append((name, accepts, backend))
+
+
+def select_backend(x: torch.Tensor, spec: NormSpec) -> ModuleType:
+    """The backend that computes ``spec`` on ``x``."""
+    for _name, accepts, backend in _BACKENDS:
+        if accepts(x, spec):
+            return backend
+    return reference

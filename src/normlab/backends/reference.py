@@ -1,0 +1,119 @@
+"""The reference backend: normalization forward and analytic backward in torch ops.
+
+This is the readable definition every faster backend must agree with, and the
+fallback for whatever those backends don't cover. It works on any device and
+dtype. All methods share the two functions below; a ``NormSpec`` says which axes
+share one statistic.
+
+Forward, for the m elements of one statistic group::
+
+    mean = sum(x) / m                       (0 for RMSNorm)
+    var  = sum((x - mean)^2) / m            (mean square for RMSNorm)
+    rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    y    = xhat * weight + bias             (weight/bias broadcast over feature dims)
+
+Backward, with dxhat = dy * weight::
+
+    dbias   = sum over non-feature dims of dy
+    dweight = sum over non-feature dims of dy * xhat
+    dx      = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   batch statistics
+    dx      = rstd * (dxhat             - xhat * mean(dxhat * xhat))     RMSNorm
+    dx      = rstd * dxhat                                               fixed (running) statistics
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.spec import NormSpec
+from ..core.stats import batch_stats, compute_dtype, memory_format_of
+
+__all__ = ["forward", "backward"]
+
+
+def _normalize(x_grouped: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
+    return (x_grouped - mean) * rstd if mean is not None else x_grouped * rstd
+
+
+def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            spec: NormSpec) -> torch.Tensor:
+    if weight is not None:
+        xhat = xhat * weight.to(xhat.dtype).view(spec.affine_shape)
+    if bias is not None:
+        xhat = xhat + bias.to(xhat.dtype).view(spec.affine_shape)
+    return xhat
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    spec: NormSpec,
+    eps: float,
+    fixed_mean: torch.Tensor | None = None,
+    fixed_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Normalize ``x`` (shape ``spec.input_shape``).
+
+    With ``fixed_mean``/``fixed_var`` None the statistics are the batch's own;
+    otherwise they are given (running statistics), broadcastable to ``x``.
+
+    Returns ``(y, mean, var, rstd)``: y in x's dtype and memory format; the
+    statistics in the compute dtype, shaped ``spec.stat_shape`` (batch statistics)
+    or as given (fixed statistics). ``mean`` is None for a non-centering spec.
+    """
+    cdt = compute_dtype(x.dtype)
+    x_grouped = x.to(cdt).reshape(spec.group_shape)
+    if fixed_var is None:
+        mean, var = batch_stats(x_grouped, spec)
+    else:
+        mean, var = fixed_mean.to(cdt), fixed_var.to(cdt)
+    rstd = torch.rsqrt(var + eps)
+    xhat = _normalize(x_grouped, mean, rstd).reshape(x.shape)
+    y = _affine(xhat, weight, bias, spec)
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x)), mean, var, rstd
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    spec: NormSpec,
+    batch_statistics: bool,
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Analytic gradients ``(dx, dweight, dbias)`` of :func:`forward`; dx in x's
+    dtype and memory format, dweight/dbias in the compute dtype (the caller casts).
+
+    ``mean``/``rstd`` are what forward returned. Every step is a differentiable
+    torch op, so when the statistics are rebuilt from x with grad enabled this same
+    function gives correct second derivatives (double backward).
+    """
+    cdt = compute_dtype(x.dtype)
+    dy_c = dy.to(cdt)
+    need_dx, need_dw, need_db = needs_input_grad
+    dx = dweight = dbias = None
+
+    if need_db:
+        dbias = dy_c.sum(spec.param_reduce_dims).reshape(spec.param_shape)
+    if need_dw or (need_dx and batch_statistics):
+        xhat = _normalize(x.to(cdt).reshape(spec.group_shape), mean, rstd).reshape(x.shape)
+        if need_dw:
+            dweight = (dy_c * xhat).sum(spec.param_reduce_dims).reshape(spec.param_shape)
+    if need_dx:
+        dxhat = dy_c * weight.to(cdt).view(spec.affine_shape) if weight is not None else dy_c
+        if batch_statistics:
+            g = dxhat.reshape(spec.group_shape)
+            xh = xhat.reshape(spec.group_shape)
+            dims = spec.reduce_dims
+            inner = g - xh * (g * xh).mean(dims, keepdim=True)
+            if spec.center:
+                inner = inner - g.mean(dims, keepdim=True)
+            dx = (rstd * inner).reshape(x.shape)
+        else:
+            dx = dxhat * rstd
+        dx = dx.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+    return dx, dweight, dbias

@@ -1,0 +1,59 @@
+"""The ``normlab`` command line: one entry point, one subcommand per feature area.
+
+Each area module exposes ``add_parser(subparsers)`` that registers its subcommand and
+sets ``func`` (taking the parsed args, returning an exit code). Areas are imported
+lazily by name so that ``normlab --help`` stays fast and a missing optional
+dependency only affects its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# module paths that provide add_parser(subparsers); later features append here
+COMMAND_MODULES: list[str] = []
+
+
+class UsageError(Exception):
+    """A bad argument or input the user can fix: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normlab",
+        description="Normalization layers for PyTorch, and a lab that compares them.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"normlab {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as error:
+        print(f"normlab {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

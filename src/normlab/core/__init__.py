@@ -1,0 +1,1 @@
+"""The shared core: NormSpec (which axes share statistics), stable statistics, autograd."""

@@ -1,0 +1,119 @@
+"""The autograd Functions: one place that decides what is saved for backward.
+
+Forward saves only ``(x, weight, mean, rstd)`` -- the input and the per-group
+statistics -- and backward is the analytic one of the backend (no autograd tape
+through a chain of elementwise ops).
+
+Double backward: when backward itself runs with grad enabled
+(``create_graph=True``), the batch statistics are rebuilt from x with
+differentiable ops and the same analytic backward is evaluated on them, so
+autograd differentiates the backward exactly. Plain backward reuses the saved
+statistics.
+
+There is one Function per family (so ``y.grad_fn`` names the method), all
+sharing the body of :class:`NormFunction`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import reference, select_backend
+from .spec import NormSpec
+from .stats import batch_stats, compute_dtype
+
+__all__ = ["NormFunction", "normalize"]
+
+
+class NormFunction(torch.autograd.Function):
+    """``(x, weight, bias) -> (y, mean, var)`` for any :class:`NormSpec`.
+
+    ``mean`` and ``var`` are the (non-differentiable) statistics used, returned so
+    the caller can update running statistics; ``mean`` is None for RMSNorm.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: NormSpec, eps: float, fixed_mean, fixed_var):
+        backend = select_backend(x, spec)
+        y, mean, var, rstd = backend.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
+        ctx.batch_statistics = fixed_var is None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, mean, rstd)
+        for stat in (mean, var):
+            if stat is not None:
+                ctx.mark_non_differentiable(stat)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, rstd = ctx.saved_tensors
+        spec = ctx.spec
+        backend = ctx.backend
+        if torch.is_grad_enabled():
+            # create_graph=True: the reference backward is differentiable; with batch
+            # statistics, rebuild them as functions of x so the second derivative
+            # sees how they depend on x.
+            backend = reference
+            if ctx.batch_statistics:
+                mean, var = batch_stats(x.to(compute_dtype(x.dtype)).reshape(spec.group_shape), spec)
+                rstd = torch.rsqrt(var + ctx.eps)
+        dx, dweight, dbias = backend.backward(
+            dy, x, weight, mean, rstd, spec, ctx.batch_statistics, ctx.needs_input_grad[:3]
+        )
+        if dweight is not None:
+            dweight = dweight.to(weight.dtype)
+        if dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None, None, None, None
+
+
+class BatchNormFunction(NormFunction):
+    pass
+
+
+class InstanceNormFunction(NormFunction):
+    pass
+
+
+class GroupNormFunction(NormFunction):
+    pass
+
+
+class LayerNormFunction(NormFunction):
+    pass
+
+
+class RMSNormFunction(NormFunction):
+    pass
+
+
+_FUNCTIONS: dict[str, type[NormFunction]] = {
+    "batch_norm": BatchNormFunction,
+    "instance_norm": InstanceNormFunction,
+    "group_norm": GroupNormFunction,
+    "layer_norm": LayerNormFunction,
+    "rms_norm": RMSNormFunction,
+}
+
+
+def register_function(family: str, function: type[NormFunction]) -> None:
+    """Give a new family (see ``normlab.nn`` extensions) its own named Function."""
+    _FUNCTIONS[family] = function
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    spec: NormSpec,
+    eps: float,
+    fixed_mean: torch.Tensor | None = None,
+    fixed_var: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Apply the normalization ``spec`` describes; returns ``(y, mean, var)``.
+
+    Inputs are assumed validated (see ``normlab.functional``).
+    """
+    function = _FUNCTIONS.get(spec.family, NormFunction)
+    return function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)

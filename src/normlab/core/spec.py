@@ -1,0 +1,120 @@
+"""NormSpec: the one thing that tells the normalization methods apart.
+
+Every method in normlab is the same computation (SPEC §1)::
+
+    y = (x - mean_S(x)) / sqrt(var_S(x) + eps) * gamma + beta
+
+and only the set S of axes that share one (mean, var) differs. A ``NormSpec``
+names S for a concrete input shape:
+
+* ``group_shape`` -- the shape the input is viewed as before reducing. It is the
+  input's own shape except for GroupNorm, which splits C into (G, C/G).
+* ``reduce_dims`` -- the dims of that view that share one statistic.
+* ``feature_dims`` -- the dims of the *input* that carry the affine parameters
+  (the channel dim, or LayerNorm's trailing ``normalized_shape`` dims).
+* ``center`` -- subtract the mean (False for RMSNorm).
+
+Example, input (N, C, H, W) = (2, 6, 5, 5)::
+
+    method          group_shape        reduce_dims   stats per       count
+    batch_norm      (2, 6, 5, 5)       (0, 2, 3)     channel         N*H*W = 50
+    instance_norm   (2, 6, 5, 5)       (2, 3)        (n, c)          H*W   = 25
+    group_norm(G=3) (2, 3, 2, 5, 5)    (2, 3, 4)     (n, group)      2*H*W = 50
+    layer_norm([5]) (2, 6, 5, 5)       (3,)          row             W     = 5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "NormSpec",
+    "batch_norm_spec",
+    "instance_norm_spec",
+    "group_norm_spec",
+    "layer_norm_spec",
+    "rms_norm_spec",
+]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Which axes of an input of shape ``input_shape`` share one mean and variance."""
+
+    family: str
+    input_shape: tuple[int, ...]
+    group_shape: tuple[int, ...]
+    reduce_dims: tuple[int, ...]
+    feature_dims: tuple[int, ...]
+    center: bool = True
+
+    @property
+    def stat_shape(self) -> tuple[int, ...]:
+        """Shape of mean/var with keepdim: ``group_shape`` with the reduced dims set to 1."""
+        return tuple(1 if d in self.reduce_dims else s for d, s in enumerate(self.group_shape))
+
+    @property
+    def count(self) -> int:
+        """Number of elements averaged into one statistic."""
+        return math.prod(self.group_shape[d] for d in self.reduce_dims)
+
+    @property
+    def affine_shape(self) -> tuple[int, ...]:
+        """Shape that weight/bias are viewed as to broadcast against the input."""
+        return tuple(
+            s if d in self.feature_dims else 1 for d, s in enumerate(self.input_shape)
+        )
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Shape of weight and bias (e.g. (C,) or ``normalized_shape``)."""
+        return tuple(self.input_shape[d] for d in self.feature_dims)
+
+    @property
+    def param_reduce_dims(self) -> tuple[int, ...]:
+        """Input dims summed over to get dweight and dbias."""
+        return tuple(d for d in range(len(self.input_shape)) if d not in self.feature_dims)
+
+
+def _spatial(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(range(2, len(shape)))
+
+
+def batch_norm_spec(shape: Sequence[int]) -> NormSpec:
+    """One statistic per channel, over N and all spatial dims of (N, C, *spatial)."""
+    shape = tuple(shape)
+    return NormSpec("batch_norm", shape, shape, (0, *_spatial(shape)), (1,))
+
+
+def instance_norm_spec(shape: Sequence[int]) -> NormSpec:
+    """One statistic per (sample, channel), over the spatial dims of (N, C, *spatial)."""
+    shape = tuple(shape)
+    return NormSpec("instance_norm", shape, shape, _spatial(shape), (1,))
+
+
+def group_norm_spec(shape: Sequence[int], num_groups: int) -> NormSpec:
+    """One statistic per (sample, group) over C/G channels and all spatial dims.
+
+    The input (N, C, *spatial) is viewed as (N, G, C/G, *spatial); that view is a
+    plain ``reshape`` for contiguous and channels_last layouts alike.
+    """
+    shape = tuple(shape)
+    n, c, *spatial = shape
+    group_shape = (n, num_groups, c // num_groups, *spatial)
+    return NormSpec("group_norm", shape, group_shape, tuple(range(2, len(group_shape))), (1,))
+
+
+def layer_norm_spec(shape: Sequence[int], normalized_shape: Sequence[int]) -> NormSpec:
+    """One statistic per row, over the trailing ``len(normalized_shape)`` dims."""
+    shape = tuple(shape)
+    trailing = tuple(range(len(shape) - len(normalized_shape), len(shape)))
+    return NormSpec("layer_norm", shape, shape, trailing, trailing)
+
+
+def rms_norm_spec(shape: Sequence[int], normalized_shape: Sequence[int]) -> NormSpec:
+    """LayerNorm's axes without centering: x / sqrt(mean(x^2) + eps)."""
+    spec = layer_norm_spec(shape, normalized_shape)
+    return NormSpec("rms_norm", spec.input_shape, spec.group_shape, spec.reduce_dims,
+                    spec.feature_dims, center=False)

@@ -1,0 +1,80 @@
+"""Statistics and the precision policy shared by every normalization.
+
+Precision policy (cited by the docstrings of every layer):
+
+* Statistics (mean, variance, reciprocal std) are computed in float32 for
+  float32/float16/bfloat16 inputs and in float64 for float64 inputs.
+* The variance is computed in two passes, ``mean((x - mean(x))**2)``, never as
+  ``E[x^2] - E[x]^2``: the latter cancels catastrophically when |mean| >> std
+  (an input offset by 1e4 in float32 would lose every digit of its variance).
+  A two-pass variance is a sum of squares, so it is never negative.
+* The variance that normalizes is the biased one (divide by the count); the
+  running variance stores the unbiased one (divide by count - 1), as torch.nn.
+* The output has the input's dtype and memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import NormSpec
+
+__all__ = [
+    "compute_dtype",
+    "batch_stats",
+    "update_running_stats",
+    "memory_format_of",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and arithmetic run in for an input of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_stats(x_grouped: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Biased mean and variance of ``x_grouped`` (shaped ``spec.group_shape``) over
+    ``spec.reduce_dims``, kept as ``spec.stat_shape``.
+
+    For a non-centering spec (RMSNorm) the mean is None and the "variance" is the
+    mean square. Written in differentiable torch ops, so the double-backward path can
+    rebuild the statistics as functions of x.
+    """
+    dims = spec.reduce_dims
+    if not spec.center:
+        return None, x_grouped.square().mean(dims, keepdim=True)
+    mean = x_grouped.mean(dims, keepdim=True)
+    var = (x_grouped - mean).square().mean(dims, keepdim=True)
+    return mean, var
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """In-place ``running = (1 - momentum) * running + momentum * batch_stat``.
+
+    ``mean`` and ``var`` (biased) are shaped (..., C): any leading dims (InstanceNorm's
+    per-sample statistics) are averaged first, as torch.nn does. The variance folded
+    in is the unbiased one, ``var * count / (count - 1)``.
+    """
+    mean = mean.reshape(-1, mean.shape[-1]).mean(0)
+    unbiased = var.reshape(-1, var.shape[-1]).mean(0) * (count / (count - 1))
+    if running_mean is not None:
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    if running_var is not None:
+        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an output should keep to match ``x`` (channels_last or not)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format

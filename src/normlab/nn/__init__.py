@@ -1,0 +1,29 @@
+"""Drop-in normalization modules (same signatures, buffers and state_dict keys as torch.nn)."""
+
+from .batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+)
+from .normalization import GroupNorm, LayerNorm, RMSNorm
+from .registry import SampleRMSNorm, build_norm, norm_names, register_norm, resolve_groups
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "GroupNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "SampleRMSNorm",
+    "build_norm",
+    "norm_names",
+    "register_norm",
+    "resolve_groups",
+]
