@@ -13,8 +13,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# module paths that provide add_parser(subparsers); later features append here
-COMMAND_MODULES: list[str] = []
+# Modules that provide add_parser(subparsers), one per feature area. An area whose
+# module is not present in this installation is simply not offered.
+COMMAND_MODULES: list[str] = [
+    "normlab.lab.cli",  # compare, report, explain
+    "normlab.bench.cli",  # bench
+    "normlab.tools.cli",  # convert, fold, doctor
+]
 
 
 class UsageError(Exception):
@@ -29,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).add_parser(subparsers)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue  # this area is not part of the installation
+            raise
+        module.add_parser(subparsers)
     return parser
 
 
