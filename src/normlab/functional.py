@@ -70,6 +70,9 @@ def _channel_stat_norm(input: Tensor, running_mean: Tensor | None, running_var: 
         raise ValueError(
             f"{name}: expected more than 1 {too_few} when training, got input of shape {tuple(input.shape)}"
         )
+    if eps <= 0:
+        # as torch.nn: a constant channel would divide by zero
+        raise ValueError(f"{name}: expected eps > 0 when normalizing with batch statistics, got {eps!r}")
     y, mean, var = normalize(input, weight, bias, spec, eps)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean.reshape(-1, channels),

@@ -27,13 +27,13 @@ from __future__ import annotations
 import torch
 
 from ..core.spec import NormSpec
-from ..core.stats import batch_stats, compute_dtype, memory_format_of
+from ..core.stats import batch_stats, center, compute_dtype, memory_format_of
 
 __all__ = ["forward", "backward"]
 
 
 def _normalize(x_grouped: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
-    return (x_grouped - mean) * rstd if mean is not None else x_grouped * rstd
+    return center(x_grouped, mean) * rstd if mean is not None else x_grouped * rstd
 
 
 def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -43,6 +43,13 @@ def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     if bias is not None:
         xhat = xhat + bias.to(xhat.dtype).view(spec.affine_shape)
     return xhat
+
+
+def _sum_to_params(t: torch.Tensor, spec: NormSpec) -> torch.Tensor:
+    """Sum over the non-feature dims to the parameter shape. (``sum(())`` would sum
+    everything, so an input with only feature dims is returned as is.)"""
+    dims = spec.param_reduce_dims
+    return (t.sum(dims) if dims else t).reshape(spec.param_shape)
 
 
 def forward(
@@ -59,16 +66,17 @@ def forward(
     With ``fixed_mean``/``fixed_var`` None the statistics are the batch's own;
     otherwise they are given (running statistics), broadcastable to ``x``.
 
-    Returns ``(y, mean, var, rstd)``: y in x's dtype and memory format; the
-    statistics in the compute dtype, shaped ``spec.stat_shape`` (batch statistics)
-    or as given (fixed statistics). ``mean`` is None for a non-centering spec.
+    Returns ``(y, mean, var, rstd)``: y in x's dtype and memory format; var and
+    rstd in the compute dtype and mean in float64 (see :mod:`normlab.core.stats`),
+    shaped ``spec.stat_shape`` (batch statistics) or as given (fixed statistics).
+    ``mean`` is None for a non-centering spec.
     """
     cdt = compute_dtype(x.dtype)
     x_grouped = x.to(cdt).reshape(spec.group_shape)
     if fixed_var is None:
         mean, var = batch_stats(x_grouped, spec)
     else:
-        mean, var = fixed_mean.to(cdt), fixed_var.to(cdt)
+        mean, var = fixed_mean, fixed_var.to(cdt)
     rstd = torch.rsqrt(var + eps)
     xhat = _normalize(x_grouped, mean, rstd).reshape(x.shape)
     y = _affine(xhat, weight, bias, spec)
@@ -98,11 +106,11 @@ def backward(
     dx = dweight = dbias = None
 
     if need_db:
-        dbias = dy_c.sum(spec.param_reduce_dims).reshape(spec.param_shape)
+        dbias = _sum_to_params(dy_c, spec)
     if need_dw or (need_dx and batch_statistics):
         xhat = _normalize(x.to(cdt).reshape(spec.group_shape), mean, rstd).reshape(x.shape)
         if need_dw:
-            dweight = (dy_c * xhat).sum(spec.param_reduce_dims).reshape(spec.param_shape)
+            dweight = _sum_to_params(dy_c * xhat, spec)
     if need_dx:
         dxhat = dy_c * weight.to(cdt).view(spec.affine_shape) if weight is not None else dy_c
         if batch_statistics:

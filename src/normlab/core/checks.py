@@ -72,14 +72,18 @@ def normalize_shape_arg(normalized_shape: int | Sequence[int], name: str) -> tup
     """Turn an int or sequence ``normalized_shape`` into a tuple of positive ints."""
     if isinstance(normalized_shape, numbers.Integral):
         shape = (int(normalized_shape),)
+    elif isinstance(normalized_shape, str | bytes):
+        shape = None
     else:
         try:
             shape = tuple(int(s) for s in normalized_shape)
-        except TypeError:
-            raise TypeError(
-                f"{name}: expected normalized_shape to be an int or a sequence of ints, "
-                f"got {normalized_shape!r}"
-            ) from None
+        except (TypeError, ValueError):
+            shape = None
+    if shape is None:
+        raise TypeError(
+            f"{name}: expected normalized_shape to be an int or a sequence of ints, "
+            f"got {normalized_shape!r}"
+        )
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"{name}: expected a non-empty normalized_shape of positive sizes, got {shape}")
     return shape

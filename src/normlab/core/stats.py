@@ -8,6 +8,10 @@ Precision policy (cited by the docstrings of every layer):
   ``E[x^2] - E[x]^2``: the latter cancels catastrophically when |mean| >> std
   (an input offset by 1e4 in float32 would lose every digit of its variance).
   A two-pass variance is a sum of squares, so it is never negative.
+* The mean is carried to about twice the compute precision (returned as float64):
+  a float32 mean of ``x + 1e4`` is itself rounded by up to 5e-4, an error that
+  survives normalization. The mean of the residuals ``x - mean`` corrects it, and
+  :func:`center` subtracts the float64 mean as a (hi, lo) pair of float32 values.
 * The variance that normalizes is the biased one (divide by the count); the
   running variance stores the unbiased one (divide by count - 1), as torch.nn.
 * The output has the input's dtype and memory format.
@@ -22,6 +26,7 @@ from .spec import NormSpec
 __all__ = [
     "compute_dtype",
     "batch_stats",
+    "center",
     "update_running_stats",
     "memory_format_of",
 ]
@@ -33,19 +38,32 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def batch_stats(x_grouped: torch.Tensor, spec: NormSpec) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Biased mean and variance of ``x_grouped`` (shaped ``spec.group_shape``) over
-    ``spec.reduce_dims``, kept as ``spec.stat_shape``.
+    """Mean and biased variance of ``x_grouped`` (shaped ``spec.group_shape``, in the
+    compute dtype) over ``spec.reduce_dims``, kept as ``spec.stat_shape``.
 
-    For a non-centering spec (RMSNorm) the mean is None and the "variance" is the
-    mean square. Written in differentiable torch ops, so the double-backward path can
-    rebuild the statistics as functions of x.
+    The mean is float64 (see the module docstring); the variance is in the compute
+    dtype. For a non-centering spec (RMSNorm) the mean is None and the "variance" is
+    the mean square. Written in differentiable torch ops, so the double-backward path
+    can rebuild the statistics as functions of x.
     """
     dims = spec.reduce_dims
     if not spec.center:
         return None, x_grouped.square().mean(dims, keepdim=True)
-    mean = x_grouped.mean(dims, keepdim=True)
-    var = (x_grouped - mean).square().mean(dims, keepdim=True)
-    return mean, var
+    rough = x_grouped.mean(dims, keepdim=True)
+    residual = x_grouped - rough  # exact where x is near its mean (Sterbenz)
+    correction = residual.mean(dims, keepdim=True)
+    var = (residual - correction).square().mean(dims, keepdim=True)
+    return rough.to(torch.float64) + correction.to(torch.float64), var
+
+
+def center(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``x - mean``, with a wider ``mean`` applied as hi + lo parts in x's dtype so
+    that its extra precision is not rounded away."""
+    if mean.dtype == x.dtype:
+        return x - mean
+    hi = mean.to(x.dtype)
+    lo = (mean - hi.to(mean.dtype)).to(x.dtype)
+    return (x - hi) - lo
 
 
 @torch.no_grad()
