@@ -283,3 +283,23 @@ def test_modules_move_with_to_and_buffers_follow():
     assert bn.num_batches_tracked.dtype == torch.long
     bn(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda m: m.BatchNorm2d(3), (0, 3, 4, 4)),
+    (lambda m: m.BatchNorm1d(3, momentum=None), (0, 3)),
+    (lambda m: m.GroupNorm(1, 3), (0, 3, 4)),
+    (lambda m: m.LayerNorm(3), (0, 3)),
+    # (torch.nn's InstanceNorm with track_running_stats=True raises IndexError on an empty batch)
+    (lambda m: m.InstanceNorm1d(3, affine=True), (0, 3, 4)),
+])
+def test_empty_batch_passes_through_like_torch(make, shape):
+    ours, theirs = make(nl), make(nn)
+    x = torch.randn(shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == theirs(x).shape == x.shape
+    y.sum().backward()
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    for p in ours.parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p)), "an empty batch contributes no gradient"

@@ -66,7 +66,8 @@ def _channel_stat_norm(input: Tensor, running_mean: Tensor | None, running_var: 
         stat_view = spec.affine_shape
         return normalize(input, weight, bias, spec, eps,
                          running_mean.view(stat_view), running_var.view(stat_view))[0]
-    if spec.count <= 1:
+    empty = input.numel() == 0  # an empty batch passes through, as in torch.nn
+    if spec.count <= 1 and not empty:
         raise ValueError(
             f"{name}: expected more than 1 {too_few} when training, got input of shape {tuple(input.shape)}"
         )
@@ -74,7 +75,7 @@ def _channel_stat_norm(input: Tensor, running_mean: Tensor | None, running_var: 
         # as torch.nn: a constant channel would divide by zero
         raise ValueError(f"{name}: expected eps > 0 when normalizing with batch statistics, got {eps!r}")
     y, mean, var = normalize(input, weight, bias, spec, eps)
-    if running_mean is not None:
+    if running_mean is not None and not empty:
         update_running_stats(running_mean, running_var, mean.reshape(-1, channels),
                              var.reshape(-1, channels), spec.count, momentum)
     return y
