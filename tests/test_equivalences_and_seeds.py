@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import assert_close
 
 import normlab as nl
 import normlab.functional as NF
+from conftest import assert_close
 
 FEATURES = np.array(
     [[[[1, 0], [0, 2]], [[3, 4], [1, 2]], [[-2, 9], [7, 5]], [[2, 3], [4, 2]]],

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
 
 import normlab.functional as NF
+from conftest import assert_close
 from normlab import reference as R
 
 SHAPES = [(3, 6), (4, 6, 5), (2, 6, 3, 4), (2, 6, 2, 3, 2)]

@@ -12,10 +12,10 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_close
 from torch import nn
 
 import normlab as nl
+from conftest import assert_close
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

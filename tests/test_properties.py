@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normlab.functional as NF
+from conftest import assert_close
 from normlab import reference as R
 
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -10,6 +10,7 @@ from .batchnorm import (
 )
 from .normalization import GroupNorm, LayerNorm, RMSNorm
 from .registry import SampleRMSNorm, build_norm, norm_names, register_norm, resolve_groups
+from .syncbn import SyncBatchNorm, merge_moments
 
 __all__ = [
     "BatchNorm1d",
@@ -22,6 +23,8 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "SampleRMSNorm",
+    "SyncBatchNorm",
+    "merge_moments",
     "build_norm",
     "norm_names",
     "register_norm",
