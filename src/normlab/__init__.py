@@ -4,7 +4,7 @@
 ...); ``normlab.functional`` the functional API; ``normlab.reference`` the NumPy oracle.
 """
 
-from . import functional
+from . import functional, tools
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -20,6 +20,28 @@ from .nn import (
     build_norm,
     norm_names,
     register_norm,
+)
+from .nn.extra import (
+    TLU,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FilterResponseNorm2d,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    LayerNorm2d,
+    LinearRamp,
+    SingleSampleBatchNorm1d,
+    SingleSampleBatchNorm2d,
+    SingleSampleBatchNorm3d,
+    SwitchableNorm1d,
+    SwitchableNorm2d,
+    WSConv2d,
+    get_norm_layer,
 )
 
 __version__ = "0.1.0"
@@ -40,5 +62,26 @@ __all__ = [
     "build_norm",
     "norm_names",
     "register_norm",
+    "TLU",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FilterResponseNorm2d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "LayerNorm2d",
+    "LinearRamp",
+    "SingleSampleBatchNorm1d",
+    "SingleSampleBatchNorm2d",
+    "SingleSampleBatchNorm3d",
+    "SwitchableNorm1d",
+    "SwitchableNorm2d",
+    "WSConv2d",
+    "get_norm_layer",
+    "tools",
     "__version__",
 ]

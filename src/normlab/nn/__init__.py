@@ -9,7 +9,15 @@ from .batchnorm import (
     InstanceNorm3d,
 )
 from .normalization import GroupNorm, LayerNorm, RMSNorm
-from .registry import SampleRMSNorm, build_norm, norm_names, register_norm, resolve_groups
+from .registry import (
+    SampleRMSNorm,
+    build_norm,
+    norm_names,
+    register_norm,
+    resolve_groups,
+    resolve_norm_name,
+    supports_spatial_dims,
+)
 from .syncbn import SyncBatchNorm, merge_moments
 
 __all__ = [
@@ -29,4 +37,12 @@ __all__ = [
     "norm_names",
     "register_norm",
     "resolve_groups",
+    "resolve_norm_name",
+    "supports_spatial_dims",
 ]
+
+# the normalizations beyond torch.nn; importing registers their names
+from . import extra  # noqa: E402
+from .extra import *  # noqa: E402,F403
+
+__all__ += extra.__all__

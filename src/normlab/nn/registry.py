@@ -41,7 +41,15 @@ from .batchnorm import (
 )
 from .normalization import GroupNorm, LayerNorm, RMSNorm
 
-__all__ = ["SampleRMSNorm", "build_norm", "norm_names", "register_norm", "resolve_groups"]
+__all__ = [
+    "SampleRMSNorm",
+    "build_norm",
+    "norm_names",
+    "register_norm",
+    "resolve_groups",
+    "resolve_norm_name",
+    "supports_spatial_dims",
+]
 
 NormFactory = Callable[..., nn.Module]
 
@@ -125,9 +133,22 @@ _ALIASES = {
 }
 
 
-def register_norm(name: str, factory: NormFactory) -> None:
-    """Add ``name``: ``factory(num_channels, spatial_dims, **kwargs) -> nn.Module``."""
+# which input ranks (number of spatial dims) each name supports; absent: any
+_SPATIAL_DIMS: dict[str, tuple[int, ...]] = {"in": (1, 2, 3)}
+
+
+def register_norm(name: str, factory: NormFactory, *, aliases: tuple[str, ...] = (),
+                  spatial_dims: tuple[int, ...] | None = None) -> None:
+    """Add ``name``: ``factory(num_channels, spatial_dims, **kwargs) -> nn.Module``.
+
+    ``aliases`` are other spellings that resolve to ``name``; ``spatial_dims`` the input
+    ranks it supports (0 for (N, C), 2 for (N, C, H, W), ...), None for any.
+    """
     _REGISTRY[name] = factory
+    for alias in aliases:
+        _ALIASES[alias] = name
+    if spatial_dims is not None:
+        _SPATIAL_DIMS[name] = tuple(spatial_dims)
 
 
 def norm_names() -> list[str]:
@@ -135,9 +156,20 @@ def norm_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def build_norm(name: str, num_channels: int, spatial_dims: int = 2, **kwargs) -> nn.Module:
-    """A normalization module for inputs (N, num_channels, *spatial) by ``name``."""
+def resolve_norm_name(name: str) -> str:
+    """The registered short name for ``name`` or one of its aliases (case-insensitive)."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _REGISTRY:
         raise ValueError(f"unknown norm {name!r}; expected one of {', '.join(norm_names())}")
-    return _REGISTRY[key](num_channels, spatial_dims, **kwargs)
+    return key
+
+
+def supports_spatial_dims(name: str, spatial_dims: int) -> bool:
+    """Whether the norm ``name`` can be built for inputs with ``spatial_dims`` spatial dims."""
+    supported = _SPATIAL_DIMS.get(resolve_norm_name(name))
+    return supported is None or spatial_dims in supported
+
+
+def build_norm(name: str, num_channels: int, spatial_dims: int = 2, **kwargs) -> nn.Module:
+    """A normalization module for inputs (N, num_channels, *spatial) by ``name``."""
+    return _REGISTRY[resolve_norm_name(name)](num_channels, spatial_dims, **kwargs)
