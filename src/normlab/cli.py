@@ -67,4 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m normlab.cli` runs this file as __main__, a second copy of the module:
+    # call the canonical one so that its UsageError is the one the commands raise.
+    from normlab.cli import main as _main
+
+    sys.exit(_main())

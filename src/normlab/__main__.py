@@ -1,0 +1,5 @@
+"""``python -m normlab``: the same as the ``normlab`` command."""
+
+from normlab.cli import main
+
+raise SystemExit(main())
