@@ -5,6 +5,7 @@
 """
 
 from . import functional, tools
+from .backends import gpu as _gpu_backend
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -43,6 +44,8 @@ from .nn.extra import (
     WSConv2d,
     get_norm_layer,
 )
+
+_gpu_backend.register()  # "gpu-triton" for CUDA tensors when triton is installed; imports nothing now
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,136 @@
+"""The Triton GPU backend ("gpu-triton"): fused forward and backward kernels for
+every family (BatchNorm, InstanceNorm, GroupNorm, LayerNorm, RMSNorm) on CUDA
+tensors of float32, float16 and bfloat16, with float32 statistics (the precision
+policy of :mod:`normlab.core.stats`). Kernel design: ``README.md`` in this folder.
+
+Importing this package does not import triton: :func:`forward` / :func:`backward`
+load the kernels on first use, so ``import normlab`` stays cheap on machines with or
+without a GPU. :func:`register` puts the backend in front of the reference one for
+the inputs :func:`accepts` takes.
+
+What it takes (everything else goes to another backend or the reference):
+
+* CUDA tensors on a GPU of compute capability >= 7.0 -- or CPU tensors when ``TRITON_INTERPRET=1`` and
+  ``NORMLAB_TRITON_ON_CPU=1`` are both set (Triton's interpreter; for tests only,
+  it is ~1000x slower than a kernel);
+* dtype float32, float16 or bfloat16 (float64 goes to the reference backend);
+* fewer than 2**31 elements (32-bit offsets), at most 262140 channels;
+* LayerNorm/RMSNorm: contiguous input;
+* BatchNorm/InstanceNorm/GroupNorm: contiguous (NCHW) or channels_last input -- any
+  layout whose spatial dims collapse to one stride -- read and written through its
+  strides, never copied.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+
+import torch
+
+from ...core.spec import (
+    NormSpec,
+    batch_norm_spec,
+    group_norm_spec,
+    instance_norm_spec,
+    layer_norm_spec,
+    rms_norm_spec,
+)
+
+__all__ = ["NAME", "accepts", "available", "backward", "forward", "register"]
+
+NAME = "gpu-triton"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_NUMEL = 2**31
+# The per-channel kernels put channel tiles (>= 4 channels) on grid axis 1, at most 65535.
+_MAX_CHANNELS = 4 * 65535
+
+
+def _cpu_allowed() -> bool:
+    """CPU tensors run under the interpreter only when both variables ask for it."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("NORMLAB_TRITON_ON_CPU") == "1"
+
+
+def _expected_spec(x: torch.Tensor, spec: NormSpec) -> NormSpec | None:
+    """The spec the kernels implement for ``spec.family`` on ``x`` (None: unknown
+    family). A spec that differs (a custom family or axes) is declined."""
+    family, shape = spec.family, tuple(x.shape)
+    if family in ("layer_norm", "rms_norm"):
+        k = len(spec.reduce_dims)
+        if not 0 < k <= len(shape):
+            return None
+        build = layer_norm_spec if family == "layer_norm" else rms_norm_spec
+        return build(shape, shape[len(shape) - k:])
+    if len(shape) < 2:
+        return None
+    if family == "batch_norm":
+        return batch_norm_spec(shape)
+    if family == "instance_norm":
+        return instance_norm_spec(shape)
+    if family == "group_norm" and len(spec.group_shape) > 1:
+        groups = spec.group_shape[1]
+        if groups <= 0 or shape[1] % groups:
+            return None
+        return group_norm_spec(shape, groups)
+    return None
+
+
+@functools.cache
+def _device_supported(index: int) -> bool:
+    """Triton compiles for compute capability 7.0 and newer."""
+    return torch.cuda.get_device_capability(index)[0] >= 7
+
+
+def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
+    """True when the Triton kernels compute ``spec`` on ``x`` (see the module docstring)."""
+    if x.is_cuda:
+        if not _device_supported(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+            return False
+    elif not (x.device.type == "cpu" and _cpu_allowed()):
+        return False
+    if x.dtype not in _DTYPES or not 0 < x.numel() < _MAX_NUMEL:
+        return False
+    if spec != _expected_spec(x, spec):
+        return False
+    if spec.family in ("layer_norm", "rms_norm"):
+        return x.is_contiguous()
+    if x.shape[1] > _MAX_CHANNELS:
+        return False
+    try:  # the (N, C, S) strided view the channel/group kernels read through
+        x.view(x.shape[0], x.shape[1], -1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def available() -> bool:
+    """Whether triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def forward(x, weight, bias, spec, eps, fixed_mean=None, fixed_var=None):
+    """Same contract as :func:`normlab.backends.reference.forward`."""
+    from . import _ops
+
+    return _ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+
+
+def backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad=(True, True, True)):
+    """Same contract as :func:`normlab.backends.reference.backward`."""
+    from . import _ops
+
+    return _ops.backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
+
+
+def register() -> bool:
+    """Register this backend under :data:`NAME` if triton is installed; returns
+    whether it did. Does not import triton."""
+    if not available():
+        return False
+    from .. import register_backend
+
+    register_backend(NAME, accepts, sys.modules[__name__])
+    return True

@@ -1,0 +1,98 @@
+"""Launch heuristics shared by the Triton kernels (imports triton; load lazily).
+
+No autotuning: several configs fail in the interpreter, and a heuristic keeps the
+first call free of benchmarking. Every size below is a power of two because
+``tl.arange`` needs one. Tests shrink :data:`TUNING` to force the looped paths and
+several programs per reduction on tiny shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["LAUNCH", "TUNING", "Tuning", "device_guard", "dummy", "fsum", "num_programs", "num_warps", "pow2"]
+
+
+@dataclass
+class Tuning:
+    """Block-size and grid heuristics (element counts, not bytes)."""
+
+    #: LayerNorm/RMSNorm rows up to this length stay in registers (one read of x);
+    #: longer rows are processed in chunks of this size.
+    max_row_block: int = 8192
+    #: elements a LayerNorm/RMSNorm program handles at once: rows shorter than this are
+    #: batched several to a program (a (rows, N) tile), so short rows don't waste threads.
+    row_tile: int = 2048
+    #: elements in one 2D tile of the BatchNorm/GroupNorm/InstanceNorm kernels.
+    tile: int = 4096
+    #: programs launched per SM for grid-stride reductions (LN backward, BN splits).
+    programs_per_sm: int = 4
+    #: the same target when running under the interpreter (no SMs to fill).
+    interpreter_programs: int = 4
+
+
+TUNING = Tuning()
+
+#: Options passed to every launch. Stating fp fusion (FMA contraction, Triton's
+#: historical default) explicitly keeps Triton 3.9 from warning on each first compile.
+LAUNCH = {"enable_fp_fusion": True}
+
+
+# tl.sum and tl.zeros are themselves @triton.jit library functions, and the interpreter
+# can only run those if triton was first imported with TRITON_INTERPRET=1 -- which fails
+# whenever something imported triton earlier (torch.compile does, even on CPU). The
+# kernels therefore use builtins only: tl.reduce with tl.sum's own combine function
+# (identical code when compiled; numpy's sum in the interpreter) and tl.full.
+_sum_combine = tl.standard._sum_combine
+
+
+@triton.jit
+def fsum(x, axis: tl.constexpr):
+    """``tl.sum(x, axis)`` for float32 ``x``, runnable in the interpreter whatever
+    the import order."""
+    return tl.reduce(x, axis, _sum_combine)
+
+
+def pow2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def num_warps(block: int) -> int:
+    """Warps for a program that handles ``block`` elements at once (memory-bound: about
+    8 elements per thread; 1 warp for <= 256 elements, at most 8 below 16384)."""
+    if block >= 16384:
+        return 16
+    return min(max(block // 256, 1), 8)
+
+
+def num_programs(device: torch.device) -> int:
+    """How many programs a grid-stride reduction should use to fill the device."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return sms * TUNING.programs_per_sm
+    return TUNING.interpreter_programs
+
+
+class _NoGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def device_guard(x: torch.Tensor):
+    """Make ``x``'s GPU the current one while launching (Triton launches on the current
+    device); a no-op for CPU tensors under the interpreter."""
+    return torch.cuda.device(x.device) if x.is_cuda else _NoGuard()
+
+
+def dummy(x: torch.Tensor) -> torch.Tensor:
+    """A placeholder pointer argument for an absent tensor (never dereferenced: the
+    kernel's HAS_* flag is False)."""
+    return x

@@ -1,0 +1,347 @@
+"""GroupNorm and InstanceNorm (batch statistics): one statistic per (sample, group).
+
+x is viewed as (N, C, S) through its strides (contiguous NCHW or channels_last, no
+copies); group g of sample n is the (Cg, S) block of channels g*Cg .. (g+1)*Cg - 1
+(InstanceNorm: G = C, Cg = 1), walked in (BLOCK_C, BLOCK_S) tiles.
+
+When there are enough groups (N*G >= half the programs that fill the device) one
+program per (n, g) does everything in one launch:
+
+Forward::
+
+    pass 1: tile (count, mean, M2) merged by Chan's formula -> mean, var, rstd
+    pass 2: y = (x - mean) * rstd * w[c] + b[c]
+
+Backward, with g = dy * w[c] and xhat = (x - mean) * rstd::
+
+    pass 1: sum(g), sum(g * xhat) over the group; per channel sum(dy) and
+            sum(dy * xhat) into (N, C) partial buffers (summed over N at the end:
+            dbias, dweight; deterministic, no atomics)
+    pass 2: dx = rstd * (g - sum(g)/m - xhat * sum(g xhat)/m),   m = Cg * S
+
+With few groups (small batches, e.g. N=1, G=32) each group's spatial range is split
+over ``splits`` programs instead, like BatchNorm: partial (mean, M2) per (group,
+split) -> Chan merge -> apply; backward: per (split, n, c) partial sums -> summed
+(dbias, dweight, and the group sums of g, g xhat) -> dx. The same block helpers
+serve both shapes of launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._channels import _chan_merge_kernel
+from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2
+
+__all__ = ["group_forward", "group_backward"]
+
+
+@triton.jit
+def _welford_block(X, c_first, Cg, s_start, s_end, sxc, sxs,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(count, mean, M2) of channels c_first .. c_first+Cg-1, spatial [s_start, s_end)."""
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        nc = tl.minimum(Cg - c0, BLOCK_C)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_end)[None, :]
+            x = tl.load(X + (c_first + cc)[:, None] * sxc + ss[None, :] * sxs,
+                        mask=mask, other=0.0).to(tl.float32)
+            nb = (nc * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
+            mb = fsum(fsum(x, axis=1), axis=0) / nb
+            d = tl.where(mask, x - mb, 0.0)
+            tot = cnt + nb
+            delta = mb - mean
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + fsum(fsum(d * d, axis=1), axis=0) + delta * delta * (cnt * nb / tot)
+            cnt = tot
+    return cnt, mean, m2
+
+
+@triton.jit
+def _apply_block(X, Y, W, B, c_first, Cg, s_start, s_end, mean, rstd, sxc, sxs, syc, sys,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = (x - mean) * rstd * w[c] + b[c] on the block."""
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        ch = c_first + cc
+        scale = tl.full([BLOCK_C], 0.0, tl.float32) + rstd
+        if HAS_W:
+            scale = scale * tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_B:
+            shift = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_end)[None, :]
+            x = tl.load(X + ch[:, None] * sxc + ss[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * scale[:, None]
+            if HAS_B:
+                y = y + shift[:, None]
+            tl.store(Y + ch[:, None] * syc + ss[None, :] * sys, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_block(X, DY, W, PSdy, PSdyx, c_first, Cg, s_start, s_end, mean, rstd, sxc, sxs, sdc, sds,
+                HAS_W: tl.constexpr, NEED_DWB: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Per channel sum(dy), sum(dy * xhat) over the block, stored at PSdy/PSdyx + c
+    (if NEED_DWB); returns the block's sum(g) and sum(g * xhat), g = w[c] dy."""
+    c1 = 0.0
+    c2 = 0.0
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        ch = c_first + cc
+        sdy = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
+        sdyx = tl.full([BLOCK_C, BLOCK_S], 0.0, tl.float32)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_end)[None, :]
+            x = tl.load(X + ch[:, None] * sxc + ss[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + ch[:, None] * sdc + ss[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            sdy += dy
+            sdyx += dy * xhat
+        sdy_c = fsum(sdy, axis=1)
+        sdyx_c = fsum(sdyx, axis=1)
+        if NEED_DWB:
+            tl.store(PSdy + ch, sdy_c, mask=cmask)
+            tl.store(PSdyx + ch, sdyx_c, mask=cmask)
+        # sum(g) = sum_c w[c] sum(dy)[c], likewise sum(g xhat)
+        if HAS_W:
+            w = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+            c1 += fsum(sdy_c * w, axis=0)
+            c2 += fsum(sdyx_c * w, axis=0)
+        else:
+            c1 += fsum(sdy_c, axis=0)
+            c2 += fsum(sdyx_c, axis=0)
+    return c1, c2
+
+
+@triton.jit
+def _dx_block(X, DY, DX, W, c_first, Cg, s_start, s_end, mean, rstd, c1, c2,
+              sxc, sxs, sdc, sds, soc, sos, HAS_W: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx = rstd * (w[c] dy - c1 - xhat * c2) on the block (c1, c2: group means)."""
+    for c0 in range(0, Cg, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < Cg
+        ch = c_first + cc
+        scale = tl.full([BLOCK_C], 0.0, tl.float32) + rstd
+        if HAS_W:
+            scale = scale * tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            ss = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (ss < s_end)[None, :]
+            x = tl.load(X + ch[:, None] * sxc + ss[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + ch[:, None] * sdc + ss[None, :] * sds, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean) * rstd
+            dx = scale[:, None] * dy - rstd * (c1 + xhat * c2)
+            tl.store(DX + ch[:, None] * soc + ss[None, :] * sos, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_fwd_kernel(X, Y, W, B, Mean, Var, Rstd, G, Cg, S, sxn, sxc, sxs, syn, syc, sys, eps,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (n, g): statistics, then y."""
+    pid = tl.program_id(0)
+    n = pid // G
+    c_first = (pid - n * G) * Cg
+    cnt, mean, m2 = _welford_block(X + n * sxn, c_first, Cg, 0, S, sxc, sxs, BLOCK_C, BLOCK_S)
+    var = m2 / cnt
+    rstd = tl.rsqrt(var + eps)
+    tl.store(Mean + pid, mean)
+    tl.store(Var + pid, var)
+    tl.store(Rstd + pid, rstd)
+    _apply_block(X + n * sxn, Y + n * syn, W, B, c_first, Cg, 0, S, mean, rstd, sxc, sxs, syc, sys,
+                 HAS_W, HAS_B, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _group_bwd_kernel(X, DY, DX, W, Mean, Rstd, PSdy, PSdyx, C, G, Cg, S,
+                      sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
+                      HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_DWB: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One program per (n, g): per-channel sums (into row n of the (N, C) partial
+    buffers) and group sums, then dx."""
+    pid = tl.program_id(0)
+    n = pid // G
+    c_first = (pid - n * G) * Cg
+    mean = tl.load(Mean + pid)
+    rstd = tl.load(Rstd + pid)
+    c1, c2 = _grad_block(X + n * sxn, DY + n * sdn, W, PSdy + n * C, PSdyx + n * C, c_first, Cg, 0, S,
+                         mean, rstd, sxc, sxs, sdc, sds, HAS_W, NEED_DWB, BLOCK_C, BLOCK_S)
+    if NEED_DX:
+        m = Cg * S * 1.0
+        _dx_block(X + n * sxn, DY + n * sdn, DX + n * son, W, c_first, Cg, 0, S, mean, rstd, c1 / m, c2 / m,
+                  sxc, sxs, sdc, sds, soc, sos, HAS_W, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _group_partial_stats_kernel(X, PMean, PM2, NG, G, Cg, S, sxn, sxc, sxs, s_per_split,
+                                BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (n*G + g, split): (mean, M2) of the group's spatial range -> [split, n*G + g]."""
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = pid // G
+    s_start = sp * s_per_split
+    s_end = tl.minimum(s_start + s_per_split, S)
+    _cnt, mean, m2 = _welford_block(X + n * sxn, (pid - n * G) * Cg, Cg, s_start, s_end, sxc, sxs,
+                                    BLOCK_C, BLOCK_S)
+    tl.store(PMean + sp * NG + pid, mean)
+    tl.store(PM2 + sp * NG + pid, m2)
+
+
+@triton.jit
+def _group_apply_kernel(X, Y, W, B, Mean, Rstd, G, Cg, S, sxn, sxc, sxs, syn, syc, sys, s_per_split,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = pid // G
+    s_start = sp * s_per_split
+    _apply_block(X + n * sxn, Y + n * syn, W, B, (pid - n * G) * Cg, Cg, s_start,
+                 tl.minimum(s_start + s_per_split, S), tl.load(Mean + pid), tl.load(Rstd + pid),
+                 sxc, sxs, syc, sys, HAS_W, HAS_B, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _group_partial_grad_kernel(X, DY, Mean, Rstd, PSdy, PSdyx, C, G, Cg, S, NC,
+                               sxn, sxc, sxs, sdn, sdc, sds, s_per_split,
+                               BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (n*G + g, split): per-channel sums over the split's spatial range ->
+    [split, n, c] of the partial buffers."""
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = pid // G
+    s_start = sp * s_per_split
+    offset = sp * NC + n * C
+    _grad_block(X + n * sxn, DY + n * sdn, X, PSdy + offset, PSdyx + offset, (pid - n * G) * Cg, Cg,
+                s_start, tl.minimum(s_start + s_per_split, S), tl.load(Mean + pid), tl.load(Rstd + pid),
+                sxc, sxs, sdc, sds, False, True, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _group_dx_kernel(X, DY, DX, W, Mean, Rstd, C1, C2, G, Cg, S,
+                     sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, s_per_split,
+                     HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = pid // G
+    s_start = sp * s_per_split
+    _dx_block(X + n * sxn, DY + n * sdn, DX + n * son, W, (pid - n * G) * Cg, Cg, s_start,
+              tl.minimum(s_start + s_per_split, S), tl.load(Mean + pid), tl.load(Rstd + pid),
+              tl.load(C1 + pid), tl.load(C2 + pid), sxc, sxs, sdc, sds, soc, sos, HAS_W, BLOCK_C, BLOCK_S)
+
+
+def _tile(cg: int, s: int, channel_stride: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S): channels_last puts up to 64 adjacent channels in a tile (the
+    contiguous axis); NCHW spends the tile on the contiguous spatial axis."""
+    tile = pow2(TUNING.tile)
+    if channel_stride == 1:
+        block_c = min(pow2(cg), 64, tile)
+        return block_c, min(pow2(s), max(1, tile // block_c))
+    block_s = min(pow2(s), tile)
+    return min(pow2(cg), max(1, tile // block_s)), block_s
+
+
+def _splits(groups_total: int, s: int, block_s: int, device: torch.device) -> tuple[int, int]:
+    """(s_per_split, splits): one program per group when there are enough groups,
+    else each group's spatial range cut into pieces of whole tiles."""
+    target = num_programs(device)
+    if 2 * groups_total >= target:
+        return s, 1
+    s_per_split = triton.cdiv(triton.cdiv(s, triton.cdiv(target, groups_total)), block_s) * block_s
+    return s_per_split, triton.cdiv(s, s_per_split)
+
+
+def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
+                  bias: torch.Tensor | None, groups: int, eps: float):
+    """Normalize the (N, C, S) view x3 into y3 by (sample, group); returns float32
+    (mean, var, rstd) of shape (N * groups,)."""
+    n, c, s = x3.shape
+    cg = c // groups
+    ng = n * groups
+    block_c, block_s = _tile(cg, s, x3.stride(1))
+    s_per_split, splits = _splits(ng, s, block_s, x3.device)
+    f32 = dict(device=x3.device, dtype=torch.float32)
+    mean, var, rstd = (torch.empty(ng, **f32) for _ in range(3))
+    w = weight if weight is not None else dummy(mean)
+    b = bias if bias is not None else dummy(mean)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+                 num_warps=num_warps(block_c * block_s), **LAUNCH)
+    with device_guard(x3):
+        if splits == 1:
+            _group_fwd_kernel[(ng,)](
+                x3, y3, w, b, mean, var, rstd, groups, cg, s, *x3.stride(), *y3.stride(), eps, **flags,
+            )
+            return mean, var, rstd
+        pmean = torch.empty((splits, ng), **f32)
+        pm2 = torch.empty((splits, ng), **f32)
+        _group_partial_stats_kernel[(ng, splits)](
+            x3, pmean, pm2, ng, groups, cg, s, *x3.stride(), s_per_split,
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps(block_c * block_s), **LAUNCH,
+        )
+        merge = min(pow2(ng), 1024)
+        _chan_merge_kernel[(triton.cdiv(ng, merge),)](
+            pmean, pm2, mean, var, rstd, ng, cg * s, cg * s_per_split, splits, eps, BLOCK_C=merge, **LAUNCH,
+        )
+        _group_apply_kernel[(ng, splits)](
+            x3, y3, w, b, mean, rstd, groups, cg, s, *x3.stride(), *y3.stride(), s_per_split, **flags,
+        )
+    return mean, var, rstd
+
+
+def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None,
+                   weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                   groups: int, need_dwb: bool):
+    """Backward of :func:`group_forward`; writes dx3 (if given) and returns float32
+    per-channel ``(sum(dy), sum(dy * xhat))`` of shape (C,) when ``need_dwb``."""
+    n, c, s = x3.shape
+    cg = c // groups
+    ng = n * groups
+    block_c, block_s = _tile(cg, s, x3.stride(1))
+    s_per_split, splits = _splits(ng, s, block_s, x3.device)
+    f32 = dict(device=x3.device, dtype=torch.float32)
+    w = weight if weight is not None else dummy(rstd)
+    dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
+    warps = num_warps(block_c * block_s)
+    with device_guard(x3):
+        if splits == 1:
+            psdy = torch.empty((n, c), **f32) if need_dwb else None
+            psdyx = torch.empty((n, c), **f32) if need_dwb else None
+            _group_bwd_kernel[(ng,)](
+                x3, dy3, dx3 if dx3 is not None else dummy(x3), w, mean, rstd,
+                psdy if need_dwb else dummy(rstd), psdyx if need_dwb else dummy(rstd),
+                c, groups, cg, s, *x3.stride(), *dy3.stride(), *dx_strides,
+                HAS_W=weight is not None, NEED_DX=dx3 is not None, NEED_DWB=need_dwb,
+                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
+            )
+            return (psdy.sum(0), psdyx.sum(0)) if need_dwb else (None, None)
+        psdy = torch.empty((splits, n, c), **f32)
+        psdyx = torch.empty((splits, n, c), **f32)
+        _group_partial_grad_kernel[(ng, splits)](
+            x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
+            s_per_split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
+        )
+        sdy, sdyx = psdy.sum(0), psdyx.sum(0)  # (N, C)
+        if dx3 is not None:
+            # group means of g = w dy and g * xhat
+            g1, g2 = (sdy, sdyx) if weight is None else (sdy * weight.float(), sdyx * weight.float())
+            c1 = (g1.view(n, groups, cg).sum(-1) / (cg * s)).reshape(-1)
+            c2 = (g2.view(n, groups, cg).sum(-1) / (cg * s)).reshape(-1)
+            _group_dx_kernel[(ng, splits)](
+                x3, dy3, dx3, w, mean, rstd, c1, c2, groups, cg, s, *x3.stride(), *dy3.stride(),
+                *dx_strides, s_per_split, HAS_W=weight is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+                num_warps=warps, **LAUNCH,
+            )
+    return (sdy.sum(0), sdyx.sum(0)) if need_dwb else (None, None)

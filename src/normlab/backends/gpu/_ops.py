@@ -1,0 +1,111 @@
+"""Dispatch from a :class:`~normlab.core.spec.NormSpec` to the Triton kernels
+(imports triton; :mod:`normlab.backends.gpu` loads this lazily).
+
+Same contract as :mod:`normlab.backends.reference`. Cases the kernels don't cover
+(fixed statistics for anything but per-channel BatchNorm/InstanceNorm) are handed to
+the reference backend, forward and backward alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...core.spec import NormSpec
+from ...core.stats import memory_format_of
+from .. import reference
+from ._channels import channel_apply, channel_backward, channel_forward
+from ._groups import group_backward, group_forward
+from ._rows import rows_backward, rows_forward
+
+__all__ = ["forward", "backward"]
+
+_ROWS = ("layer_norm", "rms_norm")
+
+
+def _view3(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N, C, S) view of an (N, C, *spatial) tensor through its strides; a tensor
+    whose spatial dims don't collapse (e.g. an odd-strided gradient) is first copied
+    into ``like``'s memory format."""
+    n, c = t.shape[0], t.shape[1]
+    s = math.prod(t.shape[2:])
+    try:
+        return t.view(n, c, s)
+    except RuntimeError:
+        return torch.empty_like(like).copy_(t).view(n, c, s)
+
+
+def _empty_out(x: torch.Tensor) -> torch.Tensor:
+    """An output for x: x's dtype and memory format (as the reference backend gives),
+    dense even when x is a strided slice."""
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+def _fixed_per_channel(spec: NormSpec, fixed_mean, fixed_var) -> bool:
+    """Fixed statistics the per-channel kernels handle: one (mean, var) per channel."""
+    channels = spec.input_shape[1]
+    return (spec.family in ("batch_norm", "instance_norm") and fixed_mean is not None
+            and fixed_var.numel() == channels and fixed_mean.numel() == channels)
+
+
+def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None):
+    """See :func:`normlab.backends.reference.forward`."""
+    family = spec.family
+    w = weight.contiguous() if weight is not None else None
+    b = bias.contiguous() if bias is not None else None
+    if fixed_var is not None:
+        if not _fixed_per_channel(spec, fixed_mean, fixed_var):
+            return reference.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        mean = fixed_mean.to(torch.float32)
+        var = fixed_var.to(torch.float32)
+        rstd = torch.rsqrt(var + eps)
+        y = _empty_out(x)
+        channel_apply(_view3(x, x), _view3(y, x), mean.reshape(-1).contiguous(),
+                      rstd.reshape(-1).contiguous(), w, b)
+        return y, mean, var, rstd
+    if family in _ROWS:
+        y, mean, var, rstd = rows_forward(x, w, b, spec.count, spec.center, eps)
+    elif family == "batch_norm":
+        y = _empty_out(x)
+        mean, var, rstd = channel_forward(_view3(x, x), _view3(y, x), w, b, eps)
+    else:  # group_norm / instance_norm
+        groups = spec.group_shape[1]
+        y = _empty_out(x)
+        mean, var, rstd = group_forward(_view3(x, x), _view3(y, x), w, b, groups, eps)
+    shape = spec.stat_shape
+    return y, (mean.view(shape) if mean is not None else None), var.view(shape), rstd.view(shape)
+
+
+def backward(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
+             needs_input_grad=(True, True, True)):
+    """See :func:`normlab.backends.reference.backward`."""
+    need_dx, need_dw, need_db = needs_input_grad
+    family = spec.family
+    w = weight.contiguous() if weight is not None else None
+    if family in _ROWS and batch_statistics:
+        dx, dweight, dbias = rows_backward(dy, x, w, mean, rstd, spec.count, needs_input_grad)
+    elif family == "batch_norm" or (family == "instance_norm" and not batch_statistics):
+        if mean is None or rstd.numel() != spec.input_shape[1]:
+            return reference.backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
+        dx = _empty_out(x) if need_dx else None
+        sdy, sdyx = channel_backward(
+            _view3(dy, x), _view3(x, x), _view3(dx, x) if need_dx else None, w,
+            mean.reshape(-1).to(torch.float32).contiguous(),
+            rstd.reshape(-1).to(torch.float32).contiguous(),
+            batch_statistics, need_dw or need_db)
+        dweight = sdyx if need_dw else None
+        dbias = sdy if need_db else None
+    elif family in ("group_norm", "instance_norm") and batch_statistics:
+        dx = _empty_out(x) if need_dx else None
+        sdy, sdyx = group_backward(
+            _view3(dy, x), _view3(x, x), _view3(dx, x) if need_dx else None, w,
+            mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(),
+            spec.group_shape[1], need_dw or need_db)
+        dweight = sdyx if need_dw else None
+        dbias = sdy if need_db else None
+    else:
+        return reference.backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
+    shape = spec.param_shape
+    return (dx, dweight.view(shape) if dweight is not None else None,
+            dbias.view(shape) if dbias is not None else None)

@@ -1,0 +1,278 @@
+"""LayerNorm and RMSNorm: one statistic per contiguous row of length N.
+
+x is viewed as (M, N), N = prod(normalized_shape), rows contiguous.
+
+Forward (a program per row; short rows are batched BLOCK_M to a program)::
+
+    mean = sum(x) / N                 (0 for RMSNorm)
+    var  = sum((x - mean)^2) / N      (mean square for RMSNorm)
+    rstd = rsqrt(var + eps)
+    y    = (x - mean) * rstd * w + b
+
+A row of up to ``TUNING.max_row_block`` elements is held in registers (x read once),
+together with as many more rows as fill ``TUNING.row_tile`` elements;
+a longer row is read in chunks whose (count, mean, M2) are merged with Chan's
+formula, then read again to write y.
+
+Backward (P programs, each a contiguous range of rows)::
+
+    g  = dy * w,  xhat = (x - mean) * rstd
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))      (no mean(g) for RMSNorm)
+    dw_partial[p] = sum over the program's rows of dy * xhat
+    db_partial[p] = sum over the program's rows of dy
+
+and dw, db are the column sums of the (P, N) partial buffers -- deterministic, no
+atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2
+
+__all__ = ["rows_forward", "rows_backward"]
+
+
+@triton.jit
+def _rows_fwd_kernel(X, Y, W, B, Mean, Var, Rstd, M, N, eps,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, CENTER: tl.constexpr,
+                     BLOCK: tl.constexpr, SINGLE: tl.constexpr, BLOCK_M: tl.constexpr):
+    if SINGLE:
+        # BLOCK_M rows of up to BLOCK elements per program, held in registers.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        cols = tl.arange(0, BLOCK)
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if CENTER:
+            mean = fsum(x, axis=1) / N
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            tl.store(Mean + rows, mean, mask=rmask)
+        else:
+            xc = x
+        var = fsum(xc * xc, axis=1) / N
+        rstd = tl.rsqrt(var + eps)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Var + rows, var, mask=rmask)
+        tl.store(Rstd + rows, rstd, mask=rmask)
+    else:
+        # One long row per program. Pass 1: per-chunk (count, mean, M2) merged by Chan's formula -- stable, one read.
+        row = tl.program_id(0)
+        X += row * N
+        Y += row * N
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            if CENTER:
+                nb = tl.minimum(N - start, BLOCK).to(tl.float32)
+                mb = fsum(x, axis=0) / nb
+                d = tl.where(mask, x - mb, 0.0)
+                tot = cnt + nb
+                delta = mb - mean
+                mean = mean + delta * (nb / tot)
+                m2 = m2 + fsum(d * d, axis=0) + delta * delta * (cnt * nb / tot)
+                cnt = tot
+            else:
+                m2 = m2 + fsum(x * x, axis=0)
+        var = m2 / N
+        rstd = tl.rsqrt(var + eps)
+        # Pass 2: normalize.
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < N
+            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        if CENTER:
+            tl.store(Mean + row, mean)
+        tl.store(Var + row, var)
+        tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _rows_bwd_kernel(X, DY, DX, W, Mean, Rstd, DWp, DBp, M, N, rows_per_program,
+                     HAS_W: tl.constexpr, CENTER: tl.constexpr, NEED_DX: tl.constexpr,
+                     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                     BLOCK: tl.constexpr, SINGLE: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    if SINGLE:
+        cols = tl.arange(0, BLOCK)
+        cmask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        dw = tl.full([BLOCK_M, BLOCK], 0.0, tl.float32)
+        db = tl.full([BLOCK_M, BLOCK], 0.0, tl.float32)
+        for r0 in range(row_start, row_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            rmask = rows < row_end
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None] * N + cols[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)[:, None]
+            if CENTER:
+                mean = tl.load(Mean + rows, mask=rmask, other=0.0)[:, None]
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            else:
+                xhat = x * rstd
+            if NEED_DX:
+                g = dy * w if HAS_W else dy
+                c2 = (fsum(g * xhat, axis=1) / N)[:, None]
+                if CENTER:
+                    c1 = (fsum(g, axis=1) / N)[:, None]
+                    dx = (g - c1 - xhat * c2) * rstd
+                else:
+                    dx = (g - xhat * c2) * rstd
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+            db += dy
+        if NEED_DW:
+            tl.store(DWp + pid * N + cols, fsum(dw, axis=0), mask=cmask)
+        if NEED_DB:
+            tl.store(DBp + pid * N + cols, fsum(db, axis=0), mask=cmask)
+    else:
+        # Long rows: chunked; the partial buffers (zero-initialized, one row per
+        # program) accumulate in place -- each program owns its row, so no atomics.
+        for row in range(row_start, row_end):
+            rstd = tl.load(Rstd + row)
+            if CENTER:
+                mean = tl.load(Mean + row)
+            else:
+                mean = 0.0
+            c1 = 0.0
+            c2 = 0.0
+            for start in range(0, N, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < N
+                x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                if NEED_DX:
+                    if HAS_W:
+                        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    else:
+                        g = dy
+                    c1 += fsum(g, axis=0)
+                    c2 += fsum(g * xhat, axis=0)
+                if NEED_DW:
+                    p = DWp + pid * N + cols
+                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                if NEED_DB:
+                    p = DBp + pid * N + cols
+                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dy, mask=mask)
+            if NEED_DX:
+                c1 = c1 / N
+                c2 = c2 / N
+                for start in range(0, N, BLOCK):
+                    cols = start + tl.arange(0, BLOCK)
+                    mask = cols < N
+                    x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+                    xhat = (x - mean) * rstd
+                    if HAS_W:
+                        g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    else:
+                        g = dy
+                    if CENTER:
+                        dx = (g - c1 - xhat * c2) * rstd
+                    else:
+                        dx = (g - xhat * c2) * rstd
+                    tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _row_block(n: int) -> tuple[int, bool]:
+    """(BLOCK, SINGLE): the whole row in one block, or chunks of max_row_block."""
+    block = pow2(n)
+    if block <= TUNING.max_row_block:
+        return block, True
+    return pow2(TUNING.max_row_block), False
+
+
+def _rows_per_tile(block: int, single: bool) -> int:
+    """BLOCK_M: short rows are batched so a program still handles ~row_tile elements."""
+    return max(1, pow2(TUNING.row_tile) // block) if single else 1
+
+
+def _row_programs(m: int, block_m: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows_per_program) for the backward: enough programs to fill the
+    device, each a contiguous range of whole (BLOCK_M, N) tiles of rows (and one row
+    of the partial buffers)."""
+    programs = max(1, min(triton.cdiv(m, block_m), num_programs(device)))
+    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
+    return triton.cdiv(m, rows_per_program), rows_per_program
+
+
+def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 n: int, center: bool, eps: float):
+    """x contiguous, viewed as (M, n). Returns ``(y, mean | None, var, rstd)``, the
+    statistics float32 of shape (M,)."""
+    m = x.numel() // n
+    y = torch.empty_like(x)
+    stat = dict(device=x.device, dtype=torch.float32)
+    mean = torch.empty(m, **stat) if center else None
+    var = torch.empty(m, **stat)
+    rstd = torch.empty(m, **stat)
+    block, single = _row_block(n)
+    block_m = _rows_per_tile(block, single)
+    w = weight.contiguous() if weight is not None else None
+    b = bias.contiguous() if bias is not None else None
+    with device_guard(x):
+        _rows_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x, y, w if w is not None else dummy(x), b if b is not None else dummy(x),
+            mean if center else dummy(var), var, rstd, m, n, eps,
+            HAS_W=w is not None, HAS_B=b is not None, CENTER=center,
+            BLOCK=block, SINGLE=single, BLOCK_M=block_m, num_warps=num_warps(block * block_m),
+            **LAUNCH,
+        )
+    return y, mean, var, rstd
+
+
+def rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                  mean: torch.Tensor | None, rstd: torch.Tensor, n: int,
+                  needs_input_grad: tuple[bool, bool, bool]):
+    """Gradients for :func:`rows_forward`; dweight/dbias float32 of n elements (flat)."""
+    need_dx, need_dw, need_db = needs_input_grad
+    m = x.numel() // n
+    dy = dy.contiguous()
+    block, single = _row_block(n)
+    block_m = _rows_per_tile(block, single)
+    programs, rows_per_program = _row_programs(m, block_m, x.device)
+    alloc = torch.empty if single else torch.zeros
+    dwp = alloc((programs, n), device=x.device, dtype=torch.float32) if need_dw else None
+    dbp = alloc((programs, n), device=x.device, dtype=torch.float32) if need_db else None
+    dx = torch.empty_like(x) if need_dx else None
+    w = weight.contiguous() if weight is not None else None
+    with device_guard(x):
+        _rows_bwd_kernel[(programs,)](
+            x, dy, dx if dx is not None else dummy(x), w if w is not None else dummy(x),
+            mean.reshape(-1) if mean is not None else dummy(rstd), rstd.reshape(-1),
+            dwp if dwp is not None else dummy(rstd), dbp if dbp is not None else dummy(rstd),
+            m, n, rows_per_program,
+            HAS_W=w is not None, CENTER=mean is not None, NEED_DX=need_dx,
+            NEED_DW=need_dw, NEED_DB=need_db, BLOCK=block, SINGLE=single, BLOCK_M=block_m,
+            num_warps=num_warps(block * block_m),
+            **LAUNCH,
+        )
+    dweight = dwp.sum(0) if dwp is not None else None
+    dbias = dbp.sum(0) if dbp is not None else None
+    return dx, dweight, dbias

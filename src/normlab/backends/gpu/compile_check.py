@@ -1,0 +1,106 @@
+"""Compile every Triton kernel ahead of time for a GPU architecture -- no GPU needed.
+
+The interpreter (``TRITON_INTERPRET=1``) runs the kernels' Python semantics but not
+Triton's compiler, which is stricter (types of loop-carried values, constexpr
+branches, what lowers to PTX). This check runs the real compiler down to a cubin
+(``ptxas`` ships inside the triton wheel) for each kernel x dtype x flag setting, so
+a kernel that would fail to compile on a GPU fails here on a CPU machine.
+
+Usage::
+
+    python -m normlab.backends.gpu.compile_check [--arch 90] [--dtypes fp32,bf16,fp16]
+
+Run it without ``TRITON_INTERPRET=1`` in the environment (it needs the kernels as
+compilable JIT functions, not interpreted ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _channels, _groups, _rows
+from ._common import LAUNCH
+
+__all__ = ["KERNELS", "compile_kernel", "variants", "main"]
+
+#: kernel -> {constexpr block size: value}; boolean flags are found by name.
+KERNELS = {
+    _rows._rows_fwd_kernel: {"BLOCK": 1024, "BLOCK_M": 2},
+    _rows._rows_bwd_kernel: {"BLOCK": 1024, "BLOCK_M": 2},
+    _channels._chan_fused_fwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _channels._chan_fused_bwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _channels._chan_partial_stats_kernel: {"BLOCK_R": 256, "BLOCK_C": 4},
+    _channels._chan_merge_kernel: {"BLOCK_C": 1024},
+    _channels._chan_apply_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _channels._chan_partial_grad_kernel: {"BLOCK_R": 256, "BLOCK_C": 4},
+    _channels._chan_dx_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _groups._group_fwd_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
+    _groups._group_bwd_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
+    _groups._group_partial_stats_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
+    _groups._group_apply_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
+    _groups._group_partial_grad_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
+    _groups._group_dx_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
+}
+
+_DATA = {"X", "Y", "DX", "DY"}  # pointers to the input's dtype
+_POINTERS = _DATA | {"W", "B", "Mean", "Var", "Rstd", "DWp", "DBp", "PMean", "PM2", "PSdy", "PSdyx",
+                     "Sdy", "Sdyx", "C1", "C2"}  # the others point to float32
+_FLOATS = {"eps", "inv_count"}
+
+
+def _flags(fn) -> list[str]:
+    return [a for a in fn.arg_names if a.isupper() and a not in KERNELS[fn] and a.startswith(
+        ("HAS_", "NEED_", "CENTER", "SINGLE", "BATCH_"))]
+
+
+def variants(fn) -> Iterator[dict[str, object]]:
+    """Flag settings that between them give every boolean flag both values (all True,
+    all False; one setting for a kernel without flags)."""
+    flags = _flags(fn)
+    for value in (True, False) if flags else (True,):
+        yield {**KERNELS[fn], **{flag: value for flag in flags}}
+
+
+def compile_kernel(fn, dtype: str, constexprs: dict[str, object], arch: int = 90,
+                   num_warps: int = 4):
+    """Compile ``fn`` with data pointers of ``dtype`` ('fp32', 'bf16', 'fp16') for
+    ``sm_{arch}``; returns the compiled kernel (raises if Triton cannot compile it)."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _FLOATS:
+            signature[name] = "fp32"
+        elif name in _POINTERS:
+            signature[name] = f"*{dtype}" if name in _DATA else "*fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn, signature, constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, **LAUNCH})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16")
+    args = parser.parse_args(argv)
+    for dtype in args.dtypes.split(","):
+        for fn in KERNELS:
+            for constexprs in variants(fn):
+                start = time.perf_counter()
+                compile_kernel(fn, dtype, constexprs, args.arch)
+                flags = ",".join(f for f in _flags(fn) if constexprs[f]) or "-"
+                print(f"ok  sm_{args.arch} {dtype:5s} {fn.__name__:28s} flags={flags:40s} "
+                      f"{time.perf_counter() - start:.2f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,485 @@
+"""The Triton backend (normlab.backends.gpu), run on CPU tensors in Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set when triton decorates the kernels, so the kernel
+modules are imported under it here (and the variable restored afterwards); the
+kernels use Triton builtins only, so this works even when triton itself was imported
+earlier without it (torch.compile imports triton). The interpreter is ~1000x slower
+than a GPU kernel: the shapes are tiny, and :data:`TUNING` is shrunk so that tiny shapes
+still take the looped paths (rows longer than a block, several tiles per group) and
+split every reduction over several programs (partial buffers, Chan merges).
+
+Ground truth: torch.nn.functional (float32, float64 for the large-offset test) and,
+for every path and dtype, the reference backend on the same input. The last test runs
+Triton's real compiler (for sm_90, no GPU needed), which the interpreter does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.9.0): "
+                    "the GPU backend's kernels cannot be run in the interpreter")
+
+import normlab as nl  # noqa: E402
+from normlab import backends  # noqa: E402
+from normlab.backends import gpu, reference  # noqa: E402
+from normlab.core.spec import (  # noqa: E402
+    batch_norm_spec,
+    group_norm_spec,
+    instance_norm_spec,
+    layer_norm_spec,
+    rms_norm_spec,
+)
+
+_KERNEL_MODULES = ("_common", "_rows", "_channels", "_groups", "_ops")
+
+
+def _import_interpreted():
+    """Import the kernel modules with TRITON_INTERPRET=1 (read when @triton.jit
+    decorates), re-importing them if something imported them before without it; the
+    variable is restored afterwards so nothing else in the session sees it."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for name in _KERNEL_MODULES:
+            sys.modules.pop(f"normlab.backends.gpu.{name}", None)
+        modules = [importlib.import_module(f"normlab.backends.gpu.{name}") for name in _KERNEL_MODULES]
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    assert isinstance(modules[1]._rows_fwd_kernel, InterpretedFunction)
+    return modules
+
+
+_common, _rows, _channels, _groups, _ops = _import_interpreted()
+TUNING = _common.TUNING
+EPS = 1e-5
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 8 row elements / 16-element tiles and 6 programs per reduction."""
+    monkeypatch.setattr(TUNING, "max_row_block", 8)
+    monkeypatch.setattr(TUNING, "row_tile", 32)
+    monkeypatch.setattr(TUNING, "tile", 16)
+    monkeypatch.setattr(TUNING, "interpreter_programs", 6)
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Route CPU tensors through the Triton backend (interpreter) for this test only."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("NORMLAB_TRITON_ON_CPU", "1")
+    monkeypatch.setattr(backends, "_BACKENDS", [(gpu.NAME, gpu.accepts, gpu), *backends._BACKENDS])
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=CL) if layout == "cl" else x
+
+
+# (id, input shape, spec builder, layout); shapes are odd so blocks are partly masked.
+CASES = [
+    ("ln-2d", (11, 13), lambda s: layer_norm_spec(s, s[-1:]), "nchw"),
+    ("ln-3d-two-dims", (3, 2, 7), lambda s: layer_norm_spec(s, s[-2:]), "nchw"),
+    ("rms-2d", (9, 11), lambda s: rms_norm_spec(s, s[-1:]), "nchw"),
+    ("rms-3d", (2, 3, 9), lambda s: rms_norm_spec(s, s[-1:]), "nchw"),
+    ("ln-short-rows", (5, 7, 5), lambda s: layer_norm_spec(s, s[-1:]), "nchw"),  # 4 rows per tile
+    ("bn1d-nc", (7, 5), batch_norm_spec, "nchw"),
+    ("bn1d-ncl", (2, 3, 11), batch_norm_spec, "nchw"),
+    ("bn2d", (3, 5, 3, 3), batch_norm_spec, "nchw"),
+    ("bn2d-cl", (3, 5, 3, 3), batch_norm_spec, "cl"),
+    ("in1d", (2, 3, 11), instance_norm_spec, "nchw"),
+    ("in2d", (2, 5, 3, 7), instance_norm_spec, "nchw"),
+    ("in2d-cl", (2, 5, 3, 7), instance_norm_spec, "cl"),
+    ("gn1d", (2, 4, 7), lambda s: group_norm_spec(s, 2), "nchw"),
+    ("gn2d", (2, 6, 3, 5), lambda s: group_norm_spec(s, 3), "nchw"),
+    ("gn2d-cl", (2, 6, 3, 5), lambda s: group_norm_spec(s, 2), "cl"),
+    ("gn2d-one-group", (2, 6, 3, 5), lambda s: group_norm_spec(s, 1), "nchw"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _params(spec, affine: str, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    shape = spec.param_shape
+    w = torch.randn(shape, generator=gen, dtype=dtype) if affine in ("wb", "w") else None
+    b = torch.randn(shape, generator=gen, dtype=dtype) if affine == "wb" and spec.center else None
+    return w, b
+
+
+def _run_both(x, w, b, spec, needs=(True, True, True), fixed=None):
+    """Forward and backward of the Triton kernels and of the reference backend."""
+    fixed_mean, fixed_var = fixed if fixed is not None else (None, None)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.dtype)
+    out = _ops.forward(x, w, b, spec, EPS, fixed_mean, fixed_var)
+    ref = reference.forward(x, w, b, spec, EPS, fixed_mean, fixed_var)
+    batch = fixed is None
+    grads = _ops.backward(dy, x, w, out[1], out[3], spec, batch, needs)
+    ref_grads = reference.backward(dy, x, w, ref[1], ref[3], spec, batch, needs)
+    return out, ref, grads, ref_grads
+
+
+def _compare(x, spec, out, ref, grads, ref_grads):
+    (y, mean, var, rstd), (ry, rmean, rvar, rrstd) = out, ref
+    assert y.dtype == x.dtype and y.shape == x.shape and y.stride() == x.stride()
+    assert_close(y, ry, x.dtype, what="y")
+    for name, got, want in (("mean", mean, rmean), ("var", var, rvar), ("rstd", rstd, rrstd)):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        assert_close(got, want, torch.float32, what=name)
+    dx, dw, db = grads
+    rdx, rdw, rdb = ref_grads
+    if rdx is None:
+        assert dx is None
+    else:
+        assert dx.dtype == x.dtype and dx.stride() == x.stride(), "dx dtype/memory format"
+        assert_close(dx, rdx, x.dtype, scale=2.0, what="dx")
+    for name, got, want in (("dweight", dw, rdw), ("dbias", db, rdb)):
+        if want is None:
+            assert got is None, name
+        else:
+            # float32 sums of the same float32 products: only the summation order differs.
+            assert got.dtype == torch.float32 and got.shape == want.shape, name
+            assert_close(got, want, torch.float32, scale=5.0, what=name)
+
+
+_SUBSET = (0, 2, 4, 8, 10, 14)  # ln, rms, ln short rows, bn channels_last, in, gn channels_last
+# float16 takes the same 16-bit load/store paths as bfloat16: a subset suffices.
+_GRID = [(*case, dtype) for i, case in enumerate(CASES) for dtype in DTYPES
+         if dtype != torch.float16 or i in _SUBSET]
+
+
+@pytest.mark.parametrize(("case", "shape", "make_spec", "layout", "dtype"), _GRID,
+                         ids=[f"{g[0]}-{str(g[-1]).replace('torch.', '')}" for g in _GRID])
+def test_kernels_match_reference_backend(case, shape, make_spec, layout, dtype):
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2 + 0.5, layout).to(dtype)
+    spec = make_spec(shape)
+    assert gpu.accepts(x, spec) is False  # CPU tensors only with NORMLAB_TRITON_ON_CPU=1
+    w, b = _params(spec, "wb")
+    _compare(x, spec, *_run_both(x, w, b, spec))
+
+
+@pytest.mark.parametrize(("affine", "needs"), [
+    ("w", (True, False, False)), ("w", (False, True, False)), ("none", (True, False, False)),
+    ("wb", (False, False, True))], ids=["w-dx", "w-dweight", "none-dx", "wb-dbias"])
+@pytest.mark.parametrize(("case", "shape", "make_spec", "layout"),
+                         [CASES[i] for i in _SUBSET], ids=[CASES[i][0] for i in _SUBSET])
+def test_without_affine_and_partial_grads(case, shape, make_spec, layout, affine, needs):
+    """No bias / no weight, and single gradients (the kernels skip the others)."""
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(3)), layout)
+    spec = make_spec(shape)
+    w, b = _params(spec, affine)
+    _compare(x, spec, *_run_both(x, w, b, spec, needs=needs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("builder", [layer_norm_spec, rms_norm_spec], ids=["ln", "rms"])
+@pytest.mark.parametrize("max_row_block", [8, 64])
+def test_rows_in_registers_and_in_chunks(monkeypatch, max_row_block, builder, dtype):
+    """Rows held in registers (block 16 >= 13, one read of x, two rows per program
+    tile) and rows read in chunks of 8 (Chan-merged statistics, partial dW/dB
+    accumulated in place)."""
+    monkeypatch.setattr(TUNING, "max_row_block", max_row_block)
+    assert _rows._row_block(13) == ((8, False) if max_row_block == 8 else (16, True))
+    x = torch.randn(7, 13, generator=torch.Generator().manual_seed(4)).to(dtype)
+    spec = builder(x.shape, (13,))
+    w, b = _params(spec, "wb")
+    _compare(x, spec, *_run_both(x, w, b, spec))
+    _compare(x, spec, *_run_both(x, w, b, spec, needs=(False, True, True)))
+
+
+def test_tiny_shapes_split_every_reduction():
+    """The shapes above do exercise the partial buffers, the merges and the loops."""
+    cpu = torch.device("cpu")
+    # LayerNorm backward, 11 rows of 13 (chunked: 1 row per tile): 6 programs of 2 rows.
+    assert _rows._rows_per_tile(*_rows._row_block(13)) == 1
+    assert _rows._row_programs(11, 1, cpu) == (6, 2)
+    # Rows of 5 (in registers, block 8): 4 rows per tile; 35 rows -> 5 programs of 2 tiles.
+    assert _rows._row_block(5) == (8, True) and _rows._rows_per_tile(8, True) == 4
+    assert _rows._row_programs(35, 4, cpu) == (5, 8)
+    # BatchNorm (3, 5, 3, 3) NCHW: 4x4 tiles, 2 channel blocks x 3 splits of 12 rows.
+    nchw = torch.empty(3, 5, 3, 3)
+    assert _channels._tile(5, nchw.stride(1)) == (4, 4)
+    assert _channels._splits(27, 2, 4, cpu) == (12, 3)  # (a single split takes the fused path)
+    # channels_last: 8 channels (the contiguous axis) x 2 rows per tile.
+    assert _channels._tile(5, nchw.contiguous(memory_format=CL).stride(1)) == (2, 8)
+    # GroupNorm (2, 6, 3, 5), G=3 NCHW: tiles of 1 channel x 16; G=2 channels_last: 4 x 4.
+    assert _groups._tile(2, 15, 15) == (1, 16)
+    assert _groups._tile(3, 15, 1) == (4, 4)
+    # InstanceNorm (2, 5, 3, 7): 21 spatial values in two chunks of 16.
+    assert _groups._tile(1, 21, 21) == (1, 16)
+
+
+_BN_CASES = [c for c in CASES if c[0].startswith("bn")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("case", "shape", "make_spec", "layout"), _BN_CASES, ids=[c[0] for c in _BN_CASES])
+def test_batch_norm_single_launch_path(monkeypatch, case, shape, make_spec, layout, dtype):
+    """With one program per channel tile enough (small inputs), forward and backward
+    each run as one fused launch instead of partials + merge + elementwise."""
+    monkeypatch.setattr(TUNING, "interpreter_programs", 1)
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(13)), layout).to(dtype)
+    block_r, block_c = _channels._tile(shape[1], x.view(shape[0], shape[1], -1).stride(1))
+    r = x.numel() // shape[1]
+    assert _channels._splits(r, -(-shape[1] // block_c), block_r, x.device)[1] == 1
+    spec = make_spec(shape)
+    w, b = _params(spec, "wb")
+    _compare(x, spec, *_run_both(x, w, b, spec))
+    _compare(x, spec, *_run_both(x, w, b, spec, needs=(False, True, True)))  # no dx
+    fixed = (torch.randn(shape[1]).view(spec.affine_shape), (torch.rand(shape[1]) + 0.5).view(spec.affine_shape))
+    _compare(x, spec, *_run_both(x, w, b, spec, fixed=fixed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize(("shape", "groups"), [((2, 4, 5, 7), 2), ((2, 3, 5, 7), 3)], ids=["gn", "in"])
+def test_few_groups_split_the_spatial_range(monkeypatch, shape, groups, layout, dtype):
+    """Few (sample, group) pairs for the device: each group's spatial range is split
+    over several programs (partials, merge, apply; partial sums, dx)."""
+    monkeypatch.setattr(TUNING, "interpreter_programs", 64)
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(14)) * 3 - 1, layout).to(dtype)
+    cg = shape[1] // groups
+    _, block_s = _groups._tile(cg, 35, x.view(2, shape[1], 35).stride(1))
+    assert _groups._splits(2 * groups, 35, block_s, x.device)[1] >= 3
+    spec = group_norm_spec(shape, groups) if cg > 1 else instance_norm_spec(shape)
+    for affine, needs in [("wb", (True, True, True)), ("none", (True, False, False))]:
+        w, b = _params(spec, affine)
+        _compare(x, spec, *_run_both(x, w, b, spec, needs=needs))
+
+
+@pytest.mark.parametrize("family", ["batch_norm", "instance_norm"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fixed_statistics(family, layout, dtype):
+    """Eval with running statistics: y = (x - rm) rsqrt(rv + eps) w + b, dx = dy w rstd."""
+    shape = (3, 5, 3, 3)
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(5)), layout).to(dtype)
+    spec = (batch_norm_spec if family == "batch_norm" else instance_norm_spec)(shape)
+    w, b = _params(spec, "wb")
+    gen = torch.Generator().manual_seed(6)
+    fixed = (torch.randn(5, generator=gen).view(1, 5, 1, 1),
+             (torch.rand(5, generator=gen) + 0.5).view(1, 5, 1, 1))
+    _compare(x, spec, *_run_both(x, w, b, spec, fixed=fixed))
+
+
+def test_uncovered_fixed_statistics_fall_back_to_reference():
+    x = torch.randn(4, 6)
+    spec = layer_norm_spec(x.shape, (6,))
+    fixed = (torch.randn(4, 1), torch.rand(4, 1) + 0.5)  # per-row fixed statistics: not a kernel path
+    w, b = _params(spec, "wb")
+    out, ref, grads, ref_grads = _run_both(x, w, b, spec, fixed=fixed)
+    for got, want in zip([*out, *grads], [*ref, *ref_grads], strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("make_spec", [batch_norm_spec, lambda s: group_norm_spec(s, 3)], ids=["bn", "gn"])
+def test_channel_slices_are_read_through_strides(make_spec, layout):
+    """x[:, :3] of a larger tensor: not dense, but its spatial dims collapse."""
+    x = _layout(torch.randn(2, 8, 3, 5, generator=torch.Generator().manual_seed(11)), layout)[:, 2:8]
+    spec = make_spec(x.shape)
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=CL)
+    w, b = _params(spec, "wb")
+    out, ref, grads, ref_grads = _run_both(x, w, b, spec)
+    assert out[0].stride() == ref[0].stride() and grads[0].stride() == ref_grads[0].stride()
+    x_dense = x.contiguous()  # _compare wants y's strides equal to its input's
+    _compare(x_dense, spec, (out[0].contiguous(), *out[1:]), ref,
+             (grads[0].contiguous(), *grads[1:]), ref_grads)
+
+
+@pytest.mark.parametrize(("make_spec", "torch_fn", "bad"), [
+    (batch_norm_spec, lambda t: F.batch_norm(t, None, None, training=True), (0, 1, 1, 1)),
+    (lambda s: group_norm_spec(s, 2), lambda t: F.group_norm(t, 2), (1, 3, 0, 2)),
+    (lambda s: layer_norm_spec(s, s[-1:]), lambda t: F.layer_norm(t, t.shape[-1:]), (1, 2, 2, 4)),
+], ids=["bn", "gn", "ln"])
+def test_nan_stays_in_its_group(make_spec, torch_fn, bad):
+    """A NaN poisons its own statistic group, as in torch.nn, and nothing else."""
+    x = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(12))
+    x[bad] = float("nan")
+    y = _ops.forward(x, None, None, make_spec(x.shape), EPS)[0]
+    expected = torch_fn(x)
+    assert torch.equal(y.isnan(), expected.isnan()) and 0 < int(y.isnan().sum()) < y.numel()
+    assert_close(y.nan_to_num(0.0), expected.nan_to_num(0.0), what="finite part")
+
+
+def test_bfloat16_weights():
+    x = torch.randn(3, 4, 5, 2).bfloat16()
+    spec = group_norm_spec(x.shape, 2)
+    w, b = _params(spec, "wb", torch.bfloat16)
+    _compare(x, spec, *_run_both(x, w, b, spec))
+
+
+_OFFSET_CASES = {
+    "batch_norm": lambda x: (batch_norm_spec(x.shape), lambda t: F.batch_norm(t, None, None, training=True)),
+    "group_norm": lambda x: (group_norm_spec(x.shape, 2), lambda t: F.group_norm(t, 2)),
+    "instance_norm": lambda x: (instance_norm_spec(x.shape), lambda t: F.instance_norm(t)),
+    "layer_norm": lambda x: (layer_norm_spec(x.shape, x.shape[-1:]), lambda t: F.layer_norm(t, t.shape[-1:])),
+}
+
+
+# LayerNorm takes contiguous rows only, so it has no channels_last case.
+@pytest.mark.parametrize(("name", "layout"), [(n, lay) for n in _OFFSET_CASES for lay in ("nchw", "cl")
+                                              if (n, lay) != ("layer_norm", "cl")])
+def test_large_offset_is_as_accurate(name, layout):
+    """x + 1e4 in float32 (SPEC §5): Chan-merged statistics keep the variance; the
+    result matches float64 torch.nn up to the float32 rounding of the mean (~1e4 * 2^-24)."""
+    x = _layout(torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(7)) + 1e4, layout)
+    spec, torch_fn = _OFFSET_CASES[name](x)
+    y = _ops.forward(x, None, None, spec, EPS)[0]
+    expected = torch_fn(x.double())
+    assert (y.double() - expected).abs().max().item() < 2e-3
+
+
+def test_layer_norm_long_rows_large_offset():
+    x = torch.randn(3, 37, generator=torch.Generator().manual_seed(8)) + 1e4
+    spec = layer_norm_spec(x.shape, (37,))
+    y = _ops.forward(x, None, None, spec, EPS)[0]
+    assert (y.double() - F.layer_norm(x.double(), (37,))).abs().max().item() < 2e-3
+
+
+# ---- through the public API (autograd Function -> select_backend -> Triton) -------------------
+
+
+def test_accepts_and_declines(on_cpu):
+    x = torch.randn(2, 6, 3, 5)
+    assert gpu.accepts(x, group_norm_spec(x.shape, 3))
+    assert gpu.accepts(x.contiguous(memory_format=CL), batch_norm_spec(x.shape))
+    assert not gpu.accepts(x.double(), batch_norm_spec(x.shape))  # float64: reference
+    assert not gpu.accepts(x[..., ::2], instance_norm_spec(x[..., ::2].shape))  # odd strides
+    assert not gpu.accepts(x.transpose(2, 3), layer_norm_spec((2, 6, 5, 3), (3,)))  # rows not contiguous
+    assert not gpu.accepts(x, batch_norm_spec((2, 6, 3, 4)))  # spec of another shape
+    custom = dataclasses.replace(layer_norm_spec(x.shape, (5,)), family="my_norm")
+    assert not gpu.accepts(x, custom)  # a family the kernels don't know
+
+
+def test_cpu_needs_both_variables(monkeypatch):
+    x = torch.randn(2, 3)
+    spec = layer_norm_spec(x.shape, (3,))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("NORMLAB_TRITON_ON_CPU", "1")
+    assert not gpu.accepts(x, spec)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gpu.accepts(x, spec)
+    monkeypatch.setenv("NORMLAB_TRITON_ON_CPU", "0")
+    assert not gpu.accepts(x, spec)
+
+
+def _fwd_bwd(module_or_fn, x, params):
+    x = x.detach().requires_grad_(True)
+    y = module_or_fn(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype))
+    return y.detach(), x.grad, [p.grad for p in params]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_modules_match_torch_nn(on_cpu, monkeypatch, layout):
+    """Every normlab layer with the Triton backend against its torch.nn twin: output,
+    input/parameter gradients and BatchNorm's running statistics (train, then eval)."""
+    calls = []
+    real_forward = _ops.forward
+    monkeypatch.setattr(_ops, "forward", lambda *a: calls.append(a[3].family) or real_forward(*a))
+    torch.manual_seed(10)
+    x4 = _layout(torch.randn(3, 6, 3, 5) * 3 + 1, layout)
+    both, train = ("train", "eval"), ("train",)  # eval differs from train only with running stats
+    pairs = [
+        (nl.BatchNorm2d(6), torch.nn.BatchNorm2d(6), x4, both),
+        (nl.InstanceNorm2d(6, affine=True, track_running_stats=True),
+         torch.nn.InstanceNorm2d(6, affine=True, track_running_stats=True), x4, both),
+        (nl.GroupNorm(3, 6), torch.nn.GroupNorm(3, 6), x4, train),
+    ]
+    if layout == "nchw":  # LayerNorm/RMSNorm take contiguous rows only
+        pairs += [
+            (nl.LayerNorm(5), torch.nn.LayerNorm(5), x4, train),
+            (nl.RMSNorm([3, 5]), torch.nn.RMSNorm([3, 5]), x4, train),
+            (nl.BatchNorm1d(6), torch.nn.BatchNorm1d(6), torch.randn(7, 6), both),
+        ]
+    for ours, theirs, x, modes in pairs:
+        with torch.no_grad():
+            for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+                p.copy_(torch.randn(p.shape))
+                q.copy_(p)
+        for mode in modes:
+            ours.train(mode == "train")
+            theirs.train(mode == "train")
+            for p in [*ours.parameters(), *theirs.parameters()]:
+                p.grad = None
+            y, dx, dps = _fwd_bwd(ours, x, list(ours.parameters()))
+            ey, edx, edps = _fwd_bwd(theirs, x, list(theirs.parameters()))
+            what = f"{type(ours).__name__} {layout} {mode}"
+            assert_close(y, ey, what=f"{what} y")
+            assert_close(dx, edx, scale=2.0, what=f"{what} dx")
+            for dp, edp in zip(dps, edps, strict=True):
+                assert_close(dp, edp, scale=5.0, what=f"{what} dparam")
+            for buf, ebuf in zip(ours.buffers(), theirs.buffers(), strict=True):
+                assert_close(buf, ebuf, torch.float32, what=f"{what} buffer")  # incl. num_batches_tracked
+    families = {"batch_norm", "instance_norm", "group_norm"}
+    assert set(calls) == (families | {"layer_norm", "rms_norm"} if layout == "nchw" else families)
+
+
+def test_functional_half_precision_matches_torch_nn(on_cpu):
+    """bfloat16 through normlab.functional vs torch.nn.functional computing in float32."""
+    x = torch.randn(2, 6, 3, 5).bfloat16().contiguous(memory_format=CL)
+    w, b = torch.randn(6), torch.randn(6)
+    y = nl.functional.group_norm(x, 3, w, b)
+    expected = F.group_norm(x.float(), 3, w, b).bfloat16()
+    assert y.is_contiguous(memory_format=CL)
+    assert_close(y, expected, torch.bfloat16)
+
+
+def test_register_does_not_import_triton():
+    code = ("import sys\nimport normlab\nfrom normlab.backends import gpu\n"
+            "assert gpu.register() is True\nassert 'triton' not in sys.modules\n"
+            "from normlab.backends import _BACKENDS\nassert _BACKENDS[-1][0] == 'gpu-triton'\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_TRITON_ON_CPU")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_kernel_compiles_for_sm90(tmp_path):
+    """The real Triton compiler (down to a cubin; ptxas ships in the wheel, no GPU
+    needed) accepts every kernel and flag setting -- the interpreter doesn't check
+    that. Warnings are errors, as on a GPU machine's test run."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "NORMLAB_TRITON_ON_CPU")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-m", "normlab.backends.gpu.compile_check", "--dtypes", "bf16"],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kernels = {name for module in (_rows, _channels, _groups) for name in dir(module) if name.endswith("_kernel")}
+    assert len(kernels) == 15
+    compiled = {line.split()[3] for line in result.stdout.splitlines() if line.startswith("ok  sm_90 bf16")}
+    assert compiled == kernels, result.stdout
+
+
+def test_bench_stub_runs_under_the_interpreter(capsys):
+    """The GPU benchmark's plumbing (providers, interleaving, rows); the times mean
+    nothing here. Without CUDA its CLI says so and exits 2."""
+    from normlab.backends.gpu import bench
+
+    cases = [bench.BenchCase("batch_norm", (2, 3, 5), "nchw"), bench.BenchCase("rms_norm", (3, 6))]
+    rows = bench.run(cases, modes=bench.MODES, repeats=1, warmup=0, device="cpu")
+    assert len(rows) == 2 * 3 * 3
+    assert {r["provider"] for r in rows} == {"torch.nn", "gpu-triton", "copy"}
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)
+    if not torch.cuda.is_available():
+        assert bench.main(["--repeats", "1"]) == 2
+        assert "expected a CUDA device" in capsys.readouterr().err
