@@ -9,6 +9,7 @@ classes only state their input rank; ``forward`` is one functional call.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -101,16 +102,22 @@ class _NormBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
     # -- shared by the leaf classes ------------------------------------------------
-    def _expected_dims(self) -> tuple[int, ...]:
-        raise NotImplementedError
+    _input_dims: tuple[int, ...] = ()  # the input ranks a leaf class accepts
 
     def _check_input(self, input: Tensor) -> None:
         name = type(self).__name__
         check_floating(input, name)
-        dims = self._expected_dims()
+        dims = self._input_dims
         if input.dim() not in dims:
             expected = " or ".join(f"{d}D" for d in dims)
             raise ValueError(f"{name}: expected {expected} input (got {input.dim()}D input)")
+
+    def _check_batched_input(self, input: Tensor) -> None:
+        """dtype, rank, and ``num_features`` channels at dim 1."""
+        self._check_input(input)
+        mismatch = self._channel_mismatch(input, 1)
+        if mismatch:
+            raise ValueError(mismatch)
 
     def _channel_mismatch(self, input: Tensor, channel_dim: int) -> str | None:
         """The error message if ``input`` lacks ``num_features`` channels, else None."""
@@ -119,6 +126,26 @@ class _NormBase(nn.Module):
             return None
         return (f"{type(self).__name__}: expected input with {self.num_features} channels at "
                 f"dim {channel_dim}, got {channels} (input shape {tuple(input.shape)})")
+
+    def _step(self, normalize: Callable[[Tensor | None, Tensor | None, bool, float], Tensor]) -> Tensor:
+        """One forward under torch.nn's buffer protocol, shared by the BatchNorm variants.
+
+        ``normalize(running_mean, running_var, use_batch_stats, momentum)`` gets the running
+        statistics when they are to be updated (training) or used (eval), batch statistics
+        in training or without running statistics, and this step's momentum. A batch is
+        counted in ``num_batches_tracked`` only after ``normalize`` succeeded.
+        """
+        update = self.training and self.track_running_stats
+        pass_running = update or not self.training
+        y = normalize(
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            self.training or self.running_mean is None,
+            self._momentum_for_this_step() if update else 0.0,
+        )
+        if update:
+            self.num_batches_tracked.add_(1)
+        return y
 
     def _momentum_for_this_step(self) -> float:
         """torch.nn's momentum; ``None`` means the cumulative average 1/(batches seen)."""
@@ -153,44 +180,27 @@ class _BatchNorm(_NormBase):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        mismatch = self._channel_mismatch(input, 1)
-        if mismatch:
-            raise ValueError(mismatch)
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        momentum = self._momentum_for_this_step() if update else 0.0
-        y = NF._batch_norm(
-            input,
-            self.running_mean if (update or not self.training) else None,
-            self.running_var if (update or not self.training) else None,
-            self.weight, self.bias, use_batch_stats, momentum, self.eps,
-            name=type(self).__name__,
-        )
-        if update:
-            self.num_batches_tracked.add_(1)
-        return y
-
+        self._check_batched_input(input)
+        return self._step(lambda running_mean, running_var, use_batch_stats, momentum: NF._batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
+            self.eps, name=type(self).__name__))
 
 class BatchNorm1d(_BatchNorm):
     """BatchNorm over (N, C) or (N, C, L) inputs. See :class:`_BatchNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (2, 3)
+    _input_dims = (2, 3)
 
 
 class BatchNorm2d(_BatchNorm):
     """BatchNorm over (N, C, H, W) inputs. See :class:`_BatchNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (4,)
+    _input_dims = (4,)
 
 
 class BatchNorm3d(_BatchNorm):
     """BatchNorm over (N, C, D, H, W) inputs. See :class:`_BatchNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (5,)
+    _input_dims = (5,)
 
 
 class _InstanceNorm(_NormBase):
@@ -221,10 +231,7 @@ class _InstanceNorm(_NormBase):
                          bias=bias)
 
     def _spatial_dims(self) -> int:
-        raise NotImplementedError
-
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (self._spatial_dims() + 1, self._spatial_dims() + 2)
+        return max(self._input_dims) - 2
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -265,19 +272,16 @@ class _InstanceNorm(_NormBase):
 class InstanceNorm1d(_InstanceNorm):
     """InstanceNorm over (N, C, L) or (C, L) inputs. See :class:`_InstanceNorm`."""
 
-    def _spatial_dims(self) -> int:
-        return 1
+    _input_dims = (2, 3)
 
 
 class InstanceNorm2d(_InstanceNorm):
     """InstanceNorm over (N, C, H, W) or (C, H, W) inputs. See :class:`_InstanceNorm`."""
 
-    def _spatial_dims(self) -> int:
-        return 2
+    _input_dims = (3, 4)
 
 
 class InstanceNorm3d(_InstanceNorm):
     """InstanceNorm over (N, C, D, H, W) or (C, D, H, W) inputs. See :class:`_InstanceNorm`."""
 
-    def _spatial_dims(self) -> int:
-        return 3
+    _input_dims = (4, 5)

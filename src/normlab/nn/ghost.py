@@ -174,17 +174,11 @@ class _GhostBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training and self.running_mean is not None:
             return super().forward(input)
-        self._check_input(input)
-        mismatch = self._channel_mismatch(input, 1)
-        if mismatch:
-            raise ValueError(mismatch)
-        update = self.training and self.track_running_stats
-        y = _ghost_batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                              update, self._momentum_for_this_step() if update else 0.0, self.eps,
-                              self.virtual_batch_size, name=type(self).__name__)
-        if update:
-            self.num_batches_tracked.add_(1)
-        return y
+        self._check_batched_input(input)
+        # here every step uses ghost-batch statistics; running ones arrive only to be updated
+        return self._step(lambda running_mean, running_var, _, momentum: _ghost_batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, running_mean is not None,
+            momentum, self.eps, self.virtual_batch_size, name=type(self).__name__))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -193,19 +187,16 @@ class _GhostBatchNorm(_BatchNorm):
 class GhostBatchNorm1d(_GhostBatchNorm):
     """Ghost BatchNorm over (N, C) or (N, C, L). See :class:`_GhostBatchNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (2, 3)
+    _input_dims = (2, 3)
 
 
 class GhostBatchNorm2d(_GhostBatchNorm):
     """Ghost BatchNorm over (N, C, H, W). See :class:`_GhostBatchNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (4,)
+    _input_dims = (4,)
 
 
 class GhostBatchNorm3d(_GhostBatchNorm):
     """Ghost BatchNorm over (N, C, D, H, W). See :class:`_GhostBatchNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (5,)
+    _input_dims = (5,)

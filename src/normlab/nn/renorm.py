@@ -193,10 +193,7 @@ class _BatchRenorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
-        self._check_input(input)
-        mismatch = self._channel_mismatch(input, 1)
-        if mismatch:
-            raise ValueError(mismatch)
+        self._check_batched_input(input)
         r_max, d_max = self.current_limits()
         y = _batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
                           self._momentum_for_this_step(), self.eps, r_max, d_max,
@@ -211,19 +208,16 @@ class _BatchRenorm(_BatchNorm):
 class BatchRenorm1d(_BatchRenorm):
     """Batch Renormalization over (N, C) or (N, C, L). See :class:`_BatchRenorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (2, 3)
+    _input_dims = (2, 3)
 
 
 class BatchRenorm2d(_BatchRenorm):
     """Batch Renormalization over (N, C, H, W). See :class:`_BatchRenorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (4,)
+    _input_dims = (4,)
 
 
 class BatchRenorm3d(_BatchRenorm):
     """Batch Renormalization over (N, C, D, H, W). See :class:`_BatchRenorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (5,)
+    _input_dims = (5,)

@@ -57,10 +57,7 @@ class _SingleSampleMixin(_BatchNorm):
                      and input.shape[0] * math.prod(input.shape[2:]) == 1)
         if not (self.training and one_value and self.single_sample == "running"):
             return super().forward(input)
-        self._check_input(input)
-        mismatch = self._channel_mismatch(input, 1)
-        if mismatch:
-            raise ValueError(mismatch)
+        self._check_batched_input(input)
         return NF._batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                               False, 0.0, self.eps, name=type(self).__name__)
 

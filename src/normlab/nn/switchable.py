@@ -153,32 +153,19 @@ class _SwitchableNorm(_NormBase):
             nn.init.ones_(self.var_weight)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        mismatch = self._channel_mismatch(input, 1)
-        if mismatch:
-            raise ValueError(mismatch)
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        y = _switchable_norm(
-            input, self.mean_weight, self.var_weight,
-            self.running_mean if (update or not self.training) else None,
-            self.running_var if (update or not self.training) else None,
-            self.weight, self.bias, use_batch_stats,
-            self._momentum_for_this_step() if update else 0.0, self.eps, name=type(self).__name__)
-        if update:
-            self.num_batches_tracked.add_(1)
-        return y
+        self._check_batched_input(input)
+        return self._step(lambda running_mean, running_var, use_batch_stats, momentum: _switchable_norm(
+            input, self.mean_weight, self.var_weight, running_mean, running_var, self.weight, self.bias,
+            use_batch_stats, momentum, self.eps, name=type(self).__name__))
 
 
 class SwitchableNorm1d(_SwitchableNorm):
     """Switchable Normalization over (N, C, L). See :class:`_SwitchableNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (3,)
+    _input_dims = (3,)
 
 
 class SwitchableNorm2d(_SwitchableNorm):
     """Switchable Normalization over (N, C, H, W). See :class:`_SwitchableNorm`."""
 
-    def _expected_dims(self) -> tuple[int, ...]:
-        return (4,)
+    _input_dims = (4,)
