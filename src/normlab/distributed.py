@@ -35,6 +35,7 @@ before :func:`launch_local` returns or raises.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import socket
@@ -51,12 +52,20 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "DEFAULT_PG_TIMEOUT",
+    "FAIL_FAST_GRACE",
     "LaunchError",
     "RankOutcome",
     "free_port",
     "launch_local",
     "sync_world",
 ]
+
+
+# Seconds a collective waits for its peers when launch_local has no deadline (torch's default).
+DEFAULT_PG_TIMEOUT = 1800.0
+# With fail_fast: seconds the surviving ranks get to report after a rank failed.
+FAIL_FAST_GRACE = 10.0
 
 
 def sync_world(process_group: Any = None) -> tuple[Any, int, int] | None:
@@ -99,8 +108,9 @@ class RankOutcome:
 
     ``status`` is ``"ok"`` (``value`` holds the return value), ``"error"`` (the
     function raised: ``error_type``, ``error_message``, ``traceback``), ``"died"``
-    (the process ended without answering: ``exitcode``) or ``"timeout"`` (it was
-    still running at the deadline and was killed). ``elapsed`` is seconds from
+    (the process ended without answering: ``exitcode``), ``"timeout"`` (it was
+    still running at the deadline and was killed) or ``"stopped"`` (killed with
+    ``fail_fast`` because another rank had failed). ``elapsed`` is seconds from
     the launch until the answer (or the deadline).
     """
 
@@ -120,6 +130,8 @@ class RankOutcome:
             return f"rank {self.rank}: raised {self.error_type}: {self.error_message}"
         if self.status == "died":
             return f"rank {self.rank}: process died without an answer (exit code {self.exitcode})"
+        if self.status == "stopped":
+            return f"rank {self.rank}: stopped (killed) because another rank failed"
         return f"rank {self.rank}: did not finish within the deadline ({self.elapsed:.1f} s), killed"
 
 
@@ -182,9 +194,10 @@ def launch_local(
     nprocs: int,
     *args: Any,
     backend: str = "gloo",
-    timeout: float = 300.0,
+    timeout: float | None = 300.0,
     pg_timeout: float | None = None,
     num_threads: int | None = None,
+    fail_fast: bool = False,
 ) -> list[Any]:
     """Run ``fn(rank, *args)`` in ``nprocs`` fresh local processes; return the
     ``nprocs`` return values in rank order.
@@ -202,11 +215,17 @@ def launch_local(
         *args: picklable arguments passed to every rank.
         backend: torch.distributed backend. Default "gloo".
         timeout: seconds the whole launch may take, start-up included; processes
-            still running then are killed. Default 300.
+            still running then are killed. None: no deadline (long jobs such as
+            ``normlab compare --nproc N``). Default 300.
         pg_timeout: the process group's timeout (seconds a collective may wait for
-            its peers before raising). Default: ``timeout``.
+            its peers before raising). Default: ``timeout``, or 1800 s (torch's
+            default) when ``timeout`` is None.
         num_threads: intra-op threads per process. Default: the CPU count divided
             by ``nprocs`` (at least 1), so the processes do not oversubscribe.
+        fail_fast: when a rank raises or dies, give the others
+            :data:`FAIL_FAST_GRACE` seconds to report (they usually fail too, with
+            the process group's error) and then kill them, instead of letting them
+            wait in a collective until ``pg_timeout``. Default False.
 
     Raises:
         LaunchError: some rank raised, died or ran out of time; ``.outcomes``
@@ -214,17 +233,19 @@ def launch_local(
     """
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"launch_local: expected nprocs to be a positive int, got {nprocs!r}")
-    if not timeout > 0:
-        raise ValueError(f"launch_local: expected a positive timeout, got {timeout!r}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"launch_local: expected a positive timeout or None, got {timeout!r}")
     if backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("launch_local: backend 'nccl' needs CUDA, which is not available")
     if num_threads is None:
         num_threads = max(1, (os.cpu_count() or 1) // nprocs)
-    pg_timeout = timeout if pg_timeout is None else pg_timeout
+    if pg_timeout is None:
+        pg_timeout = DEFAULT_PG_TIMEOUT if timeout is None else timeout
     port = free_port()
     ctx = torch.multiprocessing.get_context("spawn")
     start = time.monotonic()
-    deadline = start + timeout
+    deadline = math.inf if timeout is None else start + timeout
+    stop_at = math.inf  # fail_fast: when the survivors of a failed launch are killed
     procs, readers = [], []
     try:
         for rank in range(nprocs):
@@ -241,10 +262,10 @@ def launch_local(
         outcomes: dict[int, RankOutcome] = {}
         pending = {reader: rank for rank, reader in enumerate(readers)}
         while pending:
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline, stop_at) - time.monotonic()
             if remaining <= 0:
                 break
-            for reader in wait(list(pending), remaining):
+            for reader in wait(list(pending), None if math.isinf(remaining) else remaining):
                 rank = pending.pop(reader)
                 elapsed = time.monotonic() - start
                 try:
@@ -253,6 +274,8 @@ def launch_local(
                     procs[rank].join(5.0)
                     outcomes[rank] = RankOutcome(rank, "died", exitcode=procs[rank].exitcode,
                                                  elapsed=elapsed)
+                    if fail_fast:
+                        stop_at = min(stop_at, time.monotonic() + FAIL_FAST_GRACE)
                     continue
                 if message[0] == "ok":
                     outcomes[rank] = RankOutcome(rank, "ok", value=message[1], elapsed=elapsed)
@@ -260,11 +283,14 @@ def launch_local(
                     _, etype, emsg, tb = message
                     outcomes[rank] = RankOutcome(rank, "error", error_type=etype, error_message=emsg,
                                                  traceback=tb, elapsed=elapsed)
+                    if fail_fast:
+                        stop_at = min(stop_at, time.monotonic() + FAIL_FAST_GRACE)
+        late = "stopped" if time.monotonic() < deadline else "timeout"
         for rank in pending.values():
-            outcomes[rank] = RankOutcome(rank, "timeout", elapsed=time.monotonic() - start)
+            outcomes[rank] = RankOutcome(rank, late, elapsed=time.monotonic() - start)
     finally:
         for proc in procs:
-            proc.join(max(0.0, min(5.0, deadline - time.monotonic())))
+            proc.join(max(0.0, min(5.0, min(deadline, stop_at) - time.monotonic())))
             if proc.is_alive():
                 proc.kill()
                 proc.join()

@@ -32,6 +32,16 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _usage_error(f"{flag} expects a positive integer, got {text!r}") from None
+    if value < 1:
+        raise _usage_error(f"{flag} expects a positive integer, got {value}")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``compare``, ``report`` and ``explain``."""
     p = subparsers.add_parser(
@@ -66,8 +76,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-test", type=int, help="use at most this many test examples")
     p.add_argument("--image-size", type=int, help="imagefolder images are resized to this (default 32)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 for mnist1d/digits, "
-                   "else all)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default 1 for "
+                   "mnist1d/digits, else all cores divided by the processes on this machine)")
+    p.add_argument("--nproc", metavar="N", help="train every run under DistributedDataParallel with N "
+                   "processes (gloo on CPU, nccl with one GPU per process); the batch sizes are global "
+                   "batches split across them (batch sizes < N are skipped). Under torchrun leave it "
+                   "out: the processes torchrun started are used (WORLD_SIZE). Default 1")
+    p.add_argument("--per-process-batches", metavar="LIST", help="per-process batch sizes of the "
+                   "'per-process batch' scenario (BN with local statistics vs SyncBN vs GN; needs "
+                   "--nproc >= 2), or 'off'; default 1,2,4,8 (quick: 2,8) when --nproc >= 2")
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/compare-DATASET[-quick])")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_compare)
@@ -125,6 +142,12 @@ def build_config(args: argparse.Namespace):
             raise _usage_error("--norm is empty")
     if args.batch_sizes is not None:
         values["batch_sizes"] = _int_list(args.batch_sizes, "--batch-sizes")
+    if args.per_process_batches is not None:
+        off = args.per_process_batches.strip().lower() in ("off", "none", "0")
+        values["per_process_batches"] = [] if off else _int_list(args.per_process_batches,
+                                                                 "--per-process-batches")
+    if args.nproc is not None:
+        values["nproc"] = _positive_int(args.nproc, "--nproc")
     try:
         return LabConfig.from_dict(values)
     except (TypeError, ValueError) as error:
@@ -132,15 +155,37 @@ def build_config(args: argparse.Namespace):
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..distributed import LaunchError
     from .data import DataError
+    from .parallel import external_world
     from .results import ResultsError
     from .sweep import ConfigError, run_compare
 
     config = build_config(args)
     out = Path(args.out or f"runs/compare-{config.dataset}" + ("-quick" if args.quick else ""))
+    try:
+        world = external_world()
+    except ConfigError as error:
+        raise _usage_error(str(error)) from None
+    local_procs = 1
+    if world is not None:  # started by torchrun: join its world (see normlab.lab.parallel)
+        rank, world_size, _ = world
+        if args.nproc is None and "nproc" not in _config_file_keys(args):
+            config.nproc = world_size
+        elif config.nproc != world_size:
+            raise _usage_error(f"--nproc {config.nproc} does not match the {world_size} processes torchrun "
+                               f"started (WORLD_SIZE={world_size}); pass --nproc {world_size} or leave it out")
+        local_procs = _positive_int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)), "LOCAL_WORLD_SIZE")
+    else:
+        rank = 0
+        local_procs = config.nproc
     threads = args.threads
     if threads is None:
-        threads = 1 if config.dataset in SMALL_DATASETS else (os.cpu_count() or 1)
+        # single process: 1 thread for the tiny models (faster than several), else all cores;
+        # N processes on this machine share those cores
+        threads = 1 if config.dataset in SMALL_DATASETS else max(1, (os.cpu_count() or 1) // local_procs)
     if threads < 1:
         raise _usage_error(f"--threads must be >= 1, got {threads}")
     try:
@@ -148,11 +193,25 @@ def _compare(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     except (ConfigError, DataError, ResultsError) as error:
         raise _usage_error(str(error)) from None
+    except LaunchError as error:
+        print(f"normlab compare: a training process failed; finished runs are saved in {out}.\n{error}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"interrupted; finished runs are saved in {out}. Run the same command again to resume.")
         raise
-    print(f"report: {report}  (and {report.with_suffix('.html')})")
+    if rank == 0:
+        print(f"report: {report}  (and {report.with_suffix('.html')})")
     return 0
+
+
+def _config_file_keys(args: argparse.Namespace) -> set[str]:
+    """The LabConfig fields the --config file sets (already validated by build_config)."""
+    if not args.config:
+        return set()
+    import yaml
+
+    return set(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {})
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LabConfig", "PRESETS", "IDENTITY_FIELDS", "lr_for_batch", "steps_for_batch"]
+__all__ = ["LabConfig", "PRESETS", "IDENTITY_FIELDS", "LATER_IDENTITY_FIELDS", "lr_for_batch",
+           "steps_for_batch"]
 
 DATASETS = ("mnist1d", "digits", "cifar10", "imagefolder")
 
@@ -33,6 +34,14 @@ class LabConfig:
     Learning rate (linear scaling rule, Goyal et al. 2017): ``lr * B / lr_ref_batch``,
     decayed to 0 with a cosine schedule over the run; SGD with momentum and weight
     decay, the same for every norm.
+
+    Processes (``nproc`` N > 1): every run trains under DistributedDataParallel with N
+    processes; B is the *global* batch (same steps and learning rate as one process),
+    process r gets the examples ``r, r + N, r + 2N, ...`` of each batch (sizes differ
+    by at most one when N does not divide B). Batch sizes below N are skipped. The
+    *per-process batch* scenario trains ``ppb_norms`` with ``b`` examples per process
+    (global batch N * b) for each b in ``per_process_batches`` (None: 1, 2, 4, 8 --
+    2, 8 with the quick preset -- when N > 1, none when N = 1).
     """
 
     dataset: str = "mnist1d"
@@ -65,6 +74,9 @@ class LabConfig:
     noniid_classes: int = 2  # classes per batch in the non-i.i.d. scenario
     cost_steps: int = 30
     curve_points: int = 60
+    nproc: int = 1  # processes (DistributedDataParallel world size); 1: a single process, no DDP
+    per_process_batches: list[int] | None = None  # per-process batch scenario; None: auto (see above)
+    ppb_norms: list[str] = field(default_factory=lambda: ["bn", "syncbn", "gn"])
     preset: str = "default"
 
     # ----------------------------------------------------------------- helpers
@@ -80,8 +92,16 @@ class LabConfig:
         return cls(**data)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that change what a single run computes."""
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        """The fields that change what a single run computes.
+
+        Fields added after the first release (:data:`LATER_IDENTITY_FIELDS`) count only
+        when they differ from their default, so run directories written before they
+        existed keep their identity and still resume.
+        """
+        out = {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        out.update({name: getattr(self, name) for name, default in LATER_IDENTITY_FIELDS.items()
+                    if getattr(self, name) != default})
+        return out
 
     def identity_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
@@ -98,6 +118,9 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "ref_batch", "eval_batch", "recal_batch", "shift_offset", "shift_scale", "shift_noise",
     "noniid_classes", "cost_steps", "curve_points",
 )
+# Identity fields added later, with the default at which they are left out of the identity.
+# nproc changes what a run computes (BatchNorm's statistics cover B / nproc examples).
+LATER_IDENTITY_FIELDS: dict[str, Any] = {"nproc": 1}
 
 # Named presets: overrides of the defaults above. "quick" is the smoke test (< 1 minute).
 PRESETS: dict[str, dict[str, Any]] = {

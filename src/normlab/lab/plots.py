@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["batch_sweep", "cost", "curves", "noniid", "save", "shift", "train_eval_gap"]
+__all__ = ["batch_sweep", "cost", "curves", "noniid", "per_process_batch", "save", "shift", "train_eval_gap"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#7f7f7f", "#8c564b", "#e377c2",
            "#17becf", "#bcbd22"]
@@ -158,4 +158,27 @@ def cost(stats: dict, norms: list[str], stem: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     ax_t.set_title("time per step (median)")
     ax_m.set_title("activation memory")
+    save(fig, stem)
+
+
+def per_process_batch(err: dict, norms: list[str], global_batches: list[int], per_proc: dict[int, int],
+                      palette: list[str], nproc: int, stem: Path) -> None:
+    """Test error vs per-process batch (log2 axis), one line per norm; ``err`` is keyed by
+    (norm, global batch), ``per_proc`` maps a global batch to its per-process batch."""
+    fig, (ax,) = _figure()
+    ticks = [per_proc[g] for g in global_batches]
+    for n in norms:
+        pts = [(per_proc[g], err[(n, g)]) for g in global_batches if (n, g) in err]
+        if not pts:
+            continue
+        b, st = zip(*pts, strict=True)
+        ax.errorbar(b, [v.mean for v in st], yerr=[v.std for v in st], marker="o", ms=4, capsize=3,
+                    label=n, color=_color(palette, n))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{b}\n({b * nproc})" for b in ticks])
+    ax.set_xlabel(f"examples per process (global batch, {nproc} processes)")
+    ax.set_ylabel("test error (%)")
+    ax.set_title("Per-process batch: local BN vs SyncBN vs GN (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="norm")
     save(fig, stem)

@@ -189,6 +189,8 @@ def _load(run_dir: Path) -> tuple[LabConfig, list[dict]]:
 
 
 def _order(rows: list[dict], config: LabConfig) -> tuple[list[str], list[int]]:
+    """Norms of the main scenarios (config order first) and the sweep's batch sizes."""
+    rows = [r for r in rows if r["scenario"] != "ppb"]  # the per-process batch section has its own
     seen = list(dict.fromkeys(list(config.norms) + [r["norm"] for r in rows]))
     norms = [n for n in seen if any(r["norm"] == n for r in rows)]
     sizes = sorted({r["batch_size"] for r in rows if r["scenario"] == "sweep"})
@@ -247,6 +249,15 @@ def build_sections(config: LabConfig, rows: list[dict], plot_dir: Path) -> list[
         f"Rows: {len(rows)}; device: {', '.join(devices) or '--'}; versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
     ])
+    if config.nproc > 1:
+        setup.paragraphs.append(
+            f"**{config.nproc} processes** (DistributedDataParallel): every run trains with "
+            f"{config.nproc} processes; B is the global batch (same steps and learning rate as one "
+            f"process), process r trains on examples r, r+{config.nproc}, ... of each batch "
+            f"(parts differ by at most one example when {config.nproc} does not divide B; batch sizes "
+            f"below {config.nproc} are not run). BatchNorm (`bn`) normalizes with each process's own "
+            f"part (about B/{config.nproc} examples); `syncbn` with the whole batch. Evaluation and "
+            "timings are rank 0's.")
     sections.append(setup)
     err = aggregate(rows, "sweep", "err_test")
     diverged = sorted({r["key"] for r in rows if r["metrics"].get("diverged")})
@@ -319,7 +330,10 @@ def build_sections(config: LabConfig, rows: list[dict], plot_dir: Path) -> list[
             ["Test error in eval mode (running statistics from training), with batch statistics "
              "(test batches of the training batch size normalized by their own statistics, as in "
              "training), and after re-estimating the running statistics on the training set "
-             f"(cumulative average over batches of {config.recal_batch}, no gradient)."],
+             f"(cumulative average over batches of {config.recal_batch}, no gradient)."
+             + (f" With {config.nproc} processes the batch-statistics test batches are as large as "
+                f"what one training step normalized over: one process's part (⌈B/{config.nproc}⌉) for "
+                "BatchNorm, the whole batch for SyncBatchNorm." if config.nproc > 1 else "")],
             (["norm, batch", "eval (running stats)", "batch stats", "re-estimated stats"], body),
             "train_eval_gap"))
 
@@ -368,9 +382,17 @@ def build_sections(config: LabConfig, rows: list[dict], plot_dir: Path) -> list[
             f"Cost (B={config.ref_batch})",
             ["Median time of one training step (forward, backward, SGD) and of one eval forward; "
              "memory autograd saves for the backward of one step (unique storages); the "
-             "allocator's peak on CUDA. The CPU is shared and timings vary between runs."],
+             "allocator's peak on CUDA. The CPU is shared and timings vary between runs."
+             + (f" With {config.nproc} processes: a DDP step of one process on its part of the batch "
+                "(gradient all_reduce included) and that process's memory, as measured on rank 0."
+                if config.nproc > 1 else "")],
             (["norm", "ms / train step", "ms / eval forward", "saved for backward (MB)", "peak (MB)",
               "parameters"], body), "cost"))
+
+    # Per-process batch ------------------------------------------------------------------
+    ppb_section = _per_process_batch_section(config, rows, norms, plot_dir)
+    if ppb_section is not None:
+        sections.append(ppb_section)
 
     # Published context ------------------------------------------------------------------
     sections.append(Section(
@@ -383,6 +405,44 @@ def build_sections(config: LabConfig, rows: list[dict], plot_dir: Path) -> list[
          [[f"GN paper, {b} images/GPU", f"{bn}", "--", "--", f"{gn}"] for b, (bn, gn) in
           sorted(PUBLISHED_BS.items(), reverse=True) if b != 32])))
     return sections
+
+
+def _per_process_batch_section(config: LabConfig, rows: list[dict], norms: list[str],
+                               plot_dir: Path) -> Section | None:
+    """BN with per-process statistics vs SyncBN vs GN at small per-process batches."""
+    from . import plots
+
+    ppb_rows = [r for r in rows if r["scenario"] == "ppb"]
+    if not ppb_rows:
+        return None
+    nproc = max(1, config.nproc)
+    # runs the plan shares with the sweep (same norm, same global batch: the same computation)
+    wanted = {(n, b * nproc) for n in config.ppb_norms for b in config.per_process_batches or []}
+    have = {(r["norm"], r["batch_size"], r["seed"]) for r in ppb_rows}
+    ppb_rows += [dict(r, scenario="ppb") for r in rows if r["scenario"] == "sweep"
+                 and (r["norm"], r["batch_size"]) in wanted
+                 and (r["norm"], r["batch_size"], r["seed"]) not in have]
+    err = aggregate(ppb_rows, "ppb", "err_test")  # keyed by (norm, global batch)
+    order = list(dict.fromkeys(list(config.ppb_norms) + [r["norm"] for r in ppb_rows]))
+    ppb_norms = [n for n in order if any(r["norm"] == n for r in ppb_rows)]
+    globals_ = sorted({r["batch_size"] for r in ppb_rows})
+    per_proc = {g: g // nproc for g in globals_}
+    palette = norms + [n for n in ppb_norms if n not in norms]  # a norm keeps its colour
+    plots.per_process_batch(err, ppb_norms, globals_, per_proc, palette, nproc,
+                            plot_dir / "per_process_batch")
+    body = [[n] + [err[(n, g)].fmt() if (n, g) in err else "--" for g in globals_] for n in ppb_norms]
+    steps = aggregate(ppb_rows, "ppb", "steps", ("batch_size",))
+    body.append(["*steps*"] + [f"{steps[(g,)].mean:.0f}" if (g,) in steps else "--" for g in globals_])
+    return Section(
+        f"Per-process batch ({nproc} processes)",
+        [f"Test error (%) when each of the {nproc} processes holds b examples (global batch "
+         f"{nproc}·b, its learning rate and steps by the rules above). `bn`: BatchNorm with each "
+         "process's own statistics over its b examples (what DistributedDataParallel gives a plain "
+         "BatchNorm); `syncbn`: the same model converted with "
+         "`nl.SyncBatchNorm.convert_sync_batchnorm`, statistics over the whole global batch; "
+         "`gn`: GroupNorm, independent of the batch. Small b is where per-process statistics "
+         "get noisy; SyncBN pays for its statistics with two collectives per layer and step."],
+        (["norm"] + [f"b={per_proc[g]} (global {g})" for g in globals_], body), "per_process_batch")
 
 
 def render_report(run_dir: str | Path) -> Path:
