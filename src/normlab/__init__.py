@@ -6,6 +6,7 @@
 
 from . import functional, tools
 from .backends import gpu as _gpu_backend
+from .backends.cpu import enable as _enable_cpu_kernels
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -46,6 +47,7 @@ from .nn.extra import (
 )
 
 _gpu_backend.register()  # "gpu-triton" for CUDA tensors when triton is installed; imports nothing now
+_enable_cpu_kernels()  # "cpu-numba" when numba is installed; compiles nothing now
 
 __version__ = "0.1.0"
 

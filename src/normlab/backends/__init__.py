@@ -9,6 +9,7 @@ themselves with :func:`register_backend` and decline inputs they don't handle.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from types import ModuleType
 
@@ -31,8 +32,13 @@ def register_backend(name: str, accepts: Callable[[torch.Tensor, NormSpec], bool
 
 
 def select_backend(x: torch.Tensor, spec: NormSpec) -> ModuleType:
-    """The backend that computes ``spec`` on ``x``."""
-    for _name, accepts, backend in _BACKENDS:
+    """The backend that computes ``spec`` on ``x``: the first registered one that accepts
+    it, else the reference. ``NORMLAB_BACKEND=reference`` (or a registered name) limits
+    the choice to that backend, e.g. to compare them or to rule one out while debugging."""
+    forced = os.environ.get("NORMLAB_BACKEND")
+    for name, accepts, backend in _BACKENDS:
+        if forced and name != forced:
+            continue
         if accepts(x, spec):
             return backend
     return reference

@@ -40,9 +40,11 @@ class NormFunction(torch.autograd.Function):
         ctx.batch_statistics = fixed_var is None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, weight, mean, rstd)
-        for stat in (mean, var):
-            if stat is not None:
-                ctx.mark_non_differentiable(stat)
+        if mean is None:
+            # torch.compile cannot trace a Function output that is None: return an
+            # empty tensor instead; normalize() maps it back to None.
+            mean = var.new_empty(0)
+        ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
@@ -116,4 +118,5 @@ def normalize(
     Inputs are assumed validated (see ``normlab.functional``).
     """
     function = _FUNCTIONS.get(spec.family, NormFunction)
-    return function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+    y, mean, var = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+    return y, (mean if spec.center else None), var

@@ -58,7 +58,7 @@ class NormSpec:
     @property
     def count(self) -> int:
         """Number of elements averaged into one statistic."""
-        return math.prod(self.group_shape[d] for d in self.reduce_dims)
+        return math.prod([self.group_shape[d] for d in self.reduce_dims])  # a list: torch.compile traces it
 
     @property
     def affine_shape(self) -> tuple[int, ...]:

@@ -1,0 +1,109 @@
+"""Mapping a (NormSpec, memory layout) onto one of the two kernel views.
+
+See :mod:`normlab.backends.cpu._kernels` for the views. The mapping is read off the
+spec's axes, not its family name, so any spec with the same structure (e.g.
+``SampleRMSNorm``, a GroupNorm(1)-shaped RMS norm) runs on the kernels too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ...core.spec import NormSpec
+
+__all__ = ["Plan", "plan_for", "make_plan", "layout_of"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Kernel view of one input.
+
+    ``kind`` "grouped": dims (A, P, K, S, G); "cl" (channels-last): dims (N, S, G, K)
+    with B row blocks per sample. ``per_sample``: statistics per (n, g) (else per g,
+    BatchNorm). ``channels``: number of affine channels (G*K).
+    """
+
+    kind: str
+    dims: tuple[int, ...]
+    channels: int
+    blocks: int = 1
+
+
+def layout_of(x: torch.Tensor) -> str | None:
+    """"contiguous", "channels_last" (4D/5D, not also contiguous), or None (strided)."""
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last"
+    return None
+
+
+def _channel_structure(spec: NormSpec) -> tuple[str, int] | None:
+    """("batch" | "sample", groups) for a spec with one affine channel dim 1, else None."""
+    shape, gshape, red = spec.input_shape, spec.group_shape, spec.reduce_dims
+    d = len(shape)
+    if spec.feature_dims != (1,) or d < 2:
+        return None
+    spatial = tuple(range(2, d))
+    if gshape == shape:
+        if red == (0, *spatial) and d >= 2:
+            return "batch", shape[1]
+        if red == spatial and d >= 3:
+            return "sample", shape[1]  # InstanceNorm: C groups of one channel
+        if red == (1, *spatial):
+            return "sample", 1  # one group of all channels
+        return None
+    n, c = shape[0], shape[1]
+    if len(gshape) == d + 1 and gshape[0] == n and gshape[3:] == shape[2:] \
+            and gshape[1] * gshape[2] == c and red == tuple(range(2, d + 1)):
+        return "sample", gshape[1]  # GroupNorm
+    return None
+
+
+@lru_cache(maxsize=512)
+def plan_for(spec: NormSpec, layout: str, threads: int) -> Plan | None:
+    """The kernel view of an input of ``spec.input_shape`` in ``layout``, or None."""
+    return make_plan(spec, layout, threads)
+
+
+def make_plan(spec: NormSpec, layout: str, threads: int) -> Plan | None:
+    """:func:`plan_for` without the cache (plain Python that ``torch.compile`` traces)."""
+    shape = spec.input_shape
+    if math.prod(shape) == 0:
+        return None
+    red = spec.reduce_dims
+    d = len(shape)
+    # LayerNorm-like: statistics and affine over the same trailing dims.
+    if spec.group_shape == shape and red and red == spec.feature_dims \
+            and red == tuple(range(d - len(red), d)):
+        if layout != "contiguous":
+            return None
+        k = math.prod(shape[d - len(red):])
+        return Plan("grouped", (1, math.prod(shape) // k, k, 1, 1), k)
+    structure = _channel_structure(spec)
+    if structure is None:
+        return None
+    kind, groups = structure
+    n, c = shape[0], shape[1]
+    s = math.prod(shape[2:])
+    k = c // groups
+    if layout == "contiguous" and not (kind == "batch" and s == 1):
+        if kind == "batch":
+            return Plan("grouped", (n, c, 1, s, c), c)
+        return Plan("grouped", (1, n * groups, k, s, groups), c)
+    # channels-last view (also BatchNorm of (N, C) / (N, C, 1...) in contiguous memory);
+    # its statistics kernels always center (non-centering specs such as FRN go elsewhere)
+    if not spec.center:
+        return None
+    if kind == "batch":
+        rows = n * s
+        blocks = max(1, min(rows, 4 * threads))
+        return Plan("cl", (1, rows, groups, k), c, blocks)
+    blocks = max(1, min(s, -(-2 * threads // n)))
+    return Plan("cl", (n, s, groups, k), c, blocks)

@@ -1,0 +1,137 @@
+"""``normlab bench``: time normalization providers against torch.nn and the copy floor.
+
+Examples::
+
+    normlab bench                          # the default suite, all providers
+    normlab bench --quick                  # tiny cases, few repeats (smoke test)
+    normlab bench --case gn:32x64x56x56:channels_last --mode forward+backward
+    normlab bench --out benchmarks/results/cpu --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_parser", "handler", "build_parser"]
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--case", action="append", default=None, metavar="NORM:SHAPE[:LAYOUT[:DTYPE[:G]]]",
+                        help="a case, e.g. bn:32x64x56x56 or gn:8x32x40:contiguous:float32:8 "
+                             "(repeatable; default: the built-in suite)")
+    parser.add_argument("--norm", action="append", default=None,
+                        help="keep only suite cases of this norm (bn, in, gn, ln, rms; repeatable)")
+    parser.add_argument("--dtype", default=None,
+                        help="run the suite cases in this dtype (float32, float64, bfloat16, float16)")
+    parser.add_argument("--mode", action="append", default=None,
+                        help="forward, backward or forward+backward (repeatable; default: all)")
+    parser.add_argument("--provider", action="append", default=None,
+                        help="torch, reference, cpu-numba, normlab, naive (repeatable; default: all "
+                             "available). torch is always included as the baseline")
+    parser.add_argument("--repeats", type=int, default=None, help="samples per provider (default 9)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    parser.add_argument("--quick", action="store_true", help="tiny cases and 3 repeats (for tests)")
+    parser.add_argument("--out", default=None, metavar="PREFIX",
+                        help="write PREFIX.csv and PREFIX.json (and PREFIX.png with --plot)")
+    parser.add_argument("--plot", action="store_true", help="draw a PNG (needs --out or writes bench.png)")
+    parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+
+
+def add_parser(subparsers) -> None:
+    """Register ``normlab bench``."""
+    parser = subparsers.add_parser("bench", help="benchmark normalization kernels against torch.nn",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(parser)
+    parser.set_defaults(func=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m normlab.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure(parser)
+    return parser
+
+
+def _usage_error(msg: str) -> Exception:
+    from ..cli import UsageError
+
+    return UsageError(msg)
+
+
+def handler(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print the table; write files."""
+    import dataclasses
+
+    import torch
+
+    from . import cases as C
+    from . import report
+    from .run import MODES, available_providers, run_suite
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _usage_error("--plot needs matplotlib (pip install 'normlab[lab]')") from None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise _usage_error(f"--threads: expected a positive count, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        if args.case:
+            suite = [C.parse_case(text) for text in args.case]
+        else:
+            suite = list(C.QUICK_SUITE if args.quick else C.DEFAULT_SUITE)
+            if args.norm:
+                bad = [n for n in args.norm if n not in C.NORMS]
+                if bad:
+                    raise ValueError(f"--norm: expected one of {', '.join(C.NORMS)}, got {', '.join(bad)}")
+                suite = [c for c in suite if c.norm in args.norm]
+            if args.dtype:
+                suite = [dataclasses.replace(c, dtype=args.dtype) for c in suite]
+                for c in suite:
+                    C._validate(c)
+    except ValueError as error:
+        raise _usage_error(str(error)) from None
+    modes = args.mode or list(MODES)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise _usage_error(f"--mode: expected one of {', '.join(MODES)}, got {', '.join(bad)}")
+    available = available_providers()
+    providers = args.provider or list(available)
+    bad = [p for p in providers if p not in C.PROVIDERS]
+    if bad:
+        raise _usage_error(f"--provider: expected one of {', '.join(C.PROVIDERS)}, got {', '.join(bad)}")
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise _usage_error(f"--provider {', '.join(missing)} is not available here (is numba installed?)")
+    if "torch" not in providers:
+        providers = ["torch", *providers]
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
+    if repeats < 1:
+        raise _usage_error(f"--repeats: expected a positive count, got {repeats}")
+
+    rows = run_suite(suite, modes, providers, repeats, min_time=0.002 if args.quick else 0.02,
+                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(report.format_table(rows))
+    summ = report.summary(rows) if "cpu-numba" in providers else {}
+    if summ:
+        print("\ncpu-numba vs torch.nn (cases >= 1 MB):")
+        for mode, entry in summ.items():
+            if "geomean_speedup" in entry:
+                print(f"  {mode:<17} geomean {entry['geomean_speedup']:.2f}x, worst "
+                      f"{entry['min_speedup']:.2f}x ({entry['min_speedup_case']}), worst % of floor "
+                      f"{entry['min_pct_floor']:.0f}% ({entry['min_pct_floor_case']})")
+            if "small_cases_speedup" in entry:
+                small = ", ".join(f"{k}: {v:.2f}x" for k, v in entry["small_cases_speedup"].items())
+                print(f"  {mode:<17} small cases: {small}")
+    if args.out:
+        report.write_csv(rows, f"{args.out}.csv")
+        report.write_json(rows, f"{args.out}.json", note=args.note)
+        print(f"wrote {args.out}.csv and {args.out}.json", file=sys.stderr)
+    if args.plot:
+        target = f"{args.out}.png" if args.out else "bench.png"
+        report.plot(rows, target)
+        print(f"wrote {target}", file=sys.stderr)
+    return 0

@@ -1,0 +1,157 @@
+"""Run benchmark cases and turn the timings into result rows.
+
+Per case: the machine's copy bandwidth on the case's own tensor is measured in the
+same interleaved round as the providers (``copy``: ``y.copy_(x)`` into a preallocated
+tensor; ``alloc+copy``: ``x.clone()``, which pays for fresh pages like every
+provider does). The floor of a mode is its byte count (see
+:func:`normlab.bench.timing.floor_bytes`) at the ``copy`` bandwidth.
+
+A row: case fields, mode, provider, median/min milliseconds, effective GB/s (floor
+bytes / time), % of the floor, speed-up vs torch.nn, bytes saved for backward, the
+copy bandwidth, plus the run's machine/versions/date (:func:`environment`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .cases import PROVIDERS, Case, build, make_input
+from .timing import floor_bytes, interleaved, median, saved_bytes
+
+__all__ = ["MODES", "environment", "run_case", "run_suite", "available_providers"]
+
+MODES = ("forward", "backward", "forward+backward")
+
+
+def available_providers() -> tuple[str, ...]:
+    """The providers this installation can run (cpu-numba needs numba)."""
+    from ..backends.cpu import enable
+
+    return tuple(p for p in PROVIDERS if p != "cpu-numba" or enable())
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict[str, object]:
+    """Machine, versions and date recorded with every result."""
+    try:
+        import numba
+
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = None
+    import numpy
+
+    from .. import __version__
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{_cpu_model()}, {os.cpu_count()} cpus",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "numba": numba_version,
+        "normlab": __version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _zero_grads(x: torch.Tensor, module: object) -> None:
+    x.grad = None
+    params = getattr(getattr(module, "module", module), "parameters", None)
+    if params is not None:
+        for p in params():
+            p.grad = None
+
+
+def _mode_fns(mode: str, fns: dict[str, Callable], case: Case) -> dict[str, Callable[[], object]]:
+    out: dict[str, Callable[[], object]] = {}
+    x = make_input(case)
+    dy = make_input(case, seed=2)
+    for name, f in fns.items():
+        if mode == "forward":
+            def run(f=f):
+                with torch.no_grad():
+                    return f(x)
+        elif mode == "backward":
+            xg = make_input(case, requires_grad=True)
+            y = f(xg)
+
+            def run(f=f, xg=xg, y=y):
+                _zero_grads(xg, f)
+                y.backward(dy, retain_graph=True)
+        else:
+            xg = make_input(case, requires_grad=True)
+
+            def run(f=f, xg=xg):
+                _zero_grads(xg, f)
+                f(xg).backward(dy)
+        out[name] = run
+    return out
+
+
+def run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats: int,
+             min_time: float = 0.02) -> list[dict[str, object]]:
+    """Rows for one case: every mode x provider, plus the copy floor."""
+    fns = build(case, tuple(providers))
+    x = make_input(case)
+    dst = torch.empty_like(x)
+    nbytes = case.numel * case.itemsize
+    saved = {}
+    for name, f in fns.items():
+        saved[name] = saved_bytes(f, make_input(case, requires_grad=True))
+    rows = []
+    for mode in modes:
+        timed = {"copy": lambda: dst.copy_(x), "alloc+copy": lambda: x.clone()}
+        timed.update(_mode_fns(mode, fns, case))
+        samples = interleaved(timed, repeats, min_time=min_time)
+        copy_s = median(samples["copy"])
+        copy_gbps = 2 * nbytes / copy_s / 1e9
+        floor_s = floor_bytes(case.numel, case.itemsize, mode) / (copy_gbps * 1e9)
+        torch_s = median(samples["torch"]) if "torch" in samples else None
+        for name, ts in samples.items():
+            t = median(ts)
+            is_copy = name in ("copy", "alloc+copy")
+            moved = 2 * nbytes if is_copy else floor_bytes(case.numel, case.itemsize, mode)
+            rows.append({
+                "case": case.label, "norm": case.norm, "shape": "x".join(map(str, case.shape)),
+                "layout": case.layout, "dtype": case.dtype,
+                "groups": case.groups if case.norm == "gn" else None,
+                "mode": mode, "provider": name,
+                "median_ms": t * 1e3, "min_ms": min(ts) * 1e3,
+                "gbps": moved / t / 1e9,
+                "pct_floor": None if is_copy else 100 * floor_s / t,
+                "speedup_vs_torch": None if is_copy or torch_s is None else torch_s / t,
+                "saved_mb": None if is_copy else saved[name] / 2**20,
+                "copy_gbps": copy_gbps, "repeats": repeats,
+            })
+    return rows
+
+
+def run_suite(cases: Sequence[Case], modes: Sequence[str], providers: Sequence[str], repeats: int,
+              min_time: float = 0.02, progress: Callable[[str], None] | None = None
+              ) -> list[dict[str, object]]:
+    """Rows of every case, each row carrying :func:`environment`."""
+    env = environment()
+    rows = []
+    for i, case in enumerate(cases):
+        if progress:
+            progress(f"[{i + 1}/{len(cases)}] {case.label}")
+        for row in run_case(case, modes, providers, repeats, min_time):
+            rows.append({**row, **env})
+    return rows

@@ -1,0 +1,121 @@
+"""`normlab bench`: the harness runs, its arithmetic is right, its files are complete."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normlab.bench import cases as C
+from normlab.bench import report
+from normlab.bench.run import environment, run_case
+from normlab.bench.timing import floor_bytes, interleaved, saved_bytes
+from normlab.cli import main
+
+
+def test_floor_bytes():
+    assert floor_bytes(10, 4, "forward") == 80
+    assert floor_bytes(10, 4, "backward") == 120
+    assert floor_bytes(10, 2, "forward+backward") == 100
+
+
+def test_interleaved_runs_round_robin():
+    order = []
+    samples = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                          repeats=3, warmup=0, min_time=0.0)
+    assert len(samples["a"]) == len(samples["b"]) == 3
+    # after the calibration calls (one each), samples alternate a, b, a, b ...
+    assert order[2:] == ["a", "b"] * 3
+
+
+def test_saved_bytes_counts_what_backward_keeps():
+    x = torch.randn(16, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    # x * w saves both x and w: 16*32*4 + 32*4 bytes
+    assert saved_bytes(lambda t: t * w, x) == 16 * 32 * 4 + 32 * 4
+    assert saved_bytes(lambda t: t + 1, x) == 0
+
+
+def test_parse_case_and_errors():
+    case = C.parse_case("gn:8x32x40:contiguous:float32:8")
+    assert case == C.Case("gn", (8, 32, 40), "contiguous", "float32", 8)
+    assert C.parse_case("bn:2x3x4x4:channels_last").layout == "channels_last"
+    for bad in ("xx:2x3", "bn", "bn:2xa", "gn:2x6x4:contiguous:float32:4", "bn:2x3:channels_last",
+                "ln:4x5:contiguous:int8"):
+        with pytest.raises(ValueError):
+            C.parse_case(bad)
+
+
+def test_providers_agree_on_the_output():
+    """Every provider computes the same function (same parameters) -- else the timing
+    comparison is meaningless."""
+    for case in C.QUICK_SUITE:
+        fns = C.build(case, C.PROVIDERS)
+        x = C.make_input(case)
+        outs = {name: f(x) for name, f in fns.items()}
+        for name, y in outs.items():
+            torch.testing.assert_close(y, outs["torch"], atol=1e-4, rtol=1e-4, msg=f"{case.label} {name}")
+
+
+def test_run_case_rows():
+    case = C.Case("ln", (16, 24))
+    rows = run_case(case, ["forward", "forward+backward"], ["torch", "reference", "naive"], repeats=2,
+                    min_time=0.0)
+    providers = {r["provider"] for r in rows}
+    assert providers == {"copy", "alloc+copy", "torch", "reference", "naive"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"]
+        if r["provider"] == "torch":
+            assert r["speedup_vs_torch"] == pytest.approx(1.0)
+        if r["provider"] not in ("copy", "alloc+copy"):
+            floor_ms = floor_bytes(case.numel, case.itemsize, r["mode"]) / (r["copy_gbps"] * 1e9) * 1e3
+            assert r["pct_floor"] == pytest.approx(100 * floor_ms / r["median_ms"])
+    env = environment()
+    assert {"date", "machine", "torch", "numba", "threads"} <= set(env)
+
+
+def test_cli_quick_writes_csv_json_png(tmp_path, capsys):
+    prefix = tmp_path / "res"
+    code = main(["bench", "--quick", "--case", "rms:16x24", "--case", "bn:4x8x6x6:channels_last",
+                 "--mode", "forward+backward", "--repeats", "2", "--out", str(prefix), "--plot"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "rms 16x24 float32 -- forward+backward" in out and "vs torch" in out
+    with open(f"{prefix}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} >= {"torch", "reference", "naive", "copy"}
+    assert all(r["torch"] == torch.__version__ and r["date"] for r in rows)
+    data = json.loads((tmp_path / "res.json").read_text())
+    assert data["environment"]["torch"] == torch.__version__
+    assert len(data["rows"]) == len(rows)
+    assert (tmp_path / "res.png").stat().st_size > 1000
+
+
+def test_cli_usage_errors(capsys):
+    assert main(["bench", "--case", "bogus:1x2"]) == 2
+    assert "expected a case like" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--mode", "sideways"]) == 2
+    assert main(["bench", "--quick", "--provider", "tpu"]) == 2
+    assert main(["bench", "--quick", "--repeats", "0"]) == 2
+
+
+def test_summary_geomean():
+    rows = [
+        {"mode": "forward", "provider": "cpu-numba", "speedup_vs_torch": s, "pct_floor": p,
+         "shape": "1024x1024", "dtype": "float32", "case": f"c{i}"}
+        for i, (s, p) in enumerate([(2.0, 70.0), (8.0, 50.0)])
+    ]
+    entry = report.summary(rows)["forward"]
+    assert entry["geomean_speedup"] == pytest.approx(4.0)
+    assert entry["min_speedup"] == 2.0 and entry["min_pct_floor"] == 50.0
+    assert entry["min_pct_floor_case"] == "c1"
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "normlab.bench", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--quick" in out.stdout

@@ -1,0 +1,408 @@
+"""The cpu-numba backend against the NumPy oracle and torch.nn.
+
+Every family (BN with batch and running statistics, IN, GN, LN, RMSNorm), float64 /
+float32 / bfloat16 / float16, contiguous and channels_last, odd sizes; forward,
+input/weight/bias gradients and the statistics. Then the runtime behaviour the
+issue asks for: thread caps, forked children, two Python threads, small-input
+routing, no compilation at enable().
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close
+
+pytest.importorskip("numba")
+
+import normlab.functional as NF  # noqa: E402
+from normlab import reference as R  # noqa: E402
+from normlab.backends import cpu, select_backend  # noqa: E402
+from normlab.backends.cpu import backend as numba_backend  # noqa: E402
+from normlab.backends.cpu import runtime  # noqa: E402
+from normlab.core.spec import (  # noqa: E402
+    batch_norm_spec,
+    group_norm_spec,
+    instance_norm_spec,
+    layer_norm_spec,
+    rms_norm_spec,
+)
+
+CL = torch.channels_last
+# large enough for the parallel kernels (SERIAL_BELOW elements and more)
+PARALLEL_SHAPE = (4, 16, 48, 48)
+
+
+@pytest.fixture(autouse=True)
+def numba_forced(monkeypatch):
+    """Register the backend and make it take inputs of every size."""
+    assert cpu.enable()
+    monkeypatch.setenv("NORMLAB_BACKEND", "cpu-numba")
+
+
+@pytest.fixture(params=["parallel", "serial"])
+def kernel_mode(request, monkeypatch):
+    """Run a test on the parallel kernels (every size) and on their serial twins."""
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0 if request.param == "parallel" else 1 << 62)
+    return request.param
+
+
+def _uses_numba(x, spec):
+    assert select_backend(x, spec) is numba_backend, "cpu-numba was not selected"
+
+
+# ---------------------------------------------------------------- oracle, float64
+
+CHANNEL_SHAPES = [(3, 6, 5, 7), (2, 6, 9), (5, 6, 3, 2, 3), (7, 6)]
+
+
+def _grads(fn, x, params, dy, memory_format=None):
+    xt = torch.tensor(x, requires_grad=True)
+    if memory_format is not None:
+        xt = xt.detach().contiguous(memory_format=memory_format).requires_grad_()
+    pt = [None if p is None else torch.tensor(p, requires_grad=True) for p in params]
+    y = fn(xt, *pt)
+    y.backward(torch.tensor(dy))
+    return y, xt.grad, [None if p is None else p.grad for p in pt]
+
+
+def _check(ours, oracle, what):
+    y, dx, dps = ours
+    oy, (odx, *odps) = oracle
+    assert_close(y, oy, torch.float64, what=f"{what} output")
+    assert_close(dx, odx, torch.float64, what=f"{what} dx")
+    for i, (a, e) in enumerate(zip(dps, odps, strict=True)):
+        if e is not None:
+            assert_close(a, e, torch.float64, what=f"{what} dparam{i}")
+
+
+# channels_last exists for 4D/5D tensors only
+LAYOUT_CASES = [(s, cl) for s in CHANNEL_SHAPES for cl in (False, True) if not cl or len(s) in (4, 5)]
+
+
+@pytest.mark.parametrize("shape,channels_last", LAYOUT_CASES)
+def test_batch_group_instance_norm_match_oracle(shape, channels_last, kernel_mode):
+    fmt = (CL if len(shape) == 4 else torch.channels_last_3d) if channels_last else None
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape) * 2.5 + 1.5
+    dy = rng.standard_normal(shape)
+    c = shape[1]
+    w, b = rng.standard_normal(c), rng.standard_normal(c)
+    xt = torch.tensor(x)
+    _uses_numba(xt, batch_norm_spec(shape))
+
+    ours = _grads(lambda t, w_, b_: NF.batch_norm(t, None, None, w_, b_, training=True), x, [w, b],
+                  dy, fmt)
+    y, cache = R.batch_norm(x, w, b)
+    _check(ours, (y, R.batch_norm_backward(dy, cache)), "batch_norm")
+    if channels_last:
+        assert ours[0].is_contiguous(memory_format=fmt) and ours[1].is_contiguous(memory_format=fmt)
+
+    ours = _grads(lambda t, w_, b_: NF.group_norm(t, 3, w_, b_), x, [w, b], dy, fmt)
+    y, cache = R.group_norm(x, 3, w, b)
+    _check(ours, (y, R.group_norm_backward(dy, cache)), "group_norm")
+
+    if len(shape) >= 3:
+        ours = _grads(lambda t, w_, b_: NF.instance_norm(t, weight=w_, bias=b_), x, [w, b], dy, fmt)
+        y, cache = R.instance_norm(x, w, b)
+        _check(ours, (y, R.instance_norm_backward(dy, cache)), "instance_norm")
+
+
+@pytest.mark.parametrize("shape,normalized", [((4, 7, 13), (13,)), ((3, 5, 6), (5, 6)), ((33, 1), (1,))])
+def test_layer_and_rms_norm_match_oracle(shape, normalized, kernel_mode):
+    rng = np.random.default_rng(len(shape) + normalized[0])
+    x = rng.standard_normal(shape) * 3 - 2
+    dy = rng.standard_normal(shape)
+    w, b = rng.standard_normal(normalized), rng.standard_normal(normalized)
+    _uses_numba(torch.tensor(x), layer_norm_spec(shape, normalized))
+    ours = _grads(lambda t, w_, b_: NF.layer_norm(t, normalized, w_, b_), x, [w, b], dy)
+    y, cache = R.layer_norm(x, normalized, w, b)
+    _check(ours, (y, R.layer_norm_backward(dy, cache)), "layer_norm")
+
+    ours = _grads(lambda t, w_: NF.rms_norm(t, normalized, w_, eps=1e-6), x, [w], dy)
+    y, cache = R.rms_norm(x, normalized, w, eps=1e-6)
+    dx, dw = R.rms_norm_backward(dy, cache)
+    _check(ours, (y, (dx, dw)), "rms_norm")
+
+
+def test_statistics_returned_match_oracle():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 6, 5, 3)) + 4.0
+    for xt in (torch.tensor(x), torch.tensor(x).contiguous(memory_format=CL)):
+        spec = group_norm_spec(x.shape, 2)
+        y, mean, var, rstd = numba_backend.forward_impl(xt, None, None, spec, 1e-5)
+        _, cache = R.group_norm(x, 2, eps=1e-5)
+        assert mean.shape == var.shape == rstd.shape == spec.stat_shape
+        assert_close(mean.reshape(4, 2), cache["mean"].reshape(4, 2), torch.float64, what="mean")
+        assert_close(var.reshape(4, 2), cache["var"].reshape(4, 2), torch.float64, what="var")
+        assert_close(rstd.reshape(4, 2), cache["rstd"].reshape(4, 2), torch.float64, what="rstd")
+
+
+# ------------------------------------------------- torch.nn, float32 and 16-bit
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layers_match_torch_nn(dtype, channels_last, kernel_mode):
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 8, 5, 7) * 2 + 1
+    fmt = CL if channels_last else torch.contiguous_format
+    pairs = [
+        (torch.nn.BatchNorm2d(8), NF.batch_norm, "bn"),
+        (torch.nn.GroupNorm(4, 8), None, "gn"),
+        (torch.nn.InstanceNorm2d(8, affine=True), None, "in"),
+    ]
+    if not channels_last:
+        pairs += [(torch.nn.LayerNorm((5, 7)), None, "ln"), (torch.nn.RMSNorm(7), None, "rms")]
+    import normlab as nl
+
+    ours_of = {"bn": lambda: nl.BatchNorm2d(8), "gn": lambda: nl.GroupNorm(4, 8),
+               "in": lambda: nl.InstanceNorm2d(8, affine=True), "ln": lambda: nl.LayerNorm((5, 7)),
+               "rms": lambda: nl.RMSNorm(7)}
+    for ref, _, name in pairs:
+        ours = ours_of[name]()
+        with torch.no_grad():
+            for p_ref, p_ours in zip(ref.parameters(), ours.parameters(), strict=True):
+                p_ref.copy_(torch.randn_like(p_ref))
+                p_ours.copy_(p_ref)
+        ref, ours = ref.to(dtype), ours.to(dtype)
+        x_ref = x0.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+        x_ours = x0.to(dtype).contiguous(memory_format=fmt).requires_grad_()
+        dy = torch.randn_like(x_ref)
+        y_ref, y_ours = ref(x_ref), ours(x_ours)
+        y_ref.backward(dy)
+        y_ours.backward(dy)
+        assert y_ours.dtype == dtype and y_ours.is_contiguous(memory_format=fmt), name
+        assert x_ours.grad.is_contiguous(memory_format=fmt), name
+        scale = 4.0 if dtype != torch.float32 else 1.0
+        assert_close(y_ours, y_ref, dtype, scale, what=f"{name} {dtype} y")
+        assert_close(x_ours.grad, x_ref.grad, dtype, 2 * scale, what=f"{name} {dtype} dx")
+        for p_ref, p_ours in zip(ref.parameters(), ours.parameters(), strict=True):
+            assert p_ours.grad.dtype == p_ours.dtype
+            # parameter gradients sum many terms: compare relative to their size
+            assert_close(p_ours.grad, p_ref.grad, dtype, 4 * scale * (1 + float(p_ref.grad.abs().max())),
+                         what=f"{name} {dtype} dparam")
+        for buf in ("running_mean", "running_var"):
+            if getattr(ref, buf, None) is not None:
+                assert_close(getattr(ours, buf), getattr(ref, buf), dtype, scale, what=buf)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_eval_running_statistics(channels_last, kernel_mode):
+    torch.manual_seed(1)
+    import normlab as nl
+
+    ref, ours = torch.nn.BatchNorm2d(6), nl.BatchNorm2d(6)
+    x = torch.randn(4, 6, 5, 5) * 3 + 2
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    ref(x)
+    ours(x)  # one training step updates the running statistics
+    ref.eval()
+    ours.eval()
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    yr, yo = ref(xr), ours(xo)
+    yr.backward(dy)
+    yo.backward(dy)
+    assert_close(yo, yr, torch.float32, what="eval y")
+    assert_close(xo.grad, xr.grad, torch.float32, what="eval dx")
+    assert_close(ours.weight.grad, ref.weight.grad, torch.float32, 5, what="eval dweight")
+    assert_close(ours.bias.grad, ref.bias.grad, torch.float32, 5, what="eval dbias")
+
+
+def test_instance_norm_with_running_statistics_in_eval():
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 6, 6)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    ours = NF.instance_norm(x, rm, rv, use_input_stats=False)
+    ref = F.instance_norm(x, rm, rv, use_input_stats=False)
+    assert_close(ours, ref, torch.float32, what="instance_norm eval")
+
+
+# ------------------------------------------------------------------- numerics
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_offset_is_stable(channels_last, kernel_mode):
+    """x + 1e4 normalizes like x (no E[x^2] - E[x]^2 cancellation)."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, 9, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    for fn in (lambda t: NF.batch_norm(t, None, None, training=True), lambda t: NF.group_norm(t, 2)):
+        assert_close(fn(x + 1e4), fn(x), torch.float64, scale=1e3, what="float64 offset")
+        y32 = fn((x + 1e4).float())
+        # float32 input: mean rounded to float32 (ulp(1e4) ~ 1e-3) bounds the error
+        assert (y32.double() - fn(x)).abs().max() < 5e-3
+    xr = torch.randn(6, 37, dtype=torch.float64) + 1e4
+    spec = layer_norm_spec(xr.shape, (37,))
+    _, _, var, _ = numba_backend.forward_impl(xr, None, None, spec, 0.0)
+    assert_close(var.reshape(-1), (xr - xr.mean(1, keepdim=True)).square().mean(1), torch.float64,
+                 what="variance with offset")
+
+
+def test_nan_propagates_only_to_its_group():
+    x = torch.randn(2, 4, 3, 3)
+    x[0, 1, 0, 0] = float("nan")
+    y = NF.group_norm(x, 2)
+    assert torch.isnan(y[0, :2]).all() and not torch.isnan(y[0, 2:]).any()
+    assert not torch.isnan(y[1]).any()
+
+
+# ------------------------------------------------------------------- routing
+
+def test_accepts_declines_what_it_does_not_cover(monkeypatch):
+    monkeypatch.delenv("NORMLAB_BACKEND")
+    big = torch.randn(64, 64, 64)
+    assert cpu.accepts(big, batch_norm_spec(big.shape))
+    small = torch.randn(8, 32, 40)
+    assert cpu.accepts(small, batch_norm_spec(small.shape)), "small inputs use the serial kernels"
+    assert numba_backend._Kernels(small.numel()).serial and not numba_backend._Kernels(big.numel()).serial
+    assert not cpu.accepts(torch.randn(8, 3, requires_grad=True).as_subclass(_Sub), layer_norm_spec((8, 3), (3,)))
+    assert not cpu.accepts(torch.empty(0, 3), layer_norm_spec((0, 3), (3,)))
+    cl = torch.randn(8, 32, 16, 16).contiguous(memory_format=CL)
+    assert cpu.accepts(cl, group_norm_spec(cl.shape, 4))
+    assert not cpu.accepts(cl, layer_norm_spec(cl.shape, (16,))), "LN on channels_last"
+    strided = torch.randn(64, 64, 32)[:, :, ::2]
+    assert not cpu.accepts(strided, batch_norm_spec(strided.shape))
+    assert not cpu.accepts(big.to(torch.int32), batch_norm_spec(big.shape))
+    meta = torch.empty(64, 64, 16, device="meta")
+    assert not cpu.accepts(meta, batch_norm_spec(meta.shape))
+    monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    assert not cpu.accepts(big, batch_norm_spec(big.shape))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_functorch_tensors_are_declined():
+    """Inside torch.func transforms a tensor has no NumPy view: leave it to the reference."""
+    seen = []
+
+    def probe(t):
+        seen.append(cpu.accepts(t, layer_norm_spec(t.shape, (6,))))
+        return t * 2
+
+    torch.vmap(probe)(torch.randn(3, 4, 6))
+    assert seen == [False]
+
+
+def test_instance_norm_spec_plans():
+    # instance norm of (N, C, L) uses the grouped view; (N, C) batch norm the channels-last one
+    x = torch.randn(3, 5, 4)
+    assert numba_backend.plan_of(x, instance_norm_spec(x.shape)).kind == "grouped"
+    x2 = torch.randn(9, 5)
+    assert numba_backend.plan_of(x2, batch_norm_spec(x2.shape)).kind == "cl"
+    assert numba_backend.plan_of(x2, rms_norm_spec(x2.shape, (5,))).kind == "grouped"
+
+
+# ------------------------------------------------------------------- runtime
+
+def test_threads_follow_torch_and_are_restored():
+    before = torch.get_num_threads()
+    runtime.kernels()
+    assert torch.get_num_threads() == before, "importing numba changed torch's thread count"
+    import numba
+
+    x = torch.randn(*PARALLEL_SHAPE)
+    torch.set_num_threads(1)
+    try:
+        NF.group_norm(x, 2)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    NF.group_norm(x, 2)
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+def _child_run(queue):
+    torch.manual_seed(5)
+    x = torch.randn(*PARALLEL_SHAPE)
+    y = NF.group_norm(x, 2)
+    queue.put(y.numpy().copy())
+
+
+def test_kernels_run_in_forked_child_after_parent():
+    """numba's GNU OpenMP layer would kill this child; the forksafe layer must not."""
+    torch.manual_seed(5)
+    x = torch.randn(*PARALLEL_SHAPE)
+    assert x.numel() >= numba_backend.SERIAL_BELOW
+    expected = NF.group_norm(x, 2)  # parent runs (and launches) the parallel kernels first
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_run, args=(queue,))
+    proc.start()
+    got = queue.get(timeout=60)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    assert_close(torch.from_numpy(got), expected, torch.float32, what="forked child")
+
+
+def test_dataloader_workers_after_parent():
+    torch.manual_seed(6)
+    data = torch.randn(4, 3, 16, 64, 64)
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return NF.batch_norm(data[i], None, None, training=True)
+
+    expected = torch.stack([NF.batch_norm(d, None, None, training=True) for d in data])
+    loader = torch.utils.data.DataLoader(DS(), batch_size=4, num_workers=2,
+                                         multiprocessing_context="fork")
+    (got,) = list(loader)
+    assert_close(got, expected, torch.float32, what="DataLoader workers")
+
+
+def test_concurrent_calls_from_two_threads():
+    torch.manual_seed(7)
+    xs = [torch.randn(*PARALLEL_SHAPE) for _ in range(2)]
+    expected = [NF.group_norm(x, 4) for x in xs]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def work(i):
+        try:
+            for _ in range(10):
+                results[i].append(NF.group_norm(xs[i], 4))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        for y in results[i]:
+            assert torch.equal(y, expected[i])
+
+
+def test_enable_compiles_nothing(tmp_path):
+    """A fresh interpreter: importing normlab and enabling the backend must not import
+    numba (so nothing can compile); the first call does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, normlab\n"
+        "from normlab.backends import cpu\n"
+        "assert cpu.enable()\n"
+        "assert 'numba' not in sys.modules, 'numba imported at enable()'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
