@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..bench.timing import saved_bytes
 from .config import LabConfig, lr_for_batch, steps_for_batch
 from .data import Dataset
 from .models import build_model, default_arch
@@ -381,18 +382,9 @@ def measure_cost(spec: RunSpec, config: LabConfig, data: Dataset, device: torch.
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
 
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
     # the unwrapped module: a DDP forward without its backward would leave DDP waiting for
     # gradients (a SyncBatchNorm forward still synchronizes, on every rank alike)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = nn.functional.cross_entropy(base(x), y)
-    del loss
+    saved = saved_bytes(lambda inputs: nn.functional.cross_entropy(base(inputs), y), x)
     base.eval()
     fwd = []
     with torch.no_grad():
@@ -405,6 +397,6 @@ def measure_cost(spec: RunSpec, config: LabConfig, data: Dataset, device: torch.
     med = sorted(times)[len(times) // 2]
     return {
         "ms_step": 1e3 * med, "ms_forward": 1e3 * sorted(fwd)[len(fwd) // 2],
-        "saved_mb": sum(seen.values()) / 2**20, "peak_mb": peak,
+        "saved_mb": saved / 2**20, "peak_mb": peak,
         "params": sum(p.numel() for p in base.parameters()),
     }
