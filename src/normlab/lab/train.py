@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..bench.timing import saved_bytes
+from ..tools.calibrate import recalibrate_bn
 from .config import LabConfig, lr_for_batch, steps_for_batch
 from .data import Dataset
 from .models import build_model, default_arch
@@ -236,24 +237,14 @@ def _running_stat_modules(model: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int,
                           device: torch.device) -> nn.Module:
-    """A copy of ``model`` whose running statistics are re-estimated on ``x``.
-
-    Running buffers are reset and refilled with the cumulative average
-    (``momentum=None``) of the statistics of batches of ``batch_size`` from ``x``, in
-    train mode without gradients. Local helper of the lab; ``normlab.tools`` offers
-    the general ``recalibrate_bn``.
-    """
+    """A copy of ``model`` whose running statistics are re-estimated on ``x``
+    (:func:`normlab.tools.recalibrate_bn`: the cumulative average of the statistics of
+    batches of ``batch_size`` from ``x``, without gradients), in eval mode."""
     model = copy.deepcopy(model)
-    mods = _running_stat_modules(model)
-    for m in mods:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for start in range(0, len(x), batch_size):
-        chunk = x[start:start + batch_size]
-        if len(chunk) < 2 and start > 0:
-            break  # a 1-sample tail would add a noisy estimate
-        model(chunk.to(device))
+    # a 1-sample tail would add a noisy estimate (and cannot train BatchNorm1d)
+    batches = [x[start:start + batch_size].to(device) for start in range(0, len(x), batch_size)
+               if start == 0 or len(x) - start >= 2]
+    recalibrate_bn(model, batches, progress=False)
     return model.eval()
 
 
