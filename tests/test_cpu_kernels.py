@@ -247,6 +247,66 @@ def test_large_offset_is_stable(channels_last, kernel_mode):
                  what="variance with offset")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_blocks_match_float64_with_offset(channels_last):
+    """float32 partial sums in blocks (groups longer than one block, ragged tails)
+    flushed to float64 keep the float32 result within ~1e-6 of the same input computed
+    in float64 -- also offset by 1e4, where a float32 running sum of x would lose ~1e-3."""
+    torch.manual_seed(4)
+    fmt = CL if channels_last else torch.contiguous_format
+    # IN group 2115 and GN group 4230 elements: two-plus blocks of 1024 with a tail;
+    # channels-last BN: 6345 rows of 8 channels, several row blocks and work items
+    x64 = torch.randn(3, 8, 45, 47, dtype=torch.float64) * 2 + 1e4
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    x32 = x64.float().contiguous(memory_format=fmt)
+    cases = [
+        ("bn", lambda t, w_, b_: NF.batch_norm(t, None, None, w_, b_, training=True)),
+        ("gn", lambda t, w_, b_: NF.group_norm(t, 2, w_, b_)),
+        ("in", lambda t, w_, b_: NF.instance_norm(t, weight=w_, bias=b_)),
+    ]
+    for name, fn in cases:
+        for xin in (x32, (x32 - 1e4).contiguous(memory_format=fmt)):
+            y = fn(xin, w, b)
+            expected = fn(xin.double(), w.double(), b.double())  # float64 kernels, same input
+            err = float((y.double() - expected).abs().max())
+            assert err < 1e-5, f"{name}: float32 blocks differ from float64 by {err:.2e}"
+    if not channels_last:
+        xr = (torch.randn(40, 3000, dtype=torch.float64) + 1e4).float()
+        wr, br = torch.rand(3000) + 0.5, torch.randn(3000)
+        for fn in (lambda t, w_, b_: NF.layer_norm(t, (3000,), w_, b_),
+                   lambda t, w_, b_: NF.rms_norm(t, (3000,), w_)):
+            err = float((fn(xr, wr, br).double() - fn(xr.double(), wr.double(), br.double())).abs().max())
+            assert err < 1e-5, f"rows: float32 blocks differ from float64 by {err:.2e}"
+
+
+def test_float32_block_gradients_match_float64():
+    """Backward sums through float32 blocks: dx, dweight, dbias of long groups against
+    the float64 kernels on the same float32 input (torch.nn's tolerance for float32)."""
+    torch.manual_seed(5)
+    import normlab as nl
+
+    for layer, shape, fmt in ((nl.GroupNorm(2, 8), (3, 8, 45, 47), torch.contiguous_format),
+                              (nl.GroupNorm(2, 8), (3, 8, 45, 47), CL),
+                              (nl.BatchNorm2d(8), (3, 8, 45, 47), torch.contiguous_format),
+                              (nl.LayerNorm(3000), (40, 3000), torch.contiguous_format)):
+        x = (torch.randn(shape) * 3 + 5).contiguous(memory_format=fmt)  # never requires grad
+        dy = torch.randn(shape).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            layer.weight.copy_(torch.rand_like(layer.weight) + 0.5)
+            layer.bias.copy_(torch.randn_like(layer.bias))
+        grads = []
+        for dtype in (torch.float32, torch.float64):
+            m = layer.to(dtype)
+            m.zero_grad()
+            xt = x.to(dtype, copy=True).requires_grad_()
+            m(xt).backward(dy.to(dtype))
+            grads.append((xt.grad, m.weight.grad, m.bias.grad))
+        (dx, dw, db), (dx64, dw64, db64) = grads
+        assert_close(dx, dx64, torch.float32, what=f"{type(layer).__name__} dx")
+        assert_close(dw, dw64, torch.float32, 1 + float(dw64.abs().max()), what="dweight")
+        assert_close(db, db64, torch.float32, 1 + float(db64.abs().max()), what="dbias")
+
+
 def test_nan_propagates_only_to_its_group():
     x = torch.randn(2, 4, 3, 3)
     x[0, 1, 0, 0] = float("nan")

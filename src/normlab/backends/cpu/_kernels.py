@@ -18,17 +18,24 @@ contiguous elements at offsets ``(a*P + p)*K*S``; the affine channel of element
 affine channel is ``g*K + k``; BatchNorm folds N into S (N=1, S=N*HW, G=C, K=1),
 InstanceNorm is G=C, K=1.
 
-Numerics (the precision policy of :mod:`normlab.core.stats`): sums accumulate in
-float64; elementwise steps run in the input's dtype (float32 or float64). The forward
-pass subtracts the batch mean in two parts, ``(x - mc) - ml`` with ``mc`` the mean
-rounded to x's dtype and ``ml`` the rest: ``x - mc`` is exact for x near the mean, so
-an input offset by 1e4 in float32 loses nothing beyond its own rounding (the mean
-returned -- and used by backward -- is ``mc``, as the contract says).
+Numerics (the precision policy of :mod:`normlab.core.stats`): totals accumulate in
+float64, but each reduction first adds a block (``_BLK`` elements, or one channels-last
+row block) in the input's dtype -- a loop LLVM vectorizes with several accumulators --
+and flushes that partial sum into the float64 total: no element is converted to
+float64 in an inner loop, and each float32 lane adds only a few dozen values (relative
+error ~1e-7). Elementwise steps run in the input's dtype (float32 or float64).
 
-Variances are two-pass -- ``sum((x - mean)^2)`` after the mean -- on the grouped view
-(the second pass over a group reads it from cache), and on the channels-last view per
-block of rows that fits in L1, blocks merged with Chan's formula
-``M2 = M2a + M2b + delta^2 * na*nb/(na+nb)``. No ``E[x^2] - E[x]^2``.
+Variances are two-pass, never ``E[x^2] - E[x]^2``. Grouped view: pass 1 gives a rough
+mean ``mc`` (rounded to x's dtype), pass 2 sums ``d = x - mc`` and ``d^2`` from cache,
+so ``mean = mc + mean(d)`` and ``M2 = sum(d^2) - sum(d) * mean(d)`` (corrected two-pass:
+d is centred, nothing cancels). Channels-last view: per block of rows that fits in L1,
+deviations from the block's first row, then squares about the block mean; blocks
+merged with Chan's formula ``M2 = M2a + M2b + delta^2 * na*nb/(na+nb)``.
+
+The output pass is ``y = (x - mc) * a + b'`` with ``a = rstd * w`` and
+``b' = b - (mean - mc) * a`` folded per channel in float64: ``x - mc`` is exact for x
+near the mean, so an input offset by 1e4 in float32 loses nothing beyond its own
+rounding. The mean returned (and used by backward) is the mean rounded to x's dtype.
 
 ``fastmath`` is limited to ``reassoc``/``contract`` so that LLVM may vectorize the
 reductions while NaN and Inf still propagate as in torch.nn.
@@ -45,8 +52,14 @@ from numba import njit, prange
 _FM = {"reassoc", "contract"}
 _OPTS = {"cache": True, "fastmath": _FM, "nogil": True}
 
-# Elements per block of the channels-last statistics (fits L1 in float64 scratch).
+# Elements per block of the channels-last statistics and gradient sums (16 KiB of
+# float32: the second pass over a block reads it from L1).
 _BLOCK = 4096
+# Elements summed in x's dtype before the partial sum is added to a float64 total:
+# LLVM vectorizes such a loop with several vector accumulators (32+ float32 lanes), so
+# each lane adds ~32 values -- relative error ~1e-7 -- and no element is converted to
+# float64 (which would halve the vector width and add a conversion per element).
+_BLK = 1024
 # Rows whose dweight/dbias partials are summed in x's dtype before a float64 flush.
 _ROW_BLOCK = 32
 
@@ -79,56 +92,85 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     var = mean square (RMSNorm). w and b hold G*K values in x's dtype (ones/zeros
     if absent). Inner loops run over slices: numba then drops the negative-index
     wraparound and LLVM vectorizes them.
+
+    Statistics: pass 1 sums x (blocks in x's dtype, see ``_BLK``) for a rough mean
+    ``mc``; pass 2 sums ``d = x - mc`` and ``d^2``, which gives the exact correction
+    ``dm = mean(d)`` and ``M2 = sum(d^2) - sum(d) * dm`` (the corrected two-pass
+    formula: ``d`` is small and centred, so nothing cancels). Passes 2 and 3 read the
+    group from cache. The output pass is one subtraction and one fused multiply-add
+    per element: ``y = (x - mc) * a + b'`` with ``a = rstd * w`` and
+    ``b' = b - dm * a`` folded per channel in float64.
     """
     dt = x.dtype.type
+    z = dt(0.0)
     ks = K * S
     n = A * ks
     for p in prange(P):
         if compute:
-            m = 0.0
+            mc = z
             if center:
                 s1 = 0.0
                 for a in range(A):
                     xs = x[(a * P + p) * ks:(a * P + p + 1) * ks]
-                    for i in range(ks):
-                        s1 += xs[i]
-                m = s1 / n
-            mc = dt(m)
-            ml = dt(m - mc)  # mean = mc + ml to ~48 bits: see the module docstring
-            s2 = 0.0
+                    for lo in range(0, ks, _BLK):
+                        xb = xs[lo:lo + _BLK]
+                        acc = z
+                        for i in range(xb.size):
+                            acc += xb[i]
+                        s1 += acc
+                mc = dt(s1 / n)
+            sd = 0.0
+            sq = 0.0
             for a in range(A):
                 xs = x[(a * P + p) * ks:(a * P + p + 1) * ks]
-                for i in range(ks):
-                    d = (xs[i] - mc) - ml
-                    s2 += d * d
-            v = s2 / n
+                for lo in range(0, ks, _BLK):
+                    xb = xs[lo:lo + _BLK]
+                    ad = z
+                    aq = z
+                    for i in range(xb.size):
+                        d = xb[i] - mc
+                        ad += d
+                        aq += d * d
+                    sd += ad
+                    sq += aq
+            if center:
+                dm = sd / n
+                m2 = sq - sd * dm
+                if m2 < 0.0:  # rounding of a constant group; a NaN fails the test and stays
+                    m2 = 0.0
+            else:
+                dm = 0.0
+                m2 = sq
+            v = m2 / n
             r = 1.0 / np.sqrt(v + eps)
-            mean[p] = mc
+            mean[p] = mc + dm
             var[p] = v
             rstd[p] = r
         else:
             mc = dt(mean[p])
-            ml = dt(0.0)
-            r = rstd[p]
-        rc = dt(r)
+            dm = 0.0
+            r = np.float64(rstd[p])
         c0 = (p % G) * K
         ws = w[c0:c0 + K]
         bs = b[c0:c0 + K]
         for a in range(A):
             base = (a * P + p) * ks
             if S == 1:
+                rc = dt(r)
+                sh = dt(-dm * r)
                 xs = x[base:base + K]
                 ys = y[base:base + K]
                 for k in range(K):
-                    ys[k] = ((xs[k] - mc) - ml) * (rc * ws[k]) + bs[k]
+                    ys[k] = ((xs[k] - mc) * rc + sh) * ws[k] + bs[k]
             else:
                 for k in range(K):
-                    sc = rc * ws[k]
-                    sh = bs[k]
+                    sc = r * ws[k]
+                    ca = dt(sc)
+                    cb = dt(bs[k] - dm * sc)
                     xs = x[base + k * S:base + (k + 1) * S]
                     ys = y[base + k * S:base + (k + 1) * S]
                     for s in range(S):
-                        ys[s] = ((xs[s] - mc) - ml) * sc + sh
+                        ys[s] = (xs[s] - mc) * ca + cb
 
 
 @_parallel_and_serial
@@ -142,9 +184,11 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
     as ``dx = (rstd * w) * dy - rstd^2 * mean(g * xhat) * (x - mean) - rstd * mean(g)``.
     Per channel partial sums ``dwp[t, c] = sum dy * xhat`` and ``dbp[t, c] = sum dy``
     for each of the T work chunks (the caller adds the T rows: deterministic).
-    Sums accumulate in float64, elementwise terms in x's dtype.
+    One pass for both sums (blocks of ``_BLK`` in x's dtype, totals in float64), one
+    pass for dx (one subtraction and two fused multiply-adds per element).
     """
     dt = x.dtype.type
+    z = dt(0.0)
     ks = K * S
     n = A * ks
     for t in prange(T):
@@ -178,10 +222,17 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                         dys = dy[base + k * S:base + (k + 1) * S]
                         sdy = 0.0
                         sdyx = 0.0
-                        for s in range(S):
-                            d = dys[s]
-                            sdy += d
-                            sdyx += d * (xs[s] - mc)
+                        for lo in range(0, S, _BLK):
+                            xb = xs[lo:lo + _BLK]
+                            db = dys[lo:lo + _BLK]
+                            ady = z
+                            adx = z
+                            for s in range(xb.size):
+                                d = db[s]
+                                ady += d
+                                adx += d * (xb[s] - mc)
+                            sdy += ady
+                            sdyx += adx
                         sdyx *= r
                         wc = np.float64(ws[k])
                         dws[k] += sdyx
@@ -190,8 +241,8 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                         s2 += wc * sdyx
             if not need_dx:
                 continue
-            cb = dt(0.0)
-            cc = dt(0.0)
+            cb = z
+            cc = z
             if batch:
                 cb = dt(-r * r * s2 / n)
                 if center:
@@ -217,11 +268,13 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
 @_parallel_and_serial
 def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp):
     """:func:`grouped_backward` for LayerNorm/RMSNorm rows (P rows of K, affine per
-    column), one row at a time: its sums, then its dx while it is in L1. The column
-    sums for dweight/dbias go through partials in x's dtype over blocks of
+    column), one row at a time: its sums, then its dx while it is in L1. The row sums
+    ``sum g`` and ``sum g * xhat`` go through blocks of ``_BLK`` in x's dtype; the
+    column sums for dweight/dbias through partials in x's dtype over blocks of
     ``_ROW_BLOCK`` rows (float64 read-modify-writes per element would halve the speed),
     flushed into the float64 ``dwp[t]``/``dbp[t]``."""
     dt = x.dtype.type
+    z = dt(0.0)
     for t in prange(T):
         p0 = t * P // T
         p1 = (t + 1) * P // T
@@ -238,14 +291,23 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
             rc = dt(r)
             s1 = 0.0
             s2 = 0.0
-            for k in range(K):
-                d = dys[k]
-                xh = (xs[k] - mc) * rc
-                bdw[k] += d * xh
-                bdb[k] += d
-                g = w[k] * d
-                s1 += g
-                s2 += g * xh
+            for lo in range(0, K, _BLK):
+                xb = xs[lo:lo + _BLK]
+                db = dys[lo:lo + _BLK]
+                wb = w[lo:lo + _BLK]
+                bw = bdw[lo:lo + _BLK]
+                bb = bdb[lo:lo + _BLK]
+                a1 = z
+                a2 = z
+                for k in range(xb.size):
+                    d = db[k]
+                    dxh = d * ((xb[k] - mc) * rc)
+                    bw[k] += dxh
+                    bb[k] += d
+                    a1 += wb[k] * d
+                    a2 += wb[k] * dxh
+                s1 += a1
+                s2 += a2
             pending += 1
             if pending == _ROW_BLOCK or p == p1 - 1:
                 for k in range(K):
@@ -256,8 +318,8 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
                 pending = 0
             if not need_dx:
                 continue
-            cb = dt(0.0)
-            cc = dt(0.0)
+            cb = z
+            cc = z
             if batch:
                 cb = dt(-r * r * s2 / K)
                 if center:
@@ -268,44 +330,88 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
 
 
 # ---------------------------------------------------------------------- channels-last
+#
+# A channels-last row is C contiguous channels. The loops below run over the channels
+# of four rows at once: each per-channel accumulator or coefficient is loaded and
+# stored once per four rows instead of once per row (with C = 64 the loop is only
+# eight vectors long, and the accumulator traffic was as large as the data's).
 
 
 @njit(**_OPTS)
-def _cl_block_stats(x, base, rows, G, K, cnt, mu, m2, acc, acc2):
+def _cl_block_stats(x, base, rows, G, K, cnt, mu, m2, acc, acc2, gm):
     """Two-pass (mean, M2) per group of ``rows`` channels-last rows from ``base``,
     merged into (cnt, mu, m2) (float64) by Chan's formula. acc/acc2 are scratch (G*K,)
-    in x's dtype: a block is at most ``_BLOCK`` elements, so each channel's partial sum
-    adds a few dozen values (exact enough in float32) and the loops stay 16 lanes wide.
-    The block mean is rounded to x's dtype and M2 taken about that rounded value; the
-    merge uses the same value, so the pair stays consistent."""
+    in x's dtype, gm scratch (G,) in float64: a block is at most ``_BLOCK`` elements,
+    so each channel's partial sum adds a few dozen values (fine in float32) and the
+    loops stay 8 lanes wide.
+
+    Pass 1 sums ``x - x0`` (x0: the block's first row, per channel), so the partial
+    sums hold deviations, not magnitudes: an input offset by 1e4 keeps its accuracy.
+    The block mean ``bm`` (float64) is rounded to x's dtype for pass 2, which sums
+    squares about the rounded value ``bmr``; ``M2 = sum (x - bmr)^2 - nb (bm - bmr)^2``
+    removes the rounding exactly, and the mean merged is ``bm`` itself."""
     C = G * K
+    dt = x.dtype.type
+    sh = x[base:base + C]
     for c in range(C):
         acc[c] = 0.0
         acc2[c] = 0.0
-    for r in range(rows):
+    r = 0
+    while r + 4 <= rows:
+        o = base + r * C
+        x0 = x[o:o + C]
+        x1 = x[o + C:o + 2 * C]
+        x2 = x[o + 2 * C:o + 3 * C]
+        x3 = x[o + 3 * C:o + 4 * C]
+        for c in range(C):
+            v = sh[c]
+            acc[c] += ((x0[c] - v) + (x1[c] - v)) + ((x2[c] - v) + (x3[c] - v))
+        r += 4
+    while r < rows:
         xs = x[base + r * C:base + (r + 1) * C]
         for c in range(C):
-            acc[c] += xs[c]
+            acc[c] += xs[c] - sh[c]
+        r += 1
     nb = rows * K
     for g in range(G):
         s = 0.0
         for k in range(K):
-            s += acc[g * K + k]
-        acc[g * K] = s / nb  # block mean of group g, stored at its first channel
+            s += acc[g * K + k] + rows * np.float64(sh[g * K + k])
+        gm[g] = s / nb
     for g in range(G):
-        bm = acc[g * K]
+        bmr = dt(gm[g])
         for k in range(K):
-            acc[g * K + k] = bm
-    for r in range(rows):
+            acc[g * K + k] = bmr
+    r = 0
+    while r + 4 <= rows:
+        o = base + r * C
+        x0 = x[o:o + C]
+        x1 = x[o + C:o + 2 * C]
+        x2 = x[o + 2 * C:o + 3 * C]
+        x3 = x[o + 3 * C:o + 4 * C]
+        for c in range(C):
+            m = acc[c]
+            d0 = x0[c] - m
+            d1 = x1[c] - m
+            d2 = x2[c] - m
+            d3 = x3[c] - m
+            acc2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    while r < rows:
         xs = x[base + r * C:base + (r + 1) * C]
         for c in range(C):
             d = xs[c] - acc[c]
             acc2[c] += d * d
+        r += 1
     for g in range(G):
+        bm = gm[g]
+        delta_r = bm - np.float64(acc[g * K])
         bm2 = 0.0
         for k in range(K):
             bm2 += acc2[g * K + k]
-        bm = acc[g * K]
+        bm2 -= nb * delta_r * delta_r
+        if bm2 < 0.0:  # rounding of a constant block; a NaN fails the test and stays
+            bm2 = 0.0
         na = cnt[g]
         tot = na + nb
         delta = bm - mu[g]
@@ -326,6 +432,7 @@ def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2):
         s1 = (bi + 1) * S // B
         acc = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
+        gm = np.empty(G)
         for g in range(G):
             pcnt[item, g] = 0.0
             pmu[item, g] = 0.0
@@ -334,42 +441,66 @@ def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2):
         while s < s1:
             rows = min(rows_per, s1 - s)
             _cl_block_stats(x, (n * S + s) * C, rows, G, K, pcnt[item], pmu[item], pm2[item],
-                            acc, acc2)
+                            acc, acc2, gm)
             s += rows
 
 
+@njit(**_OPTS)
+def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C):
+    """y = (x - mc[c]) * sc[c] + sh[c] for channels-last rows [s0, s1) from ``base``.
+
+    ``mc`` is the mean rounded to x's dtype (``x - mc`` is exact near the mean) and
+    ``sh = b - (mean - mc) * sc`` carries the rounding remainder: an input offset by
+    1e4 in float32 loses nothing beyond its own rounding. One row per sweep: with
+    four rows' inputs and outputs in one loop LLVM gives up vectorizing (too many
+    runtime alias checks), and this loop already runs at copy speed."""
+    for s in range(s0, s1):
+        o = base + s * C
+        xs = x[o:o + C]
+        ys = y[o:o + C]
+        for c in range(C):
+            ys[c] = (xs[c] - mc[c]) * sc[c] + sh[c]
+
+
 @_parallel_and_serial
-def cl_apply(x, y, mc, ml, sc, b, N, S, C, B):
-    """y = ((x - mc[n, c]) - ml[n, c]) * sc[n, c] + b[c] on the channels-last (N, S, C)
-    view; mc + ml is the mean in two parts (see the module docstring)."""
+def cl_apply(x, y, mc, sc, sh, N, S, C, B):
+    """y = (x - mc[n, c]) * sc[n, c] + sh[n, c] on the channels-last (N, S, C) view (see
+    :func:`_cl_affine_rows`)."""
     for item in prange(N * B):
         n = item // B
         bi = item % B
-        s0 = bi * S // B
-        s1 = (bi + 1) * S // B
-        mcn = mc[n]
-        mln = ml[n]
-        scn = sc[n]
-        for s in range(s0, s1):
-            o = (n * S + s) * C
-            xs = x[o:o + C]
-            ys = y[o:o + C]
-            for c in range(C):
-                ys[c] = ((xs[c] - mcn[c]) - mln[c]) * scn[c] + b[c]
+        _cl_affine_rows(x, y, mc[n], sc[n], sh[n], n * S * C, bi * S // B, (bi + 1) * S // B, C)
 
 
 @njit(**_OPTS)
 def _cl_grad_block(dy, x, mcn, base, s0, s1, C, sdy, sdyx, bdy, bdyx):
     """Add sum dy and sum dy * (x - mcn) over rows [s0, s1) from ``base`` to the float64
     sums, through per-block partials (bdy, bdyx: scratch in x's dtype)."""
-    rows_per = max(1, _BLOCK // C)
+    rows_per = max(4, _BLOCK // C)
     s = s0
     while s < s1:
         e = min(s1, s + rows_per)
         for c in range(C):
             bdy[c] = 0.0
             bdyx[c] = 0.0
-        for r in range(s, e):
+        r = s
+        while r + 4 <= e:
+            o = base + r * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            x2 = x[o + 2 * C:o + 3 * C]
+            x3 = x[o + 3 * C:o + 4 * C]
+            d0 = dy[o:o + C]
+            d1 = dy[o + C:o + 2 * C]
+            d2 = dy[o + 2 * C:o + 3 * C]
+            d3 = dy[o + 3 * C:o + 4 * C]
+            for c in range(C):
+                m = mcn[c]
+                bdy[c] += (d0[c] + d1[c]) + (d2[c] + d3[c])
+                bdyx[c] += (d0[c] * (x0[c] - m) + d1[c] * (x1[c] - m)) + \
+                    (d2[c] * (x2[c] - m) + d3[c] * (x3[c] - m))
+            r += 4
+        while r < e:
             o = base + r * C
             xs = x[o:o + C]
             dys = dy[o:o + C]
@@ -377,6 +508,7 @@ def _cl_grad_block(dy, x, mcn, base, s0, s1, C, sdy, sdyx, bdy, bdyx):
                 d = dys[c]
                 bdy[c] += d
                 bdyx[c] += d * (xs[c] - mcn[c])
+            r += 1
         for c in range(C):
             sdy[c] += bdy[c]
             sdyx[c] += bdyx[c]
@@ -415,33 +547,46 @@ def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd):
     for n in prange(N):
         acc = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
+        gm = np.empty(G)
         cnt = np.zeros(G)
         mu = np.zeros(G)
         m2 = np.zeros(G)
         s = 0
         while s < S:
             rows = min(rows_per, S - s)
-            _cl_block_stats(x, (n * S + s) * C, rows, G, K, cnt, mu, m2, acc, acc2)
+            _cl_block_stats(x, (n * S + s) * C, rows, G, K, cnt, mu, m2, acc, acc2, gm)
             s += rows
         mcn = np.empty(C, x.dtype)
-        mln = np.empty(C, x.dtype)
         scn = np.empty(C, x.dtype)
+        shn = np.empty(C, x.dtype)
         for g in range(G):
             v = m2[g] / cnt[g]
             r = 1.0 / np.sqrt(v + eps)
             mean[n, g] = mu[g]
             var[n, g] = v
             rstd[n, g] = r
+            m = dt(mu[g])
+            ml = mu[g] - m
             for k in range(K):
-                mcn[g * K + k] = dt(mu[g])
-                mln[g * K + k] = dt(mu[g] - dt(mu[g]))
-                scn[g * K + k] = dt(r * w[g * K + k])
-        for s in range(S):
-            o = (n * S + s) * C
-            xs = x[o:o + C]
-            ys = y[o:o + C]
-            for c in range(C):
-                ys[c] = ((xs[c] - mcn[c]) - mln[c]) * scn[c] + b[c]
+                c = g * K + k
+                a = r * w[c]
+                mcn[c] = m
+                scn[c] = dt(a)
+                shn[c] = dt(b[c] - ml * a)
+        _cl_affine_rows(x, y, mcn, scn, shn, n * S * C, 0, S, C)
+
+
+@njit(**_OPTS)
+def _cl_dx_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx):
+    """dx = ca[c] * dy + cb[c] * (x - mc[c]) + cc[c] for channels-last rows [s0, s1)
+    (one row per sweep, as in :func:`_cl_affine_rows`)."""
+    for s in range(s0, s1):
+        o = base + s * C
+        xs = x[o:o + C]
+        dys = dy[o:o + C]
+        dxs = dx[o:o + C]
+        for c in range(C):
+            dxs[c] = ca[c] * dys[c] + cb[c] * (xs[c] - mc[c]) + cc[c]
 
 
 @_parallel_and_serial
@@ -484,32 +629,15 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
                 cc[c] = dt(-r * s1 / count) if (batch and center) else dt(0.0)
         if not need_dx:
             continue
-        for s in range(S):
-            o = (n * S + s) * C
-            xs = x[o:o + C]
-            dys = dy[o:o + C]
-            dxs = dx[o:o + C]
-            for c in range(C):
-                dxs[c] = ca[c] * dys[c] + cb[c] * (xs[c] - mcn[c]) + cc[c]
+        _cl_dx_rows(dy, x, mcn, ca, cb, cc, n * S * C, 0, S, C, dx)
 
 
 @_parallel_and_serial
-def cl_dx(dy, x, mc, rc, wr, c1, c2, N, S, C, B, dx):
-    """dx = wr[n, c] * dy - c1[n, c] - (x - mc[n, c]) * c2[n, c] on (N, S, C), where
+def cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx):
+    """dx = ca[n, c] * dy + cb[n, c] * (x - mc[n, c]) + cc[n, c] on (N, S, C), where
     the caller folded rstd, weight and the two group means into the coefficients."""
     for item in prange(N * B):
         n = item // B
         bi = item % B
-        s0 = bi * S // B
-        s1 = (bi + 1) * S // B
-        mcn = mc[n]
-        wrn = wr[n]
-        c1n = c1[n]
-        c2n = c2[n]
-        for s in range(s0, s1):
-            o = (n * S + s) * C
-            xs = x[o:o + C]
-            dys = dy[o:o + C]
-            dxs = dx[o:o + C]
-            for c in range(C):
-                dxs[c] = wrn[c] * dys[c] - c1n[c] - (xs[c] - mcn[c]) * c2n[c]
+        _cl_dx_rows(dy, x, mc[n], ca[n], cb[n], cc[n], n * S * C, bi * S // B, (bi + 1) * S // B,
+                    C, dx)

@@ -14,6 +14,9 @@ kernels are called directly, which saves the dispatcher's per-call overhead.
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import numpy as np
 import torch
 
@@ -52,6 +55,45 @@ class _Kernels:
     def __exit__(self, *exc) -> None:
         if not self.serial:
             self._lock.release()
+
+
+#: Outputs of at least this many bytes ask the kernel for transparent huge pages: glibc
+#: serves every allocation of 32 MiB or more with a fresh ``mmap`` (its largest dynamic
+#: threshold), so these always fault in their pages. Smaller outputs are usually reused
+#: heap memory; advising those measured 2-3x slower (the heap's VMAs get split and
+#: re-grown pages go through direct compaction).
+HUGE_PAGES_FROM = 1 << 25
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
+_madvise = None
+if sys.platform.startswith("linux"):
+    try:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        _madvise = None
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(t)`` (same layout), backed by huge pages when it is large.
+
+    A fresh large output comes from ``mmap`` and its first touch -- inside the
+    kernel's write pass -- faults one 4 KiB page at a time: measured here, 50 MB cost
+    ~10 ms of faults against ~1 ms to write it. ``madvise(MADV_HUGEPAGE)`` on the
+    2 MiB-aligned interior (when the system's transparent huge pages are in
+    ``madvise`` mode) makes that ~25 faults of 2 MiB: LayerNorm (16384, 768) forward
+    with its output allocated, 26 -> 19 ms on one thread. Advisory: where huge pages
+    are off it changes nothing. See ``HUGE_PAGES_FROM`` for the size cut.
+    """
+    out = torch.empty_like(t)
+    nbytes = out.untyped_storage().nbytes()
+    if _madvise is not None and nbytes >= HUGE_PAGES_FROM:
+        huge = 1 << 21
+        start = (out.data_ptr() + huge - 1) & ~(huge - 1)
+        end = (out.data_ptr() + nbytes) & ~(huge - 1)
+        if end > start:
+            _madvise(start, end - start, _MADV_HUGEPAGE)  # failure is harmless: ignored
+    return out
 
 
 def plan_of(x: torch.Tensor, spec: NormSpec) -> Plan | None:
@@ -121,7 +163,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
                          f"{tuple(x.shape)} and strides {x.stride()}")
     cdt = compute_dtype(x.dtype)
     xc = _upcast(x)
-    y = torch.empty_like(xc) if out is None or xc is not x else out
+    y = _empty_like(xc) if out is None or xc is not x else out
     channels = plan.channels
     w = _param(weight, channels, 1.0, cdt)
     b = _param(bias, channels, 0.0, cdt)
@@ -173,9 +215,10 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
             npdt = w.dtype
             mean_rep = np.repeat(mean64, kk, axis=1)
             mc = mean_rep.astype(npdt)
-            ml = (mean_rep - mc).astype(npdt)  # the mean in two parts (see _kernels)
-            sc = (np.repeat(rstd64, kk, axis=1) * w.astype(np.float64)).astype(npdt)
-            k.cl_apply(xf, _flat(y), mc, ml, sc, b, n, s, g * kk, nb)
+            sc64 = np.repeat(rstd64, kk, axis=1) * w.astype(np.float64)
+            # y = (x - mc) * sc + sh, sh = b - (mean - mc) * sc: see _kernels._cl_affine_rows
+            sh = (b.astype(np.float64) - (mean_rep - mc) * sc64).astype(npdt)
+            k.cl_apply(xf, _flat(y), mc, sc64.astype(npdt), sh, n, s, g * kk, nb)
     if fixed:
         return (y.to(x.dtype) if x.dtype != y.dtype else y), mean_out, var_out, rstd_out
     return _forward_result(x, y, spec, mean_t, var_t, rstd_t)
@@ -219,7 +262,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     w = _param(weight, channels, 1.0, cdt)
     mean_np = _stat_input(mean, spec, plan, cdt)
     rstd_np = _stat_input(rstd, spec, plan, cdt)
-    dx = torch.empty_like(xc) if need_dx else None
+    dx = _empty_like(xc) if need_dx else None
     with _Kernels(x.numel()) as k:
         if plan.kind == "grouped":
             a, p, kk, s, g = plan.dims
@@ -271,7 +314,8 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
                 else:
                     c1 = np.zeros((n, c))
                     c2 = np.zeros((n, c))
-                k.cl_dx(dyf, xf, mc, rc, wr.astype(npdt), c1.astype(npdt), c2.astype(npdt),
+                # dx = wr * dy - c2 * (x - mc) - c1
+                k.cl_dx(dyf, xf, mc, wr.astype(npdt), (-c2).astype(npdt), (-c1).astype(npdt),
                         n, s, c, nb, _flat(dx))
     return _backward_result(x, dx, dw64, db64, spec, cdt, need_dw, need_db)
 
