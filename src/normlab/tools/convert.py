@@ -85,35 +85,49 @@ def convert_norms(model: nn.Module, to: str | type | Callable[..., nn.Module] = 
     return swap_modules(model, make)
 
 
-def _bn_args(m: nn.Module) -> dict[str, Any]:
-    return {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
-            "track_running_stats": m.track_running_stats}
+def _bn_args(m: nn.Module) -> tuple[tuple, dict[str, Any]]:
+    return (), {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
+                "track_running_stats": m.track_running_stats}
+
+
+def _gn_args(m: nn.Module) -> tuple[tuple, dict[str, Any]]:
+    return (m.num_groups, m.num_channels, m.eps, m.affine), {}
+
+
+def _ln_args(m: nn.Module) -> tuple[tuple, dict[str, Any]]:
+    return (m.normalized_shape, m.eps, m.elementwise_affine), {"bias": m.bias is not None}
+
+
+def _rms_args(m: nn.Module) -> tuple[tuple, dict[str, Any]]:
+    return (m.normalized_shape, m.eps, m.elementwise_affine), {}
+
+
+# (torch.nn class, normlab class, constructor arguments read off an instance of either)
+_COUNTERPARTS: list[tuple[type, type, Callable[[nn.Module], tuple[tuple, dict[str, Any]]]]] = [
+    (nn.BatchNorm1d, nlnn.BatchNorm1d, _bn_args),
+    (nn.BatchNorm2d, nlnn.BatchNorm2d, _bn_args),
+    (nn.BatchNorm3d, nlnn.BatchNorm3d, _bn_args),
+    (nn.InstanceNorm1d, nlnn.InstanceNorm1d, _bn_args),
+    (nn.InstanceNorm2d, nlnn.InstanceNorm2d, _bn_args),
+    (nn.InstanceNorm3d, nlnn.InstanceNorm3d, _bn_args),
+    (nn.GroupNorm, nlnn.GroupNorm, _gn_args),
+    (nn.LayerNorm, nlnn.LayerNorm, _ln_args),
+    (nn.RMSNorm, nlnn.RMSNorm, _rms_args),
+]
+
+
+def _builder(cls: type, args_of: Callable[[nn.Module], tuple[tuple, dict[str, Any]]]
+             ) -> Callable[[nn.Module], nn.Module]:
+    def build(m: nn.Module) -> nn.Module:
+        args, kwargs = args_of(m)
+        return cls(*args, **kwargs)
+    return build
 
 
 _TO_NORMLAB: dict[type, Callable[[nn.Module], nn.Module]] = {
-    nn.BatchNorm1d: lambda m: nlnn.BatchNorm1d(**_bn_args(m)),
-    nn.BatchNorm2d: lambda m: nlnn.BatchNorm2d(**_bn_args(m)),
-    nn.BatchNorm3d: lambda m: nlnn.BatchNorm3d(**_bn_args(m)),
-    nn.InstanceNorm1d: lambda m: nlnn.InstanceNorm1d(**_bn_args(m)),
-    nn.InstanceNorm2d: lambda m: nlnn.InstanceNorm2d(**_bn_args(m)),
-    nn.InstanceNorm3d: lambda m: nlnn.InstanceNorm3d(**_bn_args(m)),
-    nn.GroupNorm: lambda m: nlnn.GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine),
-    nn.LayerNorm: lambda m: nlnn.LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine,
-                                           bias=m.bias is not None),
-    nn.RMSNorm: lambda m: nlnn.RMSNorm(m.normalized_shape, m.eps, m.elementwise_affine),
-}
+    th: _builder(ours, args_of) for th, ours, args_of in _COUNTERPARTS}
 _TO_TORCH: dict[type, Callable[[nn.Module], nn.Module]] = {
-    nlnn.BatchNorm1d: lambda m: nn.BatchNorm1d(**_bn_args(m)),
-    nlnn.BatchNorm2d: lambda m: nn.BatchNorm2d(**_bn_args(m)),
-    nlnn.BatchNorm3d: lambda m: nn.BatchNorm3d(**_bn_args(m)),
-    nlnn.InstanceNorm1d: lambda m: nn.InstanceNorm1d(**_bn_args(m)),
-    nlnn.InstanceNorm2d: lambda m: nn.InstanceNorm2d(**_bn_args(m)),
-    nlnn.InstanceNorm3d: lambda m: nn.InstanceNorm3d(**_bn_args(m)),
-    nlnn.GroupNorm: lambda m: nn.GroupNorm(m.num_groups, m.num_channels, m.eps, m.affine),
-    nlnn.LayerNorm: lambda m: nn.LayerNorm(m.normalized_shape, m.eps, m.elementwise_affine,
-                                           bias=m.bias is not None),
-    nlnn.RMSNorm: lambda m: nn.RMSNorm(m.normalized_shape, m.eps, m.elementwise_affine),
-}
+    ours: _builder(th, args_of) for th, ours, args_of in _COUNTERPARTS}
 
 
 def _exact_swap(model: nn.Module, table: dict[type, Callable[[nn.Module], nn.Module]],
