@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 
 import numpy as np
@@ -26,7 +27,7 @@ import normlab.functional as NF  # noqa: E402
 from normlab import reference as R  # noqa: E402
 from normlab.backends import cpu, select_backend  # noqa: E402
 from normlab.backends.cpu import backend as numba_backend  # noqa: E402
-from normlab.backends.cpu import runtime  # noqa: E402
+from normlab.backends.cpu import runtime, team  # noqa: E402
 from normlab.core.spec import (  # noqa: E402
     batch_norm_spec,
     group_norm_spec,
@@ -323,7 +324,8 @@ def test_accepts_declines_what_it_does_not_cover(monkeypatch):
     assert cpu.accepts(big, batch_norm_spec(big.shape))
     small = torch.randn(8, 32, 40)
     assert cpu.accepts(small, batch_norm_spec(small.shape)), "small inputs use the serial kernels"
-    assert numba_backend._Kernels(small.numel()).serial and not numba_backend._Kernels(big.numel()).serial
+    assert numba_backend._threads(small.numel()) == 1
+    assert numba_backend._threads(big.numel()) == torch.get_num_threads()
     assert not cpu.accepts(torch.randn(8, 3, requires_grad=True).as_subclass(_Sub), layer_norm_spec((8, 3), (3,)))
     assert not cpu.accepts(torch.empty(0, 3), layer_norm_spec((0, 3), (3,)))
     cl = torch.randn(8, 32, 16, 16).contiguous(memory_format=CL)
@@ -365,21 +367,78 @@ def test_instance_norm_spec_plans():
 
 # ------------------------------------------------------------------- runtime
 
-def test_threads_follow_torch_and_are_restored():
+def test_importing_numba_keeps_torch_threads():
     before = torch.get_num_threads()
     runtime.kernels()
     assert torch.get_num_threads() == before, "importing numba changed torch's thread count"
-    import numba
+
+
+def _recording_kernel(calls):
+    def kernel(tag, lo, hi):
+        assert tag == "args"
+        calls.append((lo, hi, threading.get_ident()))
+    return kernel
+
+
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-pool"])
+@pytest.mark.parametrize("items,threads", [(1, 2), (7, 2), (100, 2), (100, 3), (5, 1)])
+def test_team_covers_every_item_once(monkeypatch, openmp, items, threads):
+    if not openmp:
+        monkeypatch.setattr(team, "_forked", True)  # what a forked child uses
+    elif not team.uses_openmp():
+        pytest.skip("torch here does not run on an OpenMP runtime")
+    calls = []
+    team.run(_recording_kernel(calls), ("args",), items, threads)
+    covered = sorted((lo, hi) for lo, hi, _ in calls)
+    assert covered[0][0] == 0 and covered[-1][1] == items
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False)), covered
+    assert len(covered) == team.chunk_count(items, threads)
+    assert len({ident for *_, ident in calls}) <= threads
+    if threads == 1:
+        assert {ident for *_, ident in calls} == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-pool"])
+def test_team_raises_a_chunks_error_on_the_caller(monkeypatch, openmp):
+    if not openmp:
+        monkeypatch.setattr(team, "_forked", True)
+
+    def kernel(lo, hi):
+        if lo <= 3 < hi:
+            raise ValueError("chunk 3 failed")
+
+    with pytest.raises(ValueError, match="chunk 3 failed"):
+        team.run(kernel, (), 8, 2)
+    assert not team._jobs, "the job must be unregistered"
+
+
+def test_team_runs_on_torchs_openmp_runtime():
+    """Where torch uses OpenMP (Linux wheels), teams start on that same runtime."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or sys.platform != "linux":
+        pytest.skip("torch here does not run on an OpenMP runtime")
+    assert team.uses_openmp()
+
+
+def test_thread_count_follows_torch():
+    """Kernels use at most torch.get_num_threads() threads: one when torch has one."""
+    before = torch.get_num_threads()
+    calls = []
+    original = team.run
+
+    def spy(kernel, args, items, threads):
+        calls.append(threads)
+        return original(kernel, args, items, threads)
 
     x = torch.randn(*PARALLEL_SHAPE)
-    torch.set_num_threads(1)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(team, "run", spy)
+        torch.set_num_threads(1)
+        try:
+            NF.group_norm(x, 2)
+        finally:
+            torch.set_num_threads(before)
         NF.group_norm(x, 2)
-        assert numba.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    NF.group_norm(x, 2)
-    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+    assert calls == [1, before]
 
 
 def _child_run(queue):
@@ -390,7 +449,7 @@ def _child_run(queue):
 
 
 def test_kernels_run_in_forked_child_after_parent():
-    """numba's GNU OpenMP layer would kill this child; the forksafe layer must not."""
+    """libgomp's team does not survive fork: the child must fall back to its own threads."""
     torch.manual_seed(5)
     x = torch.randn(*PARALLEL_SHAPE)
     assert x.numel() >= numba_backend.SERIAL_BELOW

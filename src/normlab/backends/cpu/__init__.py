@@ -8,10 +8,11 @@ see :mod:`normlab.backends.cpu.runtime`).
 Which inputs it takes (:func:`accepts`): plain CPU tensors of float32/float64 (and
 float16/bfloat16, computed in float32), contiguous or channels_last, with at least
 :data:`MIN_ELEMENTS` elements. Small inputs (below
-:data:`~normlab.backends.cpu.backend.SERIAL_BELOW` elements) run serial twins of the
-kernels on the calling thread: a thread-pool hand-off would cost more than the work,
-and one fused serial call still beats the reference backend's chain of small torch
-ops. LayerNorm/RMSNorm on a channels_last tensor, other strided inputs, tensor
+:data:`~normlab.backends.cpu.backend.SERIAL_BELOW` elements) run on the calling
+thread only: a hand-off to other threads would cost more than the work, and one fused
+serial call still beats the reference backend's chain of small torch ops. Larger ones
+are split over torch's own threads (:mod:`normlab.backends.cpu.team`).
+LayerNorm/RMSNorm on a channels_last tensor, other strided inputs, tensor
 subclasses and ``torch.func`` transforms go to the reference backend.
 
 The environment variable ``NORMLAB_BACKEND`` overrides the choice: ``reference``

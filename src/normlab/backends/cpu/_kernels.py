@@ -18,6 +18,11 @@ contiguous elements at offsets ``(a*P + p)*K*S``; the affine channel of element
 affine channel is ``g*K + k``; BatchNorm folds N into S (N=1, S=N*HW, G=C, K=1),
 InstanceNorm is G=C, K=1.
 
+Every public kernel is serial and ends with ``lo, hi``: it processes work items
+``[lo, hi)`` of its outermost loop (statistic groups, rows, (sample, row block) pairs,
+or chunks of partial sums) and :func:`normlab.backends.cpu.team.run` spreads the items
+over threads; items write disjoint outputs, so any split gives the same result.
+
 Numerics (the precision policy of :mod:`normlab.core.stats`): totals accumulate in
 float64, but each reduction first adds a block (``_BLK`` elements, or one channels-last
 row block) in the input's dtype -- a loop LLVM vectorizes with several accumulators --
@@ -43,11 +48,8 @@ reductions while NaN and Inf still propagate as in torch.nn.
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 _FM = {"reassoc", "contract"}
 _OPTS = {"cache": True, "fastmath": _FM, "nogil": True}
@@ -64,27 +66,11 @@ _BLK = 1024
 _ROW_BLOCK = 32
 
 
-def _parallel_and_serial(f):
-    """Compile ``f`` with ``parallel=True``, and register a serial twin ``<name>_serial``.
-
-    Small inputs use the twin: handing a few microseconds of work to the thread pool
-    costs more than the work, and on a busy machine a parallel region waits for every
-    one of its threads to be scheduled. The twin is a copy of the function under its
-    own name so numba's on-disk cache keeps the two apart (prange runs as range).
-    """
-    twin = types.FunctionType(f.__code__.replace(co_name=f.__name__ + "_serial"), f.__globals__,
-                              f.__name__ + "_serial", f.__defaults__, f.__closure__)
-    twin.__qualname__ = f.__qualname__ + "_serial"
-    twin.__doc__ = f"Serial twin of :func:`{f.__name__}`."
-    setattr(sys.modules[__name__], twin.__name__, njit(**_OPTS)(twin))
-    return njit(parallel=True, **_OPTS)(f)
-
-
 # --------------------------------------------------------------------------- grouped
 
 
-@_parallel_and_serial
-def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd):
+@njit(**_OPTS)
+def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd, lo, hi):
     """y = (x - mean_p) * rstd_p * w[c] + b[c] on the (A, P, K, S) view.
 
     ``compute``: batch statistics are written to mean/var/rstd (P,); otherwise
@@ -105,7 +91,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     z = dt(0.0)
     ks = K * S
     n = A * ks
-    for p in prange(P):
+    for p in range(lo, hi):
         if compute:
             mc = z
             if center:
@@ -173,9 +159,9 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                         ys[s] = (xs[s] - mc) * ca + cb
 
 
-@_parallel_and_serial
+@njit(**_OPTS)
 def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T,
-                     dx, dwp, dbp):
+                     dx, dwp, dbp, lo, hi):
     """Analytic backward on the (A, P, K, S) view.
 
     Per group: ``xhat = (x - mean) * rstd``, ``g = dy * w``,
@@ -191,7 +177,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
     z = dt(0.0)
     ks = K * S
     n = A * ks
-    for t in prange(T):
+    for t in range(lo, hi):
         p0 = t * P // T
         p1 = (t + 1) * P // T
         for p in range(p0, p1):
@@ -265,8 +251,8 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                             dxs[s] = ca * dys[s] + cb * (xs[s] - mc) + cc
 
 
-@_parallel_and_serial
-def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp):
+@njit(**_OPTS)
+def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, lo, hi):
     """:func:`grouped_backward` for LayerNorm/RMSNorm rows (P rows of K, affine per
     column), one row at a time: its sums, then its dx while it is in L1. The row sums
     ``sum g`` and ``sum g * xhat`` go through blocks of ``_BLK`` in x's dtype; the
@@ -275,7 +261,7 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
     flushed into the float64 ``dwp[t]``/``dbp[t]``."""
     dt = x.dtype.type
     z = dt(0.0)
-    for t in prange(T):
+    for t in range(lo, hi):
         p0 = t * P // T
         p1 = (t + 1) * P // T
         bdw = np.zeros(K, x.dtype)
@@ -420,12 +406,12 @@ def _cl_block_stats(x, base, rows, G, K, cnt, mu, m2, acc, acc2, gm):
         cnt[g] = tot
 
 
-@_parallel_and_serial
-def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2):
+@njit(**_OPTS)
+def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2, lo, hi):
     """Partial statistics of each of the N*B work items (sample n, row block b)."""
     C = G * K
     rows_per = max(1, _BLOCK // C)
-    for item in prange(N * B):
+    for item in range(lo, hi):
         n = item // B
         bi = item % B
         s0 = bi * S // B
@@ -462,11 +448,11 @@ def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C):
             ys[c] = (xs[c] - mc[c]) * sc[c] + sh[c]
 
 
-@_parallel_and_serial
-def cl_apply(x, y, mc, sc, sh, N, S, C, B):
+@njit(**_OPTS)
+def cl_apply(x, y, mc, sc, sh, N, S, C, B, lo, hi):
     """y = (x - mc[n, c]) * sc[n, c] + sh[n, c] on the channels-last (N, S, C) view (see
     :func:`_cl_affine_rows`)."""
-    for item in prange(N * B):
+    for item in range(lo, hi):
         n = item // B
         bi = item % B
         _cl_affine_rows(x, y, mc[n], sc[n], sh[n], n * S * C, bi * S // B, (bi + 1) * S // B, C)
@@ -515,10 +501,10 @@ def _cl_grad_block(dy, x, mcn, base, s0, s1, C, sdy, sdyx, bdy, bdyx):
         s = e
 
 
-@_parallel_and_serial
-def cl_grad_sums(dy, x, mc, rc, N, S, C, B, psdy, psdyx):
+@njit(**_OPTS)
+def cl_grad_sums(dy, x, mc, rc, N, S, C, B, psdy, psdyx, lo, hi):
     """Per work item and channel: sum dy and sum dy * xhat, xhat = (x - mc) * rc."""
-    for item in prange(N * B):
+    for item in range(lo, hi):
         n = item // B
         bi = item % B
         s0 = bi * S // B
@@ -536,15 +522,15 @@ def cl_grad_sums(dy, x, mc, rc, N, S, C, B, psdy, psdyx):
             sdyx[c] *= rcn[c]
 
 
-@_parallel_and_serial
-def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd):
+@njit(**_OPTS)
+def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
     """Per-sample statistics (GroupNorm/InstanceNorm channels-last) and the output in
     one sweep per sample: the apply pass re-reads the sample from cache, not memory.
     mean/var/rstd: (N, G) outputs."""
     C = G * K
     dt = x.dtype.type
     rows_per = max(1, _BLOCK // C)
-    for n in prange(N):
+    for n in range(lo, hi):
         acc = np.empty(C, x.dtype)
         acc2 = np.empty(C, x.dtype)
         gm = np.empty(G)
@@ -589,14 +575,14 @@ def _cl_dx_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx):
             dxs[c] = ca[c] * dys[c] + cb[c] * (xs[c] - mc[c]) + cc[c]
 
 
-@_parallel_and_serial
-def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, dwp, dbp, dx):
+@njit(**_OPTS)
+def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, dwp, dbp, dx, lo, hi):
     """Per-sample backward (GroupNorm/InstanceNorm channels-last): the gradient sums of
     sample n, then its dx while x and dy are still in cache. dwp/dbp: (N, C) partial
     dweight/dbias (the caller sums over n)."""
     C = G * K
     dt = x.dtype.type
-    for n in prange(N):
+    for n in range(lo, hi):
         mcn = np.empty(C, x.dtype)
         for g in range(G):
             for k in range(K):
@@ -632,11 +618,11 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
         _cl_dx_rows(dy, x, mcn, ca, cb, cc, n * S * C, 0, S, C, dx)
 
 
-@_parallel_and_serial
-def cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx):
+@njit(**_OPTS)
+def cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, lo, hi):
     """dx = ca[n, c] * dy + cb[n, c] * (x - mc[n, c]) + cc[n, c] on (N, S, C), where
     the caller folded rstd, weight and the two group means into the coefficients."""
-    for item in prange(N * B):
+    for item in range(lo, hi):
         n = item // B
         bi = item % B
         _cl_dx_rows(dy, x, mc[n], ca[n], cb[n], cc[n], n * S * C, bi * S // B, (bi + 1) * S // B,

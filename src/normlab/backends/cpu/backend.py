@@ -22,7 +22,7 @@ import torch
 
 from ...core.spec import NormSpec
 from ...core.stats import compute_dtype
-from . import runtime
+from . import runtime, team
 from .plan import Plan, layout_of, plan_for
 
 __all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of"]
@@ -33,28 +33,10 @@ _FLOATS = (torch.float32, torch.float64)
 SERIAL_BELOW = 1 << 17
 
 
-class _Kernels:
-    """The kernel module seen through one choice: parallel (under the launch lock, at
-    most torch's thread count) or serial (on the calling thread, no lock needed)."""
-
-    def __init__(self, numel: int) -> None:
-        self.module = runtime.kernels()
-        self.serial = numel < SERIAL_BELOW
-        self.suffix = "_serial" if self.serial else ""
-
-    def __getattr__(self, name: str):
-        return getattr(self.module, name + self.suffix)
-
-    def __enter__(self) -> _Kernels:
-        if not self.serial:
-            self._lock = runtime.kernel_lock()
-            self._lock.acquire()
-            runtime.set_threads()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self.serial:
-            self._lock.release()
+def _threads(numel: int) -> int:
+    """Threads for an input of ``numel`` elements: one below :data:`SERIAL_BELOW` (a
+    team hand-off costs more than the work), else torch's current thread count."""
+    return 1 if numel < SERIAL_BELOW else torch.get_num_threads()
 
 
 #: Outputs of at least this many bytes ask the kernel for transparent huge pages: glibc
@@ -174,51 +156,53 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         mean_out = fixed_mean.to(cdt) if fixed_mean is not None else None
         mean_np = _stat_input(mean_out, spec, plan, cdt)
         rstd_np = _stat_input(rstd_out, spec, plan, cdt)
-    with _Kernels(x.numel()) as k:
-        if plan.kind == "grouped":
-            a, p, kk, s, g = plan.dims
-            if not fixed:
-                mean_t = torch.empty(p, dtype=cdt)
-                var_t = torch.empty(p, dtype=cdt)
-                rstd_t = torch.empty(p, dtype=cdt)
-                mean_np, var_np, rstd_np = mean_t.numpy(), var_t.numpy(), rstd_t.numpy()
-            else:
-                var_np = np.empty(0, dtype=mean_np.dtype)
-            k.grouped_forward(_flat(xc), _flat(y), w, b, a, p, kk, s, g, float(eps), spec.center,
-                              not fixed, mean_np, var_np, rstd_np)
+    k = runtime.kernels()
+    threads = _threads(x.numel())
+    if plan.kind == "grouped":
+        a, p, kk, s, g = plan.dims
+        if not fixed:
+            mean_t = torch.empty(p, dtype=cdt)
+            var_t = torch.empty(p, dtype=cdt)
+            rstd_t = torch.empty(p, dtype=cdt)
+            mean_np, var_np, rstd_np = mean_t.numpy(), var_t.numpy(), rstd_t.numpy()
         else:
-            n, s, g, kk = plan.dims
-            nb = plan.blocks
-            xf = _flat(xc)
-            if not fixed and nb == 1:
-                # one work item per sample: statistics and output in one sweep
-                mean_t = torch.empty(n * g, dtype=cdt)
-                var_t = torch.empty(n * g, dtype=cdt)
-                rstd_t = torch.empty(n * g, dtype=cdt)
-                k.cl_forward_fused(xf, _flat(y), w, b, n, s, g, kk, float(eps),
-                                   mean_t.numpy().reshape(n, g), var_t.numpy().reshape(n, g),
-                                   rstd_t.numpy().reshape(n, g))
-                return _forward_result(x, y, spec, mean_t, var_t, rstd_t)
-            if not fixed:
-                pcnt = np.empty((n * nb, g))
-                pmu = np.empty((n * nb, g))
-                pm2 = np.empty((n * nb, g))
-                k.cl_stats(xf, n, s, g, kk, nb, pcnt, pmu, pm2)
-                mean64, var64 = _merge(pcnt, pmu, pm2, n, nb, g)
-                rstd64 = 1.0 / np.sqrt(var64 + eps)
-                mean_t = torch.from_numpy(mean64.reshape(-1)).to(cdt)
-                var_t = torch.from_numpy(var64.reshape(-1)).to(cdt)
-                rstd_t = torch.from_numpy(rstd64.reshape(-1)).to(cdt)
-            else:
-                mean64 = mean_np.astype(np.float64).reshape(n, g)
-                rstd64 = rstd_np.astype(np.float64).reshape(n, g)
-            npdt = w.dtype
-            mean_rep = np.repeat(mean64, kk, axis=1)
-            mc = mean_rep.astype(npdt)
-            sc64 = np.repeat(rstd64, kk, axis=1) * w.astype(np.float64)
-            # y = (x - mc) * sc + sh, sh = b - (mean - mc) * sc: see _kernels._cl_affine_rows
-            sh = (b.astype(np.float64) - (mean_rep - mc) * sc64).astype(npdt)
-            k.cl_apply(xf, _flat(y), mc, sc64.astype(npdt), sh, n, s, g * kk, nb)
+            var_np = np.empty(0, dtype=mean_np.dtype)
+        team.run(k.grouped_forward, (_flat(xc), _flat(y), w, b, a, p, kk, s, g, float(eps),
+                                     spec.center, not fixed, mean_np, var_np, rstd_np), p, threads)
+    else:
+        n, s, g, kk = plan.dims
+        nb = plan.blocks
+        xf = _flat(xc)
+        if not fixed and nb == 1:
+            # one work item per sample: statistics and output in one sweep
+            mean_t = torch.empty(n * g, dtype=cdt)
+            var_t = torch.empty(n * g, dtype=cdt)
+            rstd_t = torch.empty(n * g, dtype=cdt)
+            team.run(k.cl_forward_fused, (xf, _flat(y), w, b, n, s, g, kk, float(eps),
+                                          mean_t.numpy().reshape(n, g), var_t.numpy().reshape(n, g),
+                                          rstd_t.numpy().reshape(n, g)), n, threads)
+            return _forward_result(x, y, spec, mean_t, var_t, rstd_t)
+        if not fixed:
+            pcnt = np.empty((n * nb, g))
+            pmu = np.empty((n * nb, g))
+            pm2 = np.empty((n * nb, g))
+            team.run(k.cl_stats, (xf, n, s, g, kk, nb, pcnt, pmu, pm2), n * nb, threads)
+            mean64, var64 = _merge(pcnt, pmu, pm2, n, nb, g)
+            rstd64 = 1.0 / np.sqrt(var64 + eps)
+            mean_t = torch.from_numpy(mean64.reshape(-1)).to(cdt)
+            var_t = torch.from_numpy(var64.reshape(-1)).to(cdt)
+            rstd_t = torch.from_numpy(rstd64.reshape(-1)).to(cdt)
+        else:
+            mean64 = mean_np.astype(np.float64).reshape(n, g)
+            rstd64 = rstd_np.astype(np.float64).reshape(n, g)
+        npdt = w.dtype
+        mean_rep = np.repeat(mean64, kk, axis=1)
+        mc = mean_rep.astype(npdt)
+        sc64 = np.repeat(rstd64, kk, axis=1) * w.astype(np.float64)
+        # y = (x - mc) * sc + sh, sh = b - (mean - mc) * sc: see _kernels._cl_affine_rows
+        sh = (b.astype(np.float64) - (mean_rep - mc) * sc64).astype(npdt)
+        team.run(k.cl_apply, (xf, _flat(y), mc, sc64.astype(npdt), sh, n, s, g * kk, nb), n * nb,
+                 threads)
     if fixed:
         return (y.to(x.dtype) if x.dtype != y.dtype else y), mean_out, var_out, rstd_out
     return _forward_result(x, y, spec, mean_t, var_t, rstd_t)
@@ -263,60 +247,62 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     mean_np = _stat_input(mean, spec, plan, cdt)
     rstd_np = _stat_input(rstd, spec, plan, cdt)
     dx = _empty_like(xc) if need_dx else None
-    with _Kernels(x.numel()) as k:
-        if plan.kind == "grouped":
-            a, p, kk, s, g = plan.dims
-            t = 1 if k.serial else max(1, min(p, torch.get_num_threads()))
-            dwp = np.zeros((t, channels))
-            dbp = np.zeros((t, channels))
-            dx_np = _flat(dx) if need_dx else np.empty(0, dtype=w.dtype)
-            if a == 1 and s == 1 and g == 1:  # LayerNorm/RMSNorm rows
-                k.rows_backward(_flat(dyc), _flat(xc), w, mean_np, rstd_np, p, kk, spec.center,
-                                batch_statistics, need_dx, t, dx_np, dwp, dbp)
-            else:
-                k.grouped_backward(_flat(dyc), _flat(xc), w, mean_np, rstd_np, a, p, kk, s, g,
-                                   spec.center, batch_statistics, need_dx, t, dx_np, dwp, dbp)
-            dw64, db64 = dwp.sum(0), dbp.sum(0)
+    k = runtime.kernels()
+    threads = _threads(x.numel())
+    if plan.kind == "grouped":
+        a, p, kk, s, g = plan.dims
+        t = team.chunk_count(p, threads)  # one row of dweight/dbias partials per chunk
+        dwp = np.zeros((t, channels))
+        dbp = np.zeros((t, channels))
+        dx_np = _flat(dx) if need_dx else np.empty(0, dtype=w.dtype)
+        if a == 1 and s == 1 and g == 1:  # LayerNorm/RMSNorm rows
+            team.run(k.rows_backward, (_flat(dyc), _flat(xc), w, mean_np, rstd_np, p, kk, spec.center,
+                                       batch_statistics, need_dx, t, dx_np, dwp, dbp), t, threads)
         else:
-            n, s, g, kk = plan.dims
-            nb = plan.blocks
-            c = g * kk
-            if nb == 1:
-                dwp = np.empty((n, c))
-                dbp = np.empty((n, c))
-                dx_np = _flat(dx) if need_dx else np.empty(0, dtype=w.dtype)
-                k.cl_backward_fused(_flat(dyc), _flat(xc), w, mean_np.reshape(n, g),
-                                    rstd_np.reshape(n, g), n, s, g, kk, spec.center,
-                                    batch_statistics, need_dx, dwp, dbp, dx_np)
-                return _backward_result(x, dx, dwp.sum(0), dbp.sum(0), spec, cdt, need_dw, need_db)
-            npdt = w.dtype
-            mc = np.repeat(mean_np.reshape(n, g), kk, axis=1).astype(npdt)
-            rc = np.repeat(rstd_np.astype(np.float64).reshape(n, g), kk, axis=1)
-            psdy = np.empty((n * nb, c))
-            psdyx = np.empty((n * nb, c))
-            dyf, xf = _flat(dyc), _flat(xc)
-            k.cl_grad_sums(dyf, xf, mc, rc, n, s, c, nb, psdy, psdyx)
-            dw64 = psdyx.sum(0)
-            db64 = psdy.sum(0)
-            if need_dx:
-                w64 = w.astype(np.float64)
-                wr = rc * w64
-                if batch_statistics:
-                    count = s * kk
-                    per_n_dy = psdy.reshape(n, nb, c).sum(1) * w64  # sum of g = dy * w
-                    per_n_dyx = psdyx.reshape(n, nb, c).sum(1) * w64  # sum of g * xhat
-                    m1 = per_n_dy.reshape(n, g, kk).sum(2) / count
-                    m2 = per_n_dyx.reshape(n, g, kk).sum(2) / count
-                    if not spec.center:
-                        m1 = np.zeros_like(m1)
-                    c1 = np.repeat(m1, kk, axis=1) * rc
-                    c2 = np.repeat(m2, kk, axis=1) * rc * rc
-                else:
-                    c1 = np.zeros((n, c))
-                    c2 = np.zeros((n, c))
-                # dx = wr * dy - c2 * (x - mc) - c1
-                k.cl_dx(dyf, xf, mc, wr.astype(npdt), (-c2).astype(npdt), (-c1).astype(npdt),
-                        n, s, c, nb, _flat(dx))
+            team.run(k.grouped_backward, (_flat(dyc), _flat(xc), w, mean_np, rstd_np, a, p, kk, s, g,
+                                          spec.center, batch_statistics, need_dx, t, dx_np, dwp, dbp),
+                     t, threads)
+        dw64, db64 = dwp.sum(0), dbp.sum(0)
+    else:
+        n, s, g, kk = plan.dims
+        nb = plan.blocks
+        c = g * kk
+        if nb == 1:
+            dwp = np.empty((n, c))
+            dbp = np.empty((n, c))
+            dx_np = _flat(dx) if need_dx else np.empty(0, dtype=w.dtype)
+            team.run(k.cl_backward_fused, (_flat(dyc), _flat(xc), w, mean_np.reshape(n, g),
+                                           rstd_np.reshape(n, g), n, s, g, kk, spec.center,
+                                           batch_statistics, need_dx, dwp, dbp, dx_np), n, threads)
+            return _backward_result(x, dx, dwp.sum(0), dbp.sum(0), spec, cdt, need_dw, need_db)
+        npdt = w.dtype
+        mc = np.repeat(mean_np.reshape(n, g), kk, axis=1).astype(npdt)
+        rc = np.repeat(rstd_np.astype(np.float64).reshape(n, g), kk, axis=1)
+        psdy = np.empty((n * nb, c))
+        psdyx = np.empty((n * nb, c))
+        dyf, xf = _flat(dyc), _flat(xc)
+        team.run(k.cl_grad_sums, (dyf, xf, mc, rc, n, s, c, nb, psdy, psdyx), n * nb, threads)
+        dw64 = psdyx.sum(0)
+        db64 = psdy.sum(0)
+        if need_dx:
+            w64 = w.astype(np.float64)
+            wr = rc * w64
+            if batch_statistics:
+                count = s * kk
+                per_n_dy = psdy.reshape(n, nb, c).sum(1) * w64  # sum of g = dy * w
+                per_n_dyx = psdyx.reshape(n, nb, c).sum(1) * w64  # sum of g * xhat
+                m1 = per_n_dy.reshape(n, g, kk).sum(2) / count
+                m2 = per_n_dyx.reshape(n, g, kk).sum(2) / count
+                if not spec.center:
+                    m1 = np.zeros_like(m1)
+                c1 = np.repeat(m1, kk, axis=1) * rc
+                c2 = np.repeat(m2, kk, axis=1) * rc * rc
+            else:
+                c1 = np.zeros((n, c))
+                c2 = np.zeros((n, c))
+            # dx = wr * dy - c2 * (x - mc) - c1
+            team.run(k.cl_dx, (dyf, xf, mc, wr.astype(npdt), (-c2).astype(npdt), (-c1).astype(npdt),
+                               n, s, c, nb, _flat(dx)), n * nb, threads)
     return _backward_result(x, dx, dw64, db64, spec, cdt, need_dw, need_db)
 
 

@@ -9,15 +9,11 @@
   package directory is read-only and ``NUMBA_CACHE_DIR`` is unset, the cache goes to
   ``$TMPDIR/normlab-numba-cache`` (numba's own fallback to a user-wide directory is
   tried first).
-* **Threads.** Each call runs on at most ``torch.get_num_threads()`` threads (set per
-  call with ``numba.set_num_threads``), so the kernels never add threads on top of
-  torch's budget. Importing numba is checked not to change torch's thread count.
-* **Fork safety.** numba's OpenMP layer shares GNU OpenMP with torch and a forked
-  child (a DataLoader worker) that then runs a parallel kernel is killed. Unless the
-  user chose a layer with ``NUMBA_THREADING_LAYER``, normlab selects numba's
-  ``forksafe`` choice (TBB if installed, else the portable ``workqueue`` layer).
-* **Python threads.** The workqueue layer must not be entered by two threads at
-  once, so calls are serialized by a lock (re-created in forked children).
+* **Threads.** The kernels are serial numba functions (``nogil``); several threads
+  run them on chunks of the work through :mod:`normlab.backends.cpu.team` -- on
+  torch's own OpenMP threads, at most ``torch.get_num_threads()`` of them. numba's
+  parallel backend is not used (its thread pool would fight torch's), so there is no
+  threading layer to choose and nothing that breaks in a forked child.
 """
 
 from __future__ import annotations
@@ -29,20 +25,11 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["kernels", "kernel_lock", "set_threads", "numba_available"]
+__all__ = ["kernels", "numba_available"]
 
 _kernels: ModuleType | None = None
 _load_lock = threading.Lock()
-_call_lock = threading.Lock()
 _available: bool | None = None
-
-
-def _reset_lock_in_child() -> None:
-    global _call_lock
-    _call_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 
 def numba_available() -> bool:
@@ -70,8 +57,6 @@ def kernels() -> ModuleType:
             threads = torch.get_num_threads()
             import numba
 
-            if "NUMBA_THREADING_LAYER" not in os.environ:
-                numba.config.THREADING_LAYER = "forksafe"
             if not _package_dir_writable() and "NUMBA_CACHE_DIR" not in os.environ:
                 numba.config.CACHE_DIR = os.path.join(tempfile.gettempdir(), "normlab-numba-cache")
             from . import _kernels as module
@@ -80,15 +65,3 @@ def kernels() -> ModuleType:
                 torch.set_num_threads(threads)
             _kernels = module
     return _kernels
-
-
-def set_threads() -> None:
-    """Cap this thread's numba parallelism at torch's current thread count."""
-    import numba
-
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-
-
-def kernel_lock() -> threading.Lock:
-    """The lock every parallel kernel launch holds (see module docstring)."""
-    return _call_lock
