@@ -116,7 +116,8 @@ def test_batch_group_instance_norm_match_oracle(shape, channels_last, kernel_mod
         _check(ours, (y, R.instance_norm_backward(dy, cache)), "instance_norm")
 
 
-@pytest.mark.parametrize("shape,normalized", [((4, 7, 13), (13,)), ((3, 5, 6), (5, 6)), ((33, 1), (1,))])
+@pytest.mark.parametrize("shape,normalized", [((4, 7, 13), (13,)), ((3, 5, 6), (5, 6)), ((33, 1), (1,)),
+                                              ((5, 300), (300,))])
 def test_layer_and_rms_norm_match_oracle(shape, normalized, kernel_mode):
     rng = np.random.default_rng(len(shape) + normalized[0])
     x = rng.standard_normal(shape) * 3 - 2
@@ -306,6 +307,42 @@ def test_float32_block_gradients_match_float64():
         assert_close(dx, dx64, torch.float32, what=f"{type(layer).__name__} dx")
         assert_close(dw, dw64, torch.float32, 1 + float(dw64.abs().max()), what="dweight")
         assert_close(db, db64, torch.float32, 1 + float(db64.abs().max()), what="dbias")
+
+
+@pytest.mark.parametrize("rows,k", [(1, 1), (37, 3), (700, 40), (33, 256)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_short_row_kernels_equal_the_row_kernels(rows, k, dtype):
+    """The tile-phased kernels for short LayerNorm/RMSNorm rows do the row kernels'
+    arithmetic in another order of rows: results must be bit-identical (forward and
+    backward, centred or not, batch or fixed statistics, ragged tiles and chunks)."""
+    kern = runtime.kernels()
+    rng = np.random.default_rng(rows * k)
+    x = (rng.standard_normal(rows * k) * 3 + 1e3).astype(dtype)  # offset: exercises the mean correction
+    dy = rng.standard_normal(rows * k).astype(dtype)
+    w = (rng.random(k) + 0.5).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    for center in (True, False):
+        outs = []
+        for fwd in ("grouped_forward", "short_rows_forward"):
+            y = np.empty_like(x)
+            stats = [np.empty(rows, dtype) for _ in range(3)]
+            if fwd == "grouped_forward":
+                kern.grouped_forward(x, y, w, b, 1, rows, k, 1, 1, 1e-5, center, True, *stats, 0, rows)
+            else:
+                kern.short_rows_forward(x, y, w, b, rows, k, 1e-5, center, *stats, 0, rows)
+            outs.append((y, *stats))
+        for got, want in zip(outs[1], outs[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+        mean, rstd = outs[0][1], outs[0][3]
+        for batch in (True, False):
+            grads = []
+            for bwd in (kern.rows_backward, kern.short_rows_backward):
+                dx = np.empty_like(x)
+                dwp, dbp = np.zeros((3, k)), np.zeros((3, k))
+                bwd(dy, x, w, mean, rstd, rows, k, center, batch, True, 3, dx, dwp, dbp, 0, 3)
+                grads.append((dx, dwp, dbp))
+            for got, want in zip(grads[1], grads[0], strict=True):
+                np.testing.assert_array_equal(got, want)
 
 
 def test_nan_propagates_only_to_its_group():

@@ -45,10 +45,15 @@ class NormFunction(torch.autograd.Function):
             # empty tensor instead; normalize() maps it back to None.
             mean = var.new_empty(0)
         ctx.mark_non_differentiable(mean, var)
+        # mean/var never get a gradient: don't let autograd build zero tensors for them
+        # on every backward (measured: 14 us of a 130 us small-input step)
+        ctx.set_materialize_grads(False)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
+        if dy is None:  # y was not used (grads are not materialized, see forward)
+            return None, None, None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         spec = ctx.spec
         backend = ctx.backend

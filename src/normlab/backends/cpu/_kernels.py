@@ -315,6 +315,141 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
                 dxs[k] = (rc * w[k]) * dys[k] + cb * (xs[k] - mc) + cc
 
 
+# ------------------------------------------------------------------------ short rows
+#
+# LayerNorm/RMSNorm rows of at most SHORT_ROW elements (e.g. the (8, 32, 40) of a
+# small model) take one pass per *tile* of rows instead of per row: each phase is a
+# loop over independent rows, so the scalar work of one row (float64 sums, a division,
+# a square root, the vector loop's remainder) overlaps with the next row's instead of
+# waiting on it. Measured on (256, 40) float32: forward 11.7 -> 6.4 us. A tile is at
+# most _ROW_TILE elements, so the later phases re-read it from L1.
+
+# The caller sends rows of at most ``backend.SHORT_ROW`` elements here.
+_ROW_TILE = 8192
+
+
+@njit(**_OPTS)
+def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi):
+    """:func:`grouped_forward` for P rows of K <= SHORT_ROW elements (batch statistics),
+    with the same arithmetic: rough mean ``mc`` in x's dtype, the correction ``dm`` and
+    the output ``y = ((x - mc) * rstd - dm * rstd) * w + b``, kept per row of the tile
+    in scratch arrays between the phases."""
+    dt = x.dtype.type
+    z = dt(0.0)
+    tile = max(1, _ROW_TILE // K)
+    mcs = np.zeros(tile, x.dtype)
+    dms = np.zeros(tile)
+    rs = np.zeros(tile)
+    for p0 in range(lo, hi, tile):
+        p1 = min(hi, p0 + tile)
+        if center:
+            for p in range(p0, p1):
+                xs = x[p * K:(p + 1) * K]
+                acc = z
+                for i in range(K):
+                    acc += xs[i]
+                mcs[p - p0] = dt(np.float64(acc) / K)
+        for p in range(p0, p1):
+            xs = x[p * K:(p + 1) * K]
+            mc = mcs[p - p0]
+            ad = z
+            aq = z
+            for i in range(K):
+                d = xs[i] - mc
+                ad += d
+                aq += d * d
+            sd = np.float64(ad)
+            if center:
+                dm = sd / K
+                m2 = np.float64(aq) - sd * dm
+                if m2 < 0.0:  # rounding of a constant row; a NaN fails the test and stays
+                    m2 = 0.0
+            else:
+                dm = 0.0
+                m2 = np.float64(aq)
+            v = m2 / K
+            r = 1.0 / np.sqrt(v + eps)
+            dms[p - p0] = dm
+            rs[p - p0] = r
+            var[p] = v
+            rstd[p] = r
+            mean[p] = mc + dm
+        for p in range(p0, p1):
+            xs = x[p * K:(p + 1) * K]
+            ys = y[p * K:(p + 1) * K]
+            mc = mcs[p - p0]
+            r = rs[p - p0]
+            rc = dt(r)
+            sh = dt(-dms[p - p0] * r)
+            for k in range(K):
+                ys[k] = ((xs[k] - mc) * rc + sh) * w[k] + b[k]
+
+
+@njit(**_OPTS)
+def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, lo, hi):
+    """:func:`rows_backward` for rows of K <= SHORT_ROW elements, phased per tile of
+    rows (same arithmetic, same partial-sum order): the row sums and the dweight/dbias
+    partials for every row of the tile, then the tile's dx."""
+    dt = x.dtype.type
+    z = dt(0.0)
+    tile = max(1, _ROW_TILE // K)
+    cbs = np.zeros(tile, x.dtype)
+    ccs = np.zeros(tile, x.dtype)
+    for t in range(lo, hi):
+        p_first = t * P // T
+        p_last = (t + 1) * P // T
+        bdw = np.zeros(K, x.dtype)
+        bdb = np.zeros(K, x.dtype)
+        dws = dwp[t]
+        dbs = dbp[t]
+        pending = 0
+        for p0 in range(p_first, p_last, tile):
+            p1 = min(p_last, p0 + tile)
+            for p in range(p0, p1):
+                xs = x[p * K:(p + 1) * K]
+                dys = dy[p * K:(p + 1) * K]
+                mc = dt(mean[p])
+                r = np.float64(rstd[p])
+                rc = dt(r)
+                a1 = z
+                a2 = z
+                for k in range(K):
+                    d = dys[k]
+                    dxh = d * ((xs[k] - mc) * rc)
+                    bdw[k] += dxh
+                    bdb[k] += d
+                    a1 += w[k] * d
+                    a2 += w[k] * dxh
+                pending += 1
+                if pending == _ROW_BLOCK or p == p_last - 1:
+                    for k in range(K):
+                        dws[k] += bdw[k]
+                        dbs[k] += bdb[k]
+                        bdw[k] = 0.0
+                        bdb[k] = 0.0
+                    pending = 0
+                cb = z
+                cc = z
+                if batch:
+                    cb = dt(-r * r * np.float64(a2) / K)
+                    if center:
+                        cc = dt(-r * np.float64(a1) / K)
+                cbs[p - p0] = cb
+                ccs[p - p0] = cc
+            if not need_dx:
+                continue
+            for p in range(p0, p1):
+                xs = x[p * K:(p + 1) * K]
+                dys = dy[p * K:(p + 1) * K]
+                dxs = dx[p * K:(p + 1) * K]
+                mc = dt(mean[p])
+                rc = dt(np.float64(rstd[p]))
+                cb = cbs[p - p0]
+                cc = ccs[p - p0]
+                for k in range(K):
+                    dxs[k] = (rc * w[k]) * dys[k] + cb * (xs[k] - mc) + cc
+
+
 # ---------------------------------------------------------------------- channels-last
 #
 # A channels-last row is C contiguous channels. The loops below run over the channels
@@ -627,3 +762,18 @@ def cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, lo, hi):
         bi = item % B
         _cl_dx_rows(dy, x, mc[n], ca[n], cb[n], cc[n], n * S * C, bi * S // B, (bi + 1) * S // B,
                     C, dx)
+
+
+@njit(**_OPTS)
+def sum_partials(dwp, dbp, dw, db):
+    """dw[c] = sum_t dwp[t, c] and db[c] = sum_t dbp[t, c]: the per-chunk float64 partial
+    sums of dweight/dbias added in a fixed order (deterministic), rounded once into the
+    outputs (x's dtype)."""
+    for c in range(dw.size):
+        sw = 0.0
+        sb = 0.0
+        for t in range(dwp.shape[0]):
+            sw += dwp[t, c]
+            sb += dbp[t, c]
+        dw[c] = sw
+        db[c] = sb

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -27,10 +29,11 @@ from .plan import Plan, layout_of, plan_for
 
 __all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of"]
 
-_FLOATS = (torch.float32, torch.float64)
 
 #: Inputs with fewer elements run the serial twins of the kernels (no thread hand-off).
 SERIAL_BELOW = 1 << 17
+#: LayerNorm/RMSNorm rows this short use the tile-phased kernels (see ``_kernels``).
+SHORT_ROW = 256
 
 
 def _threads(numel: int) -> int:
@@ -68,8 +71,10 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     are off it changes nothing. See ``HUGE_PAGES_FROM`` for the size cut.
     """
     out = torch.empty_like(t)
+    if _madvise is None or t.numel() * t.element_size() < HUGE_PAGES_FROM:
+        return out
     nbytes = out.untyped_storage().nbytes()
-    if _madvise is not None and nbytes >= HUGE_PAGES_FROM:
+    if nbytes >= HUGE_PAGES_FROM:
         huge = 1 << 21
         start = (out.data_ptr() + huge - 1) & ~(huge - 1)
         end = (out.data_ptr() + nbytes) & ~(huge - 1)
@@ -86,50 +91,83 @@ def plan_of(x: torch.Tensor, spec: NormSpec) -> Plan | None:
     return plan_for(spec, layout, torch.get_num_threads())
 
 
+@dataclass(frozen=True)
+class _Call:
+    """What a kernel call needs that depends only on (spec, layout, dtype, threads):
+    looked up once per configuration, so a call on a small input pays for little more
+    than the kernel (see ``SERIAL_BELOW``)."""
+
+    plan: Plan
+    cdt: torch.dtype  # compute dtype: float32 or float64
+    npdt: type  # its NumPy scalar type
+    stat_shape: tuple[int, ...]
+    param_shape: tuple[int, ...]
+    groups: int  # number of statistics
+    memory_format: torch.memory_format  # x's layout, for dy
+
+
+@lru_cache(maxsize=512)
+def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype, threads: int) -> _Call | None:
+    plan = plan_for(spec, layout, threads)
+    if plan is None:
+        return None
+    cdt = compute_dtype(dtype)
+    fmt = torch.contiguous_format
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(spec.input_shape) == 4 else torch.channels_last_3d
+    groups = plan.dims[1] if plan.kind == "grouped" else plan.dims[0] * plan.dims[2]
+    return _Call(plan, cdt, np.float64 if cdt == torch.float64 else np.float32, spec.stat_shape,
+                 spec.param_shape, groups, fmt)
+
+
+def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
+    layout = layout_of(x)
+    call = None if layout is None else _call_for(spec, layout, x.dtype, torch.get_num_threads())
+    if call is None:
+        raise ValueError(f"cpu-numba: no kernel for {spec.family} on input of shape "
+                         f"{tuple(x.shape)} and strides {x.stride()}")
+    return call
+
+
 def _flat(t: torch.Tensor) -> np.ndarray:
-    """Zero-copy 1-D NumPy view of a dense tensor's storage in memory order."""
-    if not t.is_contiguous():  # channels_last: memory order is (N, *spatial, C)
-        t = t.permute(0, *range(2, t.dim()), 1)
-    return t.detach().reshape(-1).numpy()
+    """Zero-copy 1-D NumPy view of a dense tensor's storage in memory order (NumPy's
+    ``ravel("K")`` follows the strides, so channels_last needs no permute)."""
+    flat = t.detach().numpy().ravel("K")
+    if flat.flags.owndata and t.numel() > 1:  # a copy: writes would be lost
+        raise RuntimeError(f"cpu-numba: no flat view of a tensor with strides {t.stride()}")
+    return flat
 
 
-_FILLED: dict[tuple[int, float, torch.dtype], np.ndarray] = {}
+_FILLED: dict[tuple[int, float, type], np.ndarray] = {}
 
 
-def _filled(n: int, fill: float, dtype: torch.dtype) -> np.ndarray:
+def _filled(n: int, fill: float, npdt: type) -> np.ndarray:
     """A cached array of ``n`` copies of ``fill`` (absent weight/bias/mean; never written)."""
-    key = (n, fill, dtype)
+    key = (n, fill, npdt)
     arr = _FILLED.get(key)
     if arr is None:
         if len(_FILLED) > 256:
             _FILLED.clear()
-        arr = np.full(n, fill, dtype=np.float64 if dtype == torch.float64 else np.float32)
+        arr = np.full(n, fill, dtype=npdt)
         _FILLED[key] = arr
     return arr
 
 
-def _param(p: torch.Tensor | None, channels: int, fill: float, dtype: torch.dtype) -> np.ndarray:
+def _param(p: torch.Tensor | None, call: _Call, fill: float) -> np.ndarray:
     if p is None:
-        return _filled(channels, fill, dtype)
-    p = p.detach()
-    if p.dtype != dtype or not p.is_contiguous():
-        p = p.to(dtype).contiguous()
-    return p.view(-1).numpy()
+        return _filled(call.plan.channels, fill, call.npdt)
+    if p.dtype != call.cdt or not p.is_contiguous():
+        p = p.detach().to(call.cdt).contiguous()
+    return p.detach().numpy().reshape(-1)
 
 
-def _stat_input(stat: torch.Tensor | None, spec: NormSpec, plan: Plan, cdt: torch.dtype) -> np.ndarray:
-    """Per-group values (P,) of a statistic given broadcastable to ``spec.stat_shape``."""
+def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
+    """Per-group values (groups,) of a statistic given broadcastable to ``stat_shape``."""
     if stat is None:
-        groups = plan.dims[1] if plan.kind == "grouped" else plan.dims[0] * plan.dims[2]
-        return _filled(groups, 0.0, cdt)
-    stat = stat.detach()
-    if stat.dtype == cdt and stat.shape == spec.stat_shape and stat.is_contiguous():
-        return stat.view(-1).numpy()  # batch statistics as forward returned them
-    return torch.broadcast_to(stat.to(cdt), spec.stat_shape).reshape(-1).contiguous().numpy()
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in _FLOATS else x.to(compute_dtype(x.dtype))
+        return _filled(call.groups, 0.0, call.npdt)
+    if stat.dtype == call.cdt and stat.shape == call.stat_shape and stat.is_contiguous():
+        return stat.detach().numpy().reshape(-1)  # batch statistics as forward returned them
+    return torch.broadcast_to(stat.detach().to(call.cdt), call.stat_shape).reshape(-1).contiguous().numpy()
 
 
 def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None,
@@ -139,81 +177,72 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     ``out`` (float32/float64 inputs only): a preallocated output of x's shape, dtype
     and layout to write y into -- the benchmark's kernel-level timing uses it.
     """
-    plan = plan_of(x, spec)
-    if plan is None:
-        raise ValueError(f"cpu-numba: no kernel for {spec.family} on input of shape "
-                         f"{tuple(x.shape)} and strides {x.stride()}")
-    cdt = compute_dtype(x.dtype)
-    xc = _upcast(x)
-    y = _empty_like(xc) if out is None or xc is not x else out
-    channels = plan.channels
-    w = _param(weight, channels, 1.0, cdt)
-    b = _param(bias, channels, 0.0, cdt)
+    call = _call_of(x, spec)
+    cdt, plan = call.cdt, call.plan
+    xc = x if x.dtype == cdt else x.to(cdt)  # float16/bfloat16: computed in float32
+    y = out if out is not None and xc is x else _empty_like(xc)
+    w = _param(weight, call, 1.0)
+    b = _param(bias, call, 0.0)
     fixed = fixed_var is not None
     if fixed:
-        var_out = fixed_var.to(cdt)
-        rstd_out = torch.rsqrt(var_out + eps)
-        mean_out = fixed_mean.to(cdt) if fixed_mean is not None else None
-        mean_np = _stat_input(mean_out, spec, plan, cdt)
-        rstd_np = _stat_input(rstd_out, spec, plan, cdt)
+        var = fixed_var.to(cdt)
+        rstd = torch.rsqrt(var + eps)
+        mean = fixed_mean.to(cdt) if fixed_mean is not None else None
+        mean_np, var_np, rstd_np = _stat_input(mean, call), _filled(0, 0.0, call.npdt), _stat_input(rstd, call)
+    else:
+        mean = torch.empty(call.stat_shape, dtype=cdt)
+        var = torch.empty(call.stat_shape, dtype=cdt)
+        rstd = torch.empty(call.stat_shape, dtype=cdt)
+        mean_np, var_np, rstd_np = (t.numpy().reshape(-1) for t in (mean, var, rstd))
     k = runtime.kernels()
     threads = _threads(x.numel())
+    xf, yf = _flat(xc), _flat(y)
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
-        if not fixed:
-            mean_t = torch.empty(p, dtype=cdt)
-            var_t = torch.empty(p, dtype=cdt)
-            rstd_t = torch.empty(p, dtype=cdt)
-            mean_np, var_np, rstd_np = mean_t.numpy(), var_t.numpy(), rstd_t.numpy()
+        if not fixed and a == s == g == 1 and kk <= SHORT_ROW:  # LayerNorm/RMSNorm, short rows
+            team.run(k.short_rows_forward, (xf, yf, w, b, p, kk, float(eps), spec.center, mean_np, var_np,
+                                            rstd_np), p, threads)
         else:
-            var_np = np.empty(0, dtype=mean_np.dtype)
-        team.run(k.grouped_forward, (_flat(xc), _flat(y), w, b, a, p, kk, s, g, float(eps),
-                                     spec.center, not fixed, mean_np, var_np, rstd_np), p, threads)
-    else:
+            team.run(k.grouped_forward, (xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed,
+                                         mean_np, var_np, rstd_np), p, threads)
+    elif not fixed and plan.blocks == 1:
+        # one work item per sample: statistics and output in one sweep
         n, s, g, kk = plan.dims
-        nb = plan.blocks
-        xf = _flat(xc)
-        if not fixed and nb == 1:
-            # one work item per sample: statistics and output in one sweep
-            mean_t = torch.empty(n * g, dtype=cdt)
-            var_t = torch.empty(n * g, dtype=cdt)
-            rstd_t = torch.empty(n * g, dtype=cdt)
-            team.run(k.cl_forward_fused, (xf, _flat(y), w, b, n, s, g, kk, float(eps),
-                                          mean_t.numpy().reshape(n, g), var_t.numpy().reshape(n, g),
-                                          rstd_t.numpy().reshape(n, g)), n, threads)
-            return _forward_result(x, y, spec, mean_t, var_t, rstd_t)
-        if not fixed:
-            pcnt = np.empty((n * nb, g))
-            pmu = np.empty((n * nb, g))
-            pm2 = np.empty((n * nb, g))
-            team.run(k.cl_stats, (xf, n, s, g, kk, nb, pcnt, pmu, pm2), n * nb, threads)
-            mean64, var64 = _merge(pcnt, pmu, pm2, n, nb, g)
-            rstd64 = 1.0 / np.sqrt(var64 + eps)
-            mean_t = torch.from_numpy(mean64.reshape(-1)).to(cdt)
-            var_t = torch.from_numpy(var64.reshape(-1)).to(cdt)
-            rstd_t = torch.from_numpy(rstd64.reshape(-1)).to(cdt)
-        else:
-            mean64 = mean_np.astype(np.float64).reshape(n, g)
-            rstd64 = rstd_np.astype(np.float64).reshape(n, g)
-        npdt = w.dtype
-        mean_rep = np.repeat(mean64, kk, axis=1)
-        mc = mean_rep.astype(npdt)
-        sc64 = np.repeat(rstd64, kk, axis=1) * w.astype(np.float64)
-        # y = (x - mc) * sc + sh, sh = b - (mean - mc) * sc: see _kernels._cl_affine_rows
-        sh = (b.astype(np.float64) - (mean_rep - mc) * sc64).astype(npdt)
-        team.run(k.cl_apply, (xf, _flat(y), mc, sc64.astype(npdt), sh, n, s, g * kk, nb), n * nb,
-                 threads)
-    if fixed:
-        return (y.to(x.dtype) if x.dtype != y.dtype else y), mean_out, var_out, rstd_out
-    return _forward_result(x, y, spec, mean_t, var_t, rstd_t)
-
-
-def _forward_result(x, y, spec, mean_t, var_t, rstd_t):
-    if x.dtype != y.dtype:
+        team.run(k.cl_forward_fused, (xf, yf, w, b, n, s, g, kk, float(eps), mean_np.reshape(n, g),
+                                      var_np.reshape(n, g), rstd_np.reshape(n, g)), n, threads)
+    else:
+        _cl_forward_blocks(k, xf, yf, w, b, plan, eps, fixed, mean_np, var_np, rstd_np, threads)
+    if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    shape = spec.stat_shape
-    mean = mean_t.view(shape) if spec.center else None
-    return y, mean, var_t.view(shape), rstd_t.view(shape)
+    return y, (mean if spec.center else None), var, rstd
+
+
+def _cl_forward_blocks(k, xf, yf, w, b, plan: Plan, eps, fixed, mean_np, var_np, rstd_np, threads):
+    """Channels-last forward over row blocks (BatchNorm, or fixed statistics): per-block
+    (count, mean, M2), merged, then the output pass with per-(sample, channel)
+    coefficients. Writes the statistics into mean_np/var_np/rstd_np when not fixed."""
+    n, s, g, kk = plan.dims
+    nb = plan.blocks
+    if not fixed:
+        pcnt = np.empty((n * nb, g))
+        pmu = np.empty((n * nb, g))
+        pm2 = np.empty((n * nb, g))
+        team.run(k.cl_stats, (xf, n, s, g, kk, nb, pcnt, pmu, pm2), n * nb, threads)
+        mean64, var64 = _merge(pcnt, pmu, pm2, n, nb, g)
+        rstd64 = 1.0 / np.sqrt(var64 + eps)
+        mean_np[:] = mean64.reshape(-1)
+        var_np[:] = var64.reshape(-1)
+        rstd_np[:] = rstd64.reshape(-1)
+    else:
+        mean64 = mean_np.astype(np.float64).reshape(n, g)
+        rstd64 = rstd_np.astype(np.float64).reshape(n, g)
+    npdt = w.dtype
+    mean_rep = np.repeat(mean64, kk, axis=1)
+    mc = mean_rep.astype(npdt)
+    sc64 = np.repeat(rstd64, kk, axis=1) * w.astype(np.float64)
+    # y = (x - mc) * sc + sh, sh = b - (mean - mc) * sc: see _kernels._cl_affine_rows
+    sh = (b.astype(np.float64) - (mean_rep - mc) * sc64).astype(npdt)
+    team.run(k.cl_apply, (xf, yf, mc, sc64.astype(npdt), sh, n, s, g * kk, nb), n * nb, threads)
 
 
 def _merge(pcnt, pmu, pm2, n, nb, g):
@@ -230,88 +259,85 @@ def _merge(pcnt, pmu, pm2, n, nb, g):
 def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
                   needs_input_grad=(True, True, True)):
     """:func:`normlab.backends.reference.backward` on the kernels."""
-    plan = plan_of(x, spec)
-    if plan is None:
-        raise ValueError(f"cpu-numba: no kernel for {spec.family} on input of shape {tuple(x.shape)}")
+    call = _call_of(x, spec)
+    cdt, plan = call.cdt, call.plan
     need_dx, need_dw, need_db = needs_input_grad
-    cdt = compute_dtype(x.dtype)
-    xc = _upcast(x)
-    fmt = torch.channels_last if layout_of(x) == "channels_last" else torch.contiguous_format
-    if x.dim() == 5 and fmt == torch.channels_last:
-        fmt = torch.channels_last_3d
-    dyc = _upcast(dy).contiguous(memory_format=fmt)
-    if dyc.dtype != xc.dtype:
-        dyc = dyc.to(xc.dtype)
-    channels = plan.channels
-    w = _param(weight, channels, 1.0, cdt)
-    mean_np = _stat_input(mean, spec, plan, cdt)
-    rstd_np = _stat_input(rstd, spec, plan, cdt)
+    xc = x if x.dtype == cdt else x.to(cdt)
+    if dy.dtype != cdt:
+        dy = dy.to(cdt)
+    dy = dy.contiguous(memory_format=call.memory_format)  # x's memory order (no-op if it has it)
+    w = _param(weight, call, 1.0)
+    mean_np = _stat_input(mean, call)
+    rstd_np = _stat_input(rstd, call)
     dx = _empty_like(xc) if need_dx else None
+    dx_np = _flat(dx) if need_dx else _filled(0, 0.0, call.npdt)
+    dweight = torch.empty(call.param_shape, dtype=cdt)
+    dbias = torch.empty(call.param_shape, dtype=cdt)
     k = runtime.kernels()
     threads = _threads(x.numel())
+    dyf, xf = _flat(dy), _flat(xc)
+    channels = plan.channels
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
         t = team.chunk_count(p, threads)  # one row of dweight/dbias partials per chunk
         dwp = np.zeros((t, channels))
         dbp = np.zeros((t, channels))
-        dx_np = _flat(dx) if need_dx else np.empty(0, dtype=w.dtype)
-        if a == 1 and s == 1 and g == 1:  # LayerNorm/RMSNorm rows
-            team.run(k.rows_backward, (_flat(dyc), _flat(xc), w, mean_np, rstd_np, p, kk, spec.center,
-                                       batch_statistics, need_dx, t, dx_np, dwp, dbp), t, threads)
+        if a == s == g == 1:  # LayerNorm/RMSNorm rows
+            rows = k.short_rows_backward if kk <= SHORT_ROW else k.rows_backward
+            team.run(rows, (dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics,
+                                       need_dx, t, dx_np, dwp, dbp), t, threads)
         else:
-            team.run(k.grouped_backward, (_flat(dyc), _flat(xc), w, mean_np, rstd_np, a, p, kk, s, g,
-                                          spec.center, batch_statistics, need_dx, t, dx_np, dwp, dbp),
-                     t, threads)
-        dw64, db64 = dwp.sum(0), dbp.sum(0)
-    else:
+            team.run(k.grouped_backward, (dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center,
+                                          batch_statistics, need_dx, t, dx_np, dwp, dbp), t, threads)
+    elif plan.blocks == 1:
         n, s, g, kk = plan.dims
-        nb = plan.blocks
-        c = g * kk
-        if nb == 1:
-            dwp = np.empty((n, c))
-            dbp = np.empty((n, c))
-            dx_np = _flat(dx) if need_dx else np.empty(0, dtype=w.dtype)
-            team.run(k.cl_backward_fused, (_flat(dyc), _flat(xc), w, mean_np.reshape(n, g),
-                                           rstd_np.reshape(n, g), n, s, g, kk, spec.center,
-                                           batch_statistics, need_dx, dwp, dbp, dx_np), n, threads)
-            return _backward_result(x, dx, dwp.sum(0), dbp.sum(0), spec, cdt, need_dw, need_db)
-        npdt = w.dtype
-        mc = np.repeat(mean_np.reshape(n, g), kk, axis=1).astype(npdt)
-        rc = np.repeat(rstd_np.astype(np.float64).reshape(n, g), kk, axis=1)
-        psdy = np.empty((n * nb, c))
-        psdyx = np.empty((n * nb, c))
-        dyf, xf = _flat(dyc), _flat(xc)
-        team.run(k.cl_grad_sums, (dyf, xf, mc, rc, n, s, c, nb, psdy, psdyx), n * nb, threads)
-        dw64 = psdyx.sum(0)
-        db64 = psdy.sum(0)
-        if need_dx:
-            w64 = w.astype(np.float64)
-            wr = rc * w64
-            if batch_statistics:
-                count = s * kk
-                per_n_dy = psdy.reshape(n, nb, c).sum(1) * w64  # sum of g = dy * w
-                per_n_dyx = psdyx.reshape(n, nb, c).sum(1) * w64  # sum of g * xhat
-                m1 = per_n_dy.reshape(n, g, kk).sum(2) / count
-                m2 = per_n_dyx.reshape(n, g, kk).sum(2) / count
-                if not spec.center:
-                    m1 = np.zeros_like(m1)
-                c1 = np.repeat(m1, kk, axis=1) * rc
-                c2 = np.repeat(m2, kk, axis=1) * rc * rc
-            else:
-                c1 = np.zeros((n, c))
-                c2 = np.zeros((n, c))
-            # dx = wr * dy - c2 * (x - mc) - c1
-            team.run(k.cl_dx, (dyf, xf, mc, wr.astype(npdt), (-c2).astype(npdt), (-c1).astype(npdt),
-                               n, s, c, nb, _flat(dx)), n * nb, threads)
-    return _backward_result(x, dx, dw64, db64, spec, cdt, need_dw, need_db)
-
-
-def _backward_result(x, dx, dw64, db64, spec, cdt, need_dw, need_db):
-    dweight = torch.from_numpy(dw64).to(cdt).reshape(spec.param_shape) if need_dw else None
-    dbias = torch.from_numpy(db64).to(cdt).reshape(spec.param_shape) if need_db else None
+        dwp = np.empty((n, channels))
+        dbp = np.empty((n, channels))
+        team.run(k.cl_backward_fused, (dyf, xf, w, mean_np.reshape(n, g), rstd_np.reshape(n, g), n, s, g,
+                                       kk, spec.center, batch_statistics, need_dx, dwp, dbp, dx_np), n, threads)
+    else:
+        dwp, dbp = _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan, spec.center,
+                                       batch_statistics, need_dx, dx_np, threads)
+    k.sum_partials(dwp, dbp, dweight.numpy().reshape(-1), dbias.numpy().reshape(-1))
     if dx is not None and dx.dtype != x.dtype:
         dx = dx.to(x.dtype)
-    return dx, dweight, dbias
+    return dx, (dweight if need_dw else None), (dbias if need_db else None)
+
+
+def _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan: Plan, center, batch_statistics, need_dx,
+                        dx_np, threads):
+    """Channels-last backward over row blocks (BatchNorm): per-block gradient sums, then
+    dx with per-(sample, channel) coefficients. Returns the (blocks, C) partial sums of
+    dweight and dbias."""
+    n, s, g, kk = plan.dims
+    nb = plan.blocks
+    c = g * kk
+    npdt = w.dtype
+    mc = np.repeat(mean_np.reshape(n, g), kk, axis=1).astype(npdt)
+    rc = np.repeat(rstd_np.astype(np.float64).reshape(n, g), kk, axis=1)
+    psdy = np.empty((n * nb, c))
+    psdyx = np.empty((n * nb, c))
+    team.run(k.cl_grad_sums, (dyf, xf, mc, rc, n, s, c, nb, psdy, psdyx), n * nb, threads)
+    if need_dx:
+        w64 = w.astype(np.float64)
+        wr = rc * w64
+        if batch_statistics:
+            count = s * kk
+            per_n_dy = psdy.reshape(n, nb, c).sum(1) * w64  # sum of g = dy * w
+            per_n_dyx = psdyx.reshape(n, nb, c).sum(1) * w64  # sum of g * xhat
+            m1 = per_n_dy.reshape(n, g, kk).sum(2) / count
+            m2 = per_n_dyx.reshape(n, g, kk).sum(2) / count
+            if not center:
+                m1 = np.zeros_like(m1)
+            c1 = np.repeat(m1, kk, axis=1) * rc
+            c2 = np.repeat(m2, kk, axis=1) * rc * rc
+        else:
+            c1 = np.zeros((n, c))
+            c2 = np.zeros((n, c))
+        # dx = wr * dy - c2 * (x - mc) - c1
+        team.run(k.cl_dx, (dyf, xf, mc, wr.astype(npdt), (-c2).astype(npdt), (-c1).astype(npdt), n, s, c, nb,
+                           dx_np), n * nb, threads)
+    return psdyx, psdy
 
 
 def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None):
