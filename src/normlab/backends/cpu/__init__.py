@@ -27,6 +27,7 @@ import os
 import torch
 
 from ...core.spec import NormSpec
+from .plan import layout_of, make_plan, plan_for
 
 __all__ = ["MIN_ELEMENTS", "accepts", "enable", "is_enabled"]
 
@@ -47,8 +48,6 @@ def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
         return False
     if not forced and x.numel() < MIN_ELEMENTS:
         return False
-    from .plan import layout_of, make_plan, plan_for
-
     if torch.compiler.is_compiling():  # traced: plain Python, no cache
         layout = layout_of(x)
         return layout is not None and make_plan(spec, layout, 1) is not None

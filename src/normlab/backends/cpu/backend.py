@@ -3,7 +3,9 @@
 
 Data path: CPU tensors are handed to numba as zero-copy NumPy views of their
 storage (``.detach().numpy()``) in the layout they already have -- contiguous or
-channels_last -- and outputs are allocated by torch in the same layout.
+channels_last -- and outputs are allocated in the same layout, large ones from a cache
+of buffers that spares them the page faults of fresh memory
+(:mod:`normlab.backends.cpu.outputs`).
 float16/bfloat16 inputs are upcast to float32 first (numba has no 16-bit float
 arithmetic on CPU), then the output is rounded back once.
 
@@ -14,8 +16,6 @@ kernels are called directly, which saves the dispatcher's per-call overhead.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -24,7 +24,7 @@ import torch
 
 from ...core.spec import NormSpec
 from ...core.stats import compute_dtype
-from . import runtime, team
+from . import outputs, runtime, team
 from .plan import Plan, layout_of, plan_for
 
 __all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of"]
@@ -40,47 +40,6 @@ def _threads(numel: int) -> int:
     """Threads for an input of ``numel`` elements: one below :data:`SERIAL_BELOW` (a
     team hand-off costs more than the work), else torch's current thread count."""
     return 1 if numel < SERIAL_BELOW else torch.get_num_threads()
-
-
-#: Outputs of at least this many bytes ask the kernel for transparent huge pages: glibc
-#: serves every allocation of 32 MiB or more with a fresh ``mmap`` (its largest dynamic
-#: threshold), so these always fault in their pages. Smaller outputs are usually reused
-#: heap memory; advising those measured 2-3x slower (the heap's VMAs get split and
-#: re-grown pages go through direct compaction).
-HUGE_PAGES_FROM = 1 << 25
-_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
-_madvise = None
-if sys.platform.startswith("linux"):
-    try:
-        _madvise = ctypes.CDLL(None, use_errno=True).madvise
-        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        _madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        _madvise = None
-
-
-def _empty_like(t: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(t)`` (same layout), backed by huge pages when it is large.
-
-    A fresh large output comes from ``mmap`` and its first touch -- inside the
-    kernel's write pass -- faults one 4 KiB page at a time: measured here, 50 MB cost
-    ~10 ms of faults against ~1 ms to write it. ``madvise(MADV_HUGEPAGE)`` on the
-    2 MiB-aligned interior (when the system's transparent huge pages are in
-    ``madvise`` mode) makes that ~25 faults of 2 MiB: LayerNorm (16384, 768) forward
-    with its output allocated, 26 -> 19 ms on one thread. Advisory: where huge pages
-    are off it changes nothing. See ``HUGE_PAGES_FROM`` for the size cut.
-    """
-    out = torch.empty_like(t)
-    if _madvise is None or t.numel() * t.element_size() < HUGE_PAGES_FROM:
-        return out
-    nbytes = out.untyped_storage().nbytes()
-    if nbytes >= HUGE_PAGES_FROM:
-        huge = 1 << 21
-        start = (out.data_ptr() + huge - 1) & ~(huge - 1)
-        end = (out.data_ptr() + nbytes) & ~(huge - 1)
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)  # failure is harmless: ignored
-    return out
 
 
 def plan_of(x: torch.Tensor, spec: NormSpec) -> Plan | None:
@@ -180,7 +139,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
     xc = x if x.dtype == cdt else x.to(cdt)  # float16/bfloat16: computed in float32
-    y = out if out is not None and xc is x else _empty_like(xc)
+    y = out if out is not None and xc is x else outputs.empty_like(xc)
     w = _param(weight, call, 1.0)
     b = _param(bias, call, 0.0)
     fixed = fixed_var is not None
@@ -190,10 +149,10 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         mean = fixed_mean.to(cdt) if fixed_mean is not None else None
         mean_np, var_np, rstd_np = _stat_input(mean, call), _filled(0, 0.0, call.npdt), _stat_input(rstd, call)
     else:
-        mean = torch.empty(call.stat_shape, dtype=cdt)
-        var = torch.empty(call.stat_shape, dtype=cdt)
-        rstd = torch.empty(call.stat_shape, dtype=cdt)
-        mean_np, var_np, rstd_np = (t.numpy().reshape(-1) for t in (mean, var, rstd))
+        # one allocation for the three statistics (a small input pays per torch call)
+        stats = torch.empty((3, *call.stat_shape), dtype=cdt)
+        mean, var, rstd = stats[0], stats[1], stats[2]
+        mean_np, var_np, rstd_np = stats.numpy().reshape(3, -1)
     k = runtime.kernels()
     threads = _threads(x.numel())
     xf, yf = _flat(xc), _flat(y)
@@ -269,10 +228,9 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     w = _param(weight, call, 1.0)
     mean_np = _stat_input(mean, call)
     rstd_np = _stat_input(rstd, call)
-    dx = _empty_like(xc) if need_dx else None
+    dx = outputs.empty_like(xc) if need_dx else None
     dx_np = _flat(dx) if need_dx else _filled(0, 0.0, call.npdt)
-    dweight = torch.empty(call.param_shape, dtype=cdt)
-    dbias = torch.empty(call.param_shape, dtype=cdt)
+    grads = torch.empty((2, *call.param_shape), dtype=cdt)  # dweight, dbias
     k = runtime.kernels()
     threads = _threads(x.numel())
     dyf, xf = _flat(dy), _flat(xc)
@@ -280,8 +238,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
         t = team.chunk_count(p, threads)  # one row of dweight/dbias partials per chunk
-        dwp = np.zeros((t, channels))
-        dbp = np.zeros((t, channels))
+        dwp, dbp = np.zeros((2, t, channels))
         if a == s == g == 1:  # LayerNorm/RMSNorm rows
             rows = k.short_rows_backward if kk <= SHORT_ROW else k.rows_backward
             team.run(rows, (dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics,
@@ -298,10 +255,11 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     else:
         dwp, dbp = _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan, spec.center,
                                        batch_statistics, need_dx, dx_np, threads)
-    k.sum_partials(dwp, dbp, dweight.numpy().reshape(-1), dbias.numpy().reshape(-1))
+    dw_np, db_np = grads.numpy().reshape(2, -1)
+    k.sum_partials(dwp, dbp, dw_np, db_np)
     if dx is not None and dx.dtype != x.dtype:
         dx = dx.to(x.dtype)
-    return dx, (dweight if need_dw else None), (dbias if need_db else None)
+    return dx, (grads[0] if need_dw else None), (grads[1] if need_db else None)
 
 
 def _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan: Plan, center, batch_statistics, need_dx,

@@ -34,14 +34,6 @@ def _spec(x: Tensor, family: str, group_shape: Sequence[int], reduce_dims: Seque
                     tuple(feature_dims), center)
 
 
-def _own(t: Tensor, *inputs: Tensor | None) -> Tensor:
-    """A custom op may not return (a view of) one of its inputs: copy if it would."""
-    for i in inputs:
-        if i is not None and t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr():
-            return t.clone()
-    return t
-
-
 @torch.library.custom_op("normlab::numba_norm_forward", mutates_args=(), device_types="cpu")
 def _forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, fixed_mean: Tensor | None,
                 fixed_var: Tensor | None, family: str, group_shape: list[int],
@@ -51,8 +43,9 @@ def _forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, fixed_mea
     y, mean, var, rstd = backend.forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var)
     if mean is None:
         mean = rstd.new_empty(0)
-    ins = (x, weight, bias, fixed_mean, fixed_var)
-    return y, _own(mean, *ins), _own(var, *ins), _own(rstd, *ins)
+    # an op's outputs may not alias its inputs (fixed statistics may be returned as
+    # given) or each other (the kernels' statistics are views of one buffer): copy them
+    return y, mean.clone(), var.clone(), rstd.clone()
 
 
 @_forward_op.register_fake
@@ -83,8 +76,9 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor | No
                                        (need_dx, need_dweight, need_dbias))
     cdt = compute_dtype(x.dtype)
     empty = x.new_empty(0, dtype=cdt)
+    # dw and db are views of one buffer: copies, as an op's outputs may not alias
     return (dx if dx is not None else x.new_empty(0),
-            dw if dw is not None else empty, db if db is not None else empty.clone())
+            dw.clone() if dw is not None else empty, db.clone() if db is not None else empty.clone())
 
 
 @_backward_op.register_fake
