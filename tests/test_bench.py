@@ -28,8 +28,25 @@ def test_interleaved_runs_round_robin():
     samples = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                           repeats=3, warmup=0, min_time=0.0)
     assert len(samples["a"]) == len(samples["b"]) == 3
-    # after the calibration calls (one each), samples alternate a, b, a, b ...
-    assert order[2:] == ["a", "b"] * 3
+    # after the calibration calls (one each), every round runs each function once
+    rounds = [sorted(order[i:i + 2]) for i in range(2, len(order), 2)]
+    assert rounds == [["a", "b"]] * 3
+
+
+def test_interleaved_gives_every_function_the_same_calls_per_sample():
+    import time
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.002)
+
+    interleaved({"fast": fast, "slow": slow}, repeats=2, warmup=0, min_time=0.01)
+    assert calls["fast"] == calls["slow"] > 2
 
 
 def test_saved_bytes_counts_what_backward_keeps():

@@ -119,7 +119,7 @@ def run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats
     for mode in modes:
         timed = {"copy": lambda: dst.copy_(x), "alloc+copy": lambda: x.clone()}
         timed.update(_mode_fns(mode, fns, case))
-        samples = interleaved(timed, repeats, min_time=min_time)
+        samples = interleaved(timed, repeats, min_time=min_time, same_calls=list(fns))
         copy_s = median(samples["copy"])
         copy_gbps = 2 * nbytes / copy_s / 1e9
         floor_s = floor_bytes(case.numel, case.itemsize, mode) / (copy_gbps * 1e9)

@@ -1,4 +1,4 @@
-"""Timing discipline: providers interleaved (A B C A B C ...), medians of repeats.
+"""Timing discipline: providers interleaved (A B C, C A B, B C A, ... shuffled per round), medians of repeats.
 
 On a shared, noisy machine a provider measured minutes after another can look 3x
 faster or slower for reasons that have nothing to do with it. Interleaving puts every
@@ -8,9 +8,10 @@ one run are what the reports quote.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -18,24 +19,40 @@ __all__ = ["interleaved", "saved_bytes", "floor_bytes"]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                min_time: float = 0.02) -> dict[str, list[float]]:
+                min_time: float = 0.02, same_calls: Collection[str] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, measured round-robin.
 
-    Each sample times ``k`` back-to-back calls (``k`` chosen in warm-up so a sample
-    lasts about ``min_time``; small inputs would otherwise measure the clock) and
-    records the mean per call.
+    Each sample times ``k`` back-to-back calls and records the mean per call; ``k`` is
+    chosen in warm-up so that a sample lasts about ``min_time`` (small inputs would
+    otherwise measure the clock). The functions named in ``same_calls`` (default: all)
+    share one ``k``, the one that suits the slowest of them: a function timed over more
+    consecutive calls runs warmer (its buffers cached) and would look faster than one it
+    is compared with. The others (e.g. the copy that sets the floor) get their own.
     """
-    inner: dict[str, int] = {}
+    same = set(fns) if same_calls is None else set(same_calls)
+    once: dict[str, float] = {}
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
         start = time.perf_counter()
         fn()
-        once = max(time.perf_counter() - start, 1e-7)
-        inner[name] = max(1, min(1000, int(min_time / once)))
+        once[name] = max(time.perf_counter() - start, 1e-7)
+
+    def calls(seconds: float) -> int:
+        return max(1, min(1000, int(min_time / seconds)))
+
+    shared = calls(max((once[name] for name in same), default=1e-7))
+    inner = {name: shared if name in same else calls(once[name]) for name in fns}
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        # a new order every round: what ran just before a function (its buffers in the
+        # caches) changes its time -- the same kernels measured 12% apart right after
+        # torch.nn and right after themselves -- so no function may always follow the same one
+        shuffle(names)
+        for name in names:
+            fn = fns[name]
             k = inner[name]
             start = time.perf_counter()
             for _ in range(k):
