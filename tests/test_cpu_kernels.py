@@ -456,6 +456,50 @@ def test_team_runs_on_torchs_openmp_runtime():
     assert team.uses_openmp()
 
 
+def test_team_uses_torchs_openmp_not_another_packages():
+    """scikit-learn wheels ship their own libgomp; a team on it would be a second pool."""
+    pytest.importorskip("sklearn")
+    import ctypes
+
+    if not team.uses_openmp():
+        pytest.skip("torch here does not run on an OpenMP runtime")
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                    ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(team, "_searched", False)  # search again, now that sklearn is loaded
+    try:
+        found = team._openmp()
+        info = DlInfo()
+        ctypes.CDLL(None).dladdr(ctypes.c_void_p(ctypes.cast(found, ctypes.c_void_p).value), ctypes.byref(info))
+    finally:
+        monkey.undo()
+    assert b"scikit_learn" not in info.fname and b"sklearn" not in info.fname, info.fname
+
+
+def test_fallback_pool_under_concurrent_calls_of_different_widths(monkeypatch):
+    monkeypatch.setattr(team, "_forked", True)
+    errors = []
+
+    def work(width):
+        try:
+            for _ in range(20):
+                calls = []
+                team.run(_recording_kernel(calls), ("args",), 50, width)
+                assert sorted(lo for lo, *_ in calls)[0] == 0
+        except BaseException as error:
+            errors.append(error)
+
+    workers = [threading.Thread(target=work, args=(w,)) for w in range(2, 9)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+
+
 def test_thread_count_follows_torch():
     """Kernels use at most torch.get_num_threads() threads: one when torch has one."""
     before = torch.get_num_threads()

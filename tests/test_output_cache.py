@@ -106,3 +106,43 @@ def test_layer_outputs_and_gradients_through_the_cache_match_torch():
         torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5, msg=f"input grad, step {step}")
         del y, x
     assert outputs.cached_bytes() > 0, "released outputs should have gone back to the cache"
+
+
+def test_outputs_are_aligned_like_torchs():
+    for shape in (BIG, (3, 5, 129, 131)):
+        assert outputs.empty_like(torch.empty(shape)).data_ptr() % 64 == 0
+
+
+def test_least_recently_returned_sizes_are_evicted(monkeypatch):
+    monkeypatch.setenv("NORMLAB_OUTPUT_CACHE_MB", "2")
+    small, large = torch.empty(BIG), torch.empty(6, *BIG[1:])  # 1 MiB and 1.5 MiB
+    a = outputs.empty_like(small)
+    b = outputs.empty_like(large)
+    b_ptr = b.data_ptr()
+    del a
+    gc.collect()
+    del b
+    gc.collect()
+    assert outputs.cached_bytes() == 6 * 16 * 64 * 64 * 4, "the 1 MiB buffer made room for the 1.5 MiB one"
+    assert outputs.empty_like(large).data_ptr() == b_ptr
+
+
+def test_finalizer_inside_the_lock_does_not_deadlock():
+    """A garbage collection started while the cache's lock is held can run a cached
+    output's finalizer on the same thread: the lock must be re-entrant."""
+    import threading
+
+    out = outputs.empty_like(torch.empty(BIG))
+    cycle = [out]
+    cycle.append(cycle)  # freed only by the cycle collector
+    del out
+
+    def collect_under_lock():
+        with outputs._lock:
+            del cycle[:]  # break nothing yet: the list still refers to itself
+            gc.collect()
+
+    worker = threading.Thread(target=collect_under_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "deadlock: the finalizer waited for a lock its own thread held"

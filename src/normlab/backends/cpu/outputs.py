@@ -17,12 +17,19 @@ large outputs cost no faults.
 
 Limits:
 
-* at most ``NORMLAB_OUTPUT_CACHE_MB`` MiB (default 512) of *free* buffers are kept;
-  buffers in use are the caller's tensors and count against nothing. ``0`` turns the
-  cache off. :func:`clear` releases the free buffers.
-* the storage of a cached output cannot grow: ``resize_`` to a larger size (or an
-  ``out=`` argument that would resize it) raises. Everything else -- views, in-place
-  ops, autograd, ``share_memory_``, pickling -- behaves as for any CPU tensor.
+* at most ``NORMLAB_OUTPUT_CACHE_MB`` MiB (default 512) of *free* buffers are kept,
+  the sizes returned least recently evicted first (shapes that change every step, e.g.
+  variable sequence lengths, do not pin memory for good); buffers in use are the
+  caller's tensors and count against nothing. ``0`` turns the cache off. :func:`clear`
+  releases the free buffers.
+* the storage of a cached output cannot be resized: ``resize_`` to another size (or an
+  ``out=`` argument that would resize it, or ``storage().resize_(0)`` as some offloading
+  code does) raises. Everything else -- views, in-place ops, autograd, pickling,
+  ``share_memory_`` -- behaves as for any CPU tensor. As with any tensor, a NumPy view
+  taken *before* ``share_memory_()`` moved the storage points at the old memory, which
+  the cache may hand to the next output.
+* these buffers are NumPy allocations, not c10's: ``torch.profiler``'s memory view does
+  not see them.
 
 Buffers of at least ``HUGE_PAGES_FROM`` bytes are allocated with transparent huge pages
 where the system offers them (``madvise(MADV_HUGEPAGE)``): when the cache is off, or for
@@ -37,6 +44,7 @@ import os
 import sys
 import threading
 import weakref
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -50,9 +58,22 @@ HUGE_PAGES_FROM = 1 << 25
 
 _NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
-_lock = threading.Lock()
-_free: dict[int, list[np.ndarray]] = {}
+# Re-entrant: creating an object under the lock can start a garbage collection that
+# frees a cached output caught in a reference cycle, whose finalizer (_give_back) then
+# takes the lock again on the same thread.
+_lock = threading.RLock()
+# free buffers by size, least recently returned size first (evicted first)
+_free: OrderedDict[int, list[np.ndarray]] = OrderedDict()
 _free_bytes = 0
+_ALIGN = 64  # bytes: what torch's own CPU allocator gives (a cache line, an AVX-512 vector)
+
+
+def _reset_lock_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_reset_lock_in_child)
 
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 _madvise = None
@@ -91,22 +112,34 @@ def _take(nbytes: int) -> np.ndarray | None:
         if not buffers:
             return None
         _free_bytes -= nbytes
-        return buffers.pop()
+        buffer = buffers.pop()
+        if not buffers:
+            del _free[nbytes]
+        return buffer
 
 
-def _give_back(buffer: np.ndarray) -> None:
-    """Finalizer of an output's array: keep its buffer for the next output of its size."""
+def _give_back(buffer: np.ndarray, nbytes: int) -> None:
+    """Finalizer of an output's array: keep its buffer for the next output of its size,
+    evicting the least recently returned sizes to stay under the limit."""
     global _free_bytes
-    nbytes = buffer.nbytes
     try:
         limit = _limit()
     except ValueError:  # reported by the next empty_like(); a finalizer must not raise
         return
-    with _lock:  # nothing is freed while the lock is held (a finalizer could run then)
-        if _free_bytes + nbytes > limit:
-            return  # over the limit: the buffer is freed when this frame lets go of it
+    if nbytes > limit:
+        return
+    evicted = []
+    with _lock:
+        while _free_bytes + nbytes > limit and _free:
+            size, buffers = next(iter(_free.items()))
+            evicted.append(buffers.pop())
+            _free_bytes -= size
+            if not buffers:
+                del _free[size]
         _free.setdefault(nbytes, []).append(buffer)
+        _free.move_to_end(nbytes)
         _free_bytes += nbytes
+    del evicted  # freed outside the lock (plain memory: no finalizers run)
 
 
 def cached_bytes() -> int:
@@ -135,10 +168,12 @@ def empty_like(like: torch.Tensor) -> torch.Tensor:
         return out
     buffer = _take(nbytes)
     if buffer is None:
-        buffer = np.empty(nbytes, dtype=np.uint8)
+        raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+        start = -raw.ctypes.data % _ALIGN
+        buffer = raw[start:start + nbytes]  # keeps raw alive
         _advise_huge_pages(buffer.ctypes.data, nbytes)
     array = buffer.view(_NUMPY[like.dtype])
-    weakref.finalize(array, _give_back, buffer).atexit = False
+    weakref.finalize(array, _give_back, buffer, nbytes).atexit = False
     flat = torch.from_numpy(array)
     if like.is_contiguous():
         return flat.view(like.shape)

@@ -89,23 +89,31 @@ _forked = False
 
 
 def _omp_body(key: int) -> None:
-    _jobs[key].work()
+    job = _jobs[key]
+    try:
+        job.work()
+    except BaseException as error:  # e.g. Ctrl-C before work() was entered: never lost
+        if job.error is None:
+            job.error = error
 
 
 _omp_callback = _CALLBACK(_omp_body)  # kept alive for the life of the process
 
 
 def _find_openmp():
-    """``GOMP_parallel`` of the OpenMP runtime loaded in this process (torch's), or None."""
+    """``GOMP_parallel`` of the OpenMP runtime torch itself calls, or None.
+
+    Other packages bring their own copies (scikit-learn wheels ship a ``libgomp``); a
+    team on one of those would be a second pool of spinning threads. So the symbol is
+    looked up through ``libtorch_cpu``'s handle: ``dlsym`` on a library's handle searches
+    that library and its own dependencies, i.e. the runtime torch was linked against.
+    """
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/lib" in line and "omp" in line}
+            paths = {line.split()[-1] for line in maps if "libtorch_cpu" in line}
     except OSError:
         return None
     for path in sorted(paths):
-        name = os.path.basename(path)
-        if not (name.startswith("libgomp") or name.startswith("libiomp")):
-            continue
         try:
             # the same path dlopen()ed again returns the library already loaded
             fn = ctypes.CDLL(path).GOMP_parallel
@@ -136,24 +144,24 @@ def uses_openmp() -> bool:
 # ------------------------------------------------------------------ fallback pool
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 _pool_lock = threading.Lock()
+#: Helper threads of the fallback pool (created lazily, never shut down: a pool that is
+#: replaced while another thread submits to it would refuse the work).
+_POOL_WORKERS = max(8, os.cpu_count() or 1)
 
 
-def _python_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+def _python_pool() -> ThreadPoolExecutor:
+    global _pool
     with _pool_lock:
-        if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="normlab"), workers
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_POOL_WORKERS, thread_name_prefix="normlab")
         return _pool
 
 
 def _after_fork_in_child() -> None:
-    global _forked, _pool, _pool_size, _pool_lock
+    global _forked, _pool, _pool_lock
     _forked = True
-    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()  # the parent's threads are gone
+    _pool, _pool_lock = None, threading.Lock()  # the parent's threads are gone
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -187,8 +195,8 @@ def run(kernel: Callable, args: Sequence, items: int, threads: int) -> None:
         finally:
             del _jobs[key]
     else:
-        pool = _python_pool(threads - 1)
-        helpers = [pool.submit(job.work) for _ in range(threads - 1)]
+        pool = _python_pool()
+        helpers = [pool.submit(job.work) for _ in range(min(threads - 1, _POOL_WORKERS))]
         job.work()
         for helper in helpers:
             helper.result()
