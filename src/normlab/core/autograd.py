@@ -68,9 +68,9 @@ class NormFunction(torch.autograd.Function):
         dx, dweight, dbias = backend.backward(
             dy, x, weight, mean, rstd, spec, ctx.batch_statistics, ctx.needs_input_grad[:3]
         )
-        if dweight is not None:
+        if dweight is not None and dweight.dtype != weight.dtype:
             dweight = dweight.to(weight.dtype)
-        if dbias is not None:
+        if dbias is not None and dbias.dtype != ctx.bias_dtype:
             dbias = dbias.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None
 
