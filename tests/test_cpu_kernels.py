@@ -345,6 +345,54 @@ def test_short_row_kernels_equal_the_row_kernels(rows, k, dtype):
                 np.testing.assert_array_equal(got, want)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """bfloat16 bit patterns with every NaN mapped to one pattern (payloads may differ)."""
+    return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int16)
+
+
+@pytest.mark.parametrize("family", ["ln_short", "ln_long", "rms", "gn", "bn", "in", "bn_eval"])
+def test_bfloat16_decoded_in_kernel_equals_upcasting(family):
+    """bfloat16 on the grouped view is decoded/rounded inside the kernels; the result must
+    be bit-identical to computing on the float32 upcast and rounding once (torch's RNE)."""
+    torch.manual_seed(11)
+    shapes = {"ln_short": ((37, 40), layer_norm_spec, (40,)), "ln_long": ((9, 1000), layer_norm_spec, (1000,)),
+              "rms": ((37, 40), rms_norm_spec, (40,)), "gn": ((4, 12, 7, 5), group_norm_spec, 3),
+              "bn": ((4, 12, 7, 5), batch_norm_spec, None), "in": ((4, 12, 7, 5), instance_norm_spec, None),
+              "bn_eval": ((4, 12, 7, 5), batch_norm_spec, None)}
+    shape, make, arg = shapes[family]
+    spec = make(shape) if arg is None else make(shape, arg)
+    x = (torch.randn(shape) * 3 + 20).to(torch.bfloat16)  # an offset, and a NaN in one group
+    x.view(-1)[3] = float("nan")
+    dy = torch.randn(shape).to(torch.bfloat16)
+    w = torch.rand(spec.param_shape) + 0.5
+    b = torch.randn(spec.param_shape) if family != "rms" else None
+    fixed = {}
+    if family == "bn_eval":
+        fixed = {"fixed_mean": torch.randn(1, 12, 1, 1), "fixed_var": torch.rand(1, 12, 1, 1) + 0.5}
+    plan = numba_backend.plan_of(x, spec)
+    assert numba_backend._bf16_in_kernel(x, plan)
+    y, mean, _, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5, **fixed)
+    y32, mean32, _, rstd32 = numba_backend.forward_impl(x.float(), w, b, spec, 1e-5, **fixed)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(_bits(y), _bits(y32.to(torch.bfloat16)))
+    assert torch.equal(rstd.isnan(), rstd32.isnan())
+    assert torch.equal(rstd.nan_to_num(), rstd32.nan_to_num())
+    batch = not fixed
+    grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, batch)
+    grads32 = numba_backend.backward_impl(dy.float(), x.float(), w, mean32, rstd32, spec, batch)
+    assert grads[0].dtype == torch.bfloat16
+    assert torch.equal(_bits(grads[0]), _bits(grads32[0].to(torch.bfloat16)))
+    for got, want in zip(grads[1:], grads32[1:], strict=True):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_channels_last_and_float16_are_upcast():
+    x = torch.randn(2, 8, 4, 4).to(torch.bfloat16).contiguous(memory_format=CL)
+    assert not numba_backend._bf16_in_kernel(x, numba_backend.plan_of(x, batch_norm_spec(x.shape)))
+    h = torch.randn(2, 8, 4, 4).half()
+    assert not numba_backend._bf16_in_kernel(h, numba_backend.plan_of(h, batch_norm_spec(h.shape)))
+
+
 def test_nan_propagates_only_to_its_group():
     x = torch.randn(2, 4, 3, 3)
     x[0, 1, 0, 0] = float("nan")

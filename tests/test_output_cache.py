@@ -79,11 +79,23 @@ def test_limit_and_switch_off(monkeypatch):
         outputs.empty_like(like)
 
 
-def test_small_and_other_dtype_outputs_are_plain_torch_tensors():
+def test_small_outputs_are_plain_torch_tensors():
     small = outputs.empty_like(torch.empty(8, 32, 40))
     small.resize_(10 * small.numel())
-    half = outputs.empty_like(torch.empty(BIG, dtype=torch.bfloat16).repeat(2, 1, 1, 1))
-    half.resize_(10 * half.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_outputs_come_from_the_cache_with_their_dtype(dtype):
+    like = torch.empty(8, *BIG[1:], dtype=dtype)  # 1 MiB of 16-bit values
+    out = outputs.empty_like(like)
+    assert out.dtype == dtype and out.shape == like.shape
+    values = torch.randn(like.shape).to(dtype)
+    out.copy_(values)
+    assert torch.equal(out, values)
+    ptr = out.data_ptr()
+    del out
+    gc.collect()
+    assert outputs.empty_like(like).data_ptr() == ptr
 
 
 def test_layer_outputs_and_gradients_through_the_cache_match_torch():

@@ -48,8 +48,10 @@ reductions while NaN and Inf still propagate as in torch.nn.
 
 from __future__ import annotations
 
+import llvmlite.ir as llvm_ir
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 _FM = {"reassoc", "contract"}
 _OPTS = {"cache": True, "fastmath": _FM, "nogil": True}
@@ -64,6 +66,74 @@ _BLOCK = 4096
 _BLK = 1024
 # Rows whose dweight/dbias partials are summed in x's dtype before a float64 flush.
 _ROW_BLOCK = 32
+
+
+# ----------------------------------------------------------------- bfloat16 in place
+#
+# The grouped and row kernels also take bfloat16 tensors as raw uint16 arrays: each
+# element is decoded to float32 where it is read (its 16 bits are the top half of the
+# float32 -- a shift and a bit cast, which LLVM vectorizes) and the float32 result is
+# rounded to bfloat16 where it is written (round to nearest even, as torch's
+# ``.to(torch.bfloat16)``). The arithmetic in between is the float32 kernel's, so the
+# results are bit-identical to upcasting first -- without the two conversion passes and
+# the float32 copies. For float32/float64 arrays the helpers compile to nothing.
+
+
+@intrinsic
+def _u32_as_f32(typingctx, bits):
+    """The float32 whose bit pattern is ``bits`` (uint32)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _f32_as_u32(typingctx, value):
+    """The bit pattern (uint32) of the float32 ``value``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+def _ld(value):
+    """An element as read from an array, in the compute dtype (bfloat16 bits decoded)."""
+    raise NotImplementedError  # numba-only, see the overload
+
+
+@overload(_ld)
+def _ld_impl(value):
+    if value == types.uint16:
+        return lambda value: _u32_as_f32(np.uint32(value) << np.uint32(16))
+    return lambda value: value
+
+
+def _enc(value, out):
+    """``value`` as stored into the array ``out`` (rounded to bfloat16 if out holds it)."""
+    raise NotImplementedError  # numba-only, see the overload
+
+
+@overload(_enc)
+def _enc_impl(value, out):
+    if out.dtype == types.uint16:
+        def encode(value, out):
+            u = _f32_as_u32(np.float32(value))
+            rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)  # stays a (quiet) NaN
+            return np.uint16(((u >> np.uint32(16)) | np.uint32(0x40)) if nan else rounded)
+        return encode
+    return lambda value, out: value
+
+
+def _ctype(x):
+    """The compute dtype of an input array: float32 for bfloat16 bits, else its own."""
+    raise NotImplementedError  # numba-only, see the overload
+
+
+@overload(_ctype)
+def _ctype_impl(x):
+    if x.dtype == types.uint16:
+        return lambda x: np.float32
+    return lambda x: x.dtype.type
 
 
 # --------------------------------------------------------------------------- grouped
@@ -87,7 +157,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     per element: ``y = (x - mc) * a + b'`` with ``a = rstd * w`` and
     ``b' = b - dm * a`` folded per channel in float64.
     """
-    dt = x.dtype.type
+    dt = _ctype(x)
     z = dt(0.0)
     ks = K * S
     n = A * ks
@@ -102,7 +172,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                         xb = xs[lo:lo + _BLK]
                         acc = z
                         for i in range(xb.size):
-                            acc += xb[i]
+                            acc += _ld(xb[i])
                         s1 += acc
                 mc = dt(s1 / n)
             sd = 0.0
@@ -114,7 +184,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                     ad = z
                     aq = z
                     for i in range(xb.size):
-                        d = xb[i] - mc
+                        d = _ld(xb[i]) - mc
                         ad += d
                         aq += d * d
                     sd += ad
@@ -147,7 +217,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                 xs = x[base:base + K]
                 ys = y[base:base + K]
                 for k in range(K):
-                    ys[k] = ((xs[k] - mc) * rc + sh) * ws[k] + bs[k]
+                    ys[k] = _enc(((_ld(xs[k]) - mc) * rc + sh) * ws[k] + bs[k], ys)
             else:
                 for k in range(K):
                     sc = r * ws[k]
@@ -156,7 +226,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                     xs = x[base + k * S:base + (k + 1) * S]
                     ys = y[base + k * S:base + (k + 1) * S]
                     for s in range(S):
-                        ys[s] = (xs[s] - mc) * ca + cb
+                        ys[s] = _enc((_ld(xs[s]) - mc) * ca + cb, ys)
 
 
 @njit(**_OPTS)
@@ -173,7 +243,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
     One pass for both sums (blocks of ``_BLK`` in x's dtype, totals in float64), one
     pass for dx (one subtraction and two fused multiply-adds per element).
     """
-    dt = x.dtype.type
+    dt = _ctype(x)
     z = dt(0.0)
     ks = K * S
     n = A * ks
@@ -196,8 +266,8 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                     xs = x[base:base + K]
                     dys = dy[base:base + K]
                     for k in range(K):
-                        d = dys[k]
-                        dxh = d * ((xs[k] - mc) * rc)
+                        d = _ld(dys[k])
+                        dxh = d * ((_ld(xs[k]) - mc) * rc)
                         dws[k] += dxh
                         dbs[k] += d
                         s1 += ws[k] * d
@@ -214,9 +284,9 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                             ady = z
                             adx = z
                             for s in range(xb.size):
-                                d = db[s]
+                                d = _ld(db[s])
                                 ady += d
-                                adx += d * (xb[s] - mc)
+                                adx += d * (_ld(xb[s]) - mc)
                             sdy += ady
                             sdyx += adx
                         sdyx *= r
@@ -240,7 +310,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                     dys = dy[base:base + K]
                     dxs = dx[base:base + K]
                     for k in range(K):
-                        dxs[k] = (rc * ws[k]) * dys[k] + cb * (xs[k] - mc) + cc
+                        dxs[k] = _enc((rc * ws[k]) * _ld(dys[k]) + cb * (_ld(xs[k]) - mc) + cc, dxs)
                 else:
                     for k in range(K):
                         ca = rc * ws[k]
@@ -248,7 +318,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                         dys = dy[base + k * S:base + (k + 1) * S]
                         dxs = dx[base + k * S:base + (k + 1) * S]
                         for s in range(S):
-                            dxs[s] = ca * dys[s] + cb * (xs[s] - mc) + cc
+                            dxs[s] = _enc(ca * _ld(dys[s]) + cb * (_ld(xs[s]) - mc) + cc, dxs)
 
 
 @njit(**_OPTS)
@@ -259,13 +329,13 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
     column sums for dweight/dbias through partials in x's dtype over blocks of
     ``_ROW_BLOCK`` rows (float64 read-modify-writes per element would halve the speed),
     flushed into the float64 ``dwp[t]``/``dbp[t]``."""
-    dt = x.dtype.type
+    dt = _ctype(x)
     z = dt(0.0)
     for t in range(lo, hi):
         p0 = t * P // T
         p1 = (t + 1) * P // T
-        bdw = np.zeros(K, x.dtype)
-        bdb = np.zeros(K, x.dtype)
+        bdw = np.zeros(K, dt)
+        bdb = np.zeros(K, dt)
         dws = dwp[t]
         dbs = dbp[t]
         pending = 0
@@ -286,8 +356,8 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
                 a1 = z
                 a2 = z
                 for k in range(xb.size):
-                    d = db[k]
-                    dxh = d * ((xb[k] - mc) * rc)
+                    d = _ld(db[k])
+                    dxh = d * ((_ld(xb[k]) - mc) * rc)
                     bw[k] += dxh
                     bb[k] += d
                     a1 += wb[k] * d
@@ -312,7 +382,7 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
                     cc = dt(-r * s1 / K)
             dxs = dx[p * K:(p + 1) * K]
             for k in range(K):
-                dxs[k] = (rc * w[k]) * dys[k] + cb * (xs[k] - mc) + cc
+                dxs[k] = _enc((rc * w[k]) * _ld(dys[k]) + cb * (_ld(xs[k]) - mc) + cc, dxs)
 
 
 # ------------------------------------------------------------------------ short rows
@@ -334,10 +404,10 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi):
     with the same arithmetic: rough mean ``mc`` in x's dtype, the correction ``dm`` and
     the output ``y = ((x - mc) * rstd - dm * rstd) * w + b``, kept per row of the tile
     in scratch arrays between the phases."""
-    dt = x.dtype.type
+    dt = _ctype(x)
     z = dt(0.0)
     tile = max(1, _ROW_TILE // K)
-    mcs = np.zeros(tile, x.dtype)
+    mcs = np.zeros(tile, dt)
     dms = np.zeros(tile)
     rs = np.zeros(tile)
     for p0 in range(lo, hi, tile):
@@ -347,7 +417,7 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi):
                 xs = x[p * K:(p + 1) * K]
                 acc = z
                 for i in range(K):
-                    acc += xs[i]
+                    acc += _ld(xs[i])
                 mcs[p - p0] = dt(np.float64(acc) / K)
         for p in range(p0, p1):
             xs = x[p * K:(p + 1) * K]
@@ -355,7 +425,7 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi):
             ad = z
             aq = z
             for i in range(K):
-                d = xs[i] - mc
+                d = _ld(xs[i]) - mc
                 ad += d
                 aq += d * d
             sd = np.float64(ad)
@@ -382,7 +452,7 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi):
             rc = dt(r)
             sh = dt(-dms[p - p0] * r)
             for k in range(K):
-                ys[k] = ((xs[k] - mc) * rc + sh) * w[k] + b[k]
+                ys[k] = _enc(((_ld(xs[k]) - mc) * rc + sh) * w[k] + b[k], ys)
 
 
 @njit(**_OPTS)
@@ -390,16 +460,16 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
     """:func:`rows_backward` for rows of K <= SHORT_ROW elements, phased per tile of
     rows (same arithmetic, same partial-sum order): the row sums and the dweight/dbias
     partials for every row of the tile, then the tile's dx."""
-    dt = x.dtype.type
+    dt = _ctype(x)
     z = dt(0.0)
     tile = max(1, _ROW_TILE // K)
-    cbs = np.zeros(tile, x.dtype)
-    ccs = np.zeros(tile, x.dtype)
+    cbs = np.zeros(tile, dt)
+    ccs = np.zeros(tile, dt)
     for t in range(lo, hi):
         p_first = t * P // T
         p_last = (t + 1) * P // T
-        bdw = np.zeros(K, x.dtype)
-        bdb = np.zeros(K, x.dtype)
+        bdw = np.zeros(K, dt)
+        bdb = np.zeros(K, dt)
         dws = dwp[t]
         dbs = dbp[t]
         pending = 0
@@ -414,8 +484,8 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
                 a1 = z
                 a2 = z
                 for k in range(K):
-                    d = dys[k]
-                    dxh = d * ((xs[k] - mc) * rc)
+                    d = _ld(dys[k])
+                    dxh = d * ((_ld(xs[k]) - mc) * rc)
                     bdw[k] += dxh
                     bdb[k] += d
                     a1 += w[k] * d
@@ -447,7 +517,7 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
                 cb = cbs[p - p0]
                 cc = ccs[p - p0]
                 for k in range(K):
-                    dxs[k] = (rc * w[k]) * dys[k] + cb * (xs[k] - mc) + cc
+                    dxs[k] = _enc((rc * w[k]) * _ld(dys[k]) + cb * (_ld(xs[k]) - mc) + cc, dxs)
 
 
 # ---------------------------------------------------------------------- channels-last

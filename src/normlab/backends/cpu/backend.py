@@ -6,8 +6,11 @@ storage (``.detach().numpy()``) in the layout they already have -- contiguous or
 channels_last -- and outputs are allocated in the same layout, large ones from a cache
 of buffers that spares them the page faults of fresh memory
 (:mod:`normlab.backends.cpu.outputs`).
-float16/bfloat16 inputs are upcast to float32 first (numba has no 16-bit float
-arithmetic on CPU), then the output is rounded back once.
+bfloat16 inputs on the grouped view (NCHW BatchNorm/InstanceNorm/GroupNorm,
+LayerNorm/RMSNorm) are read and written as raw 16-bit patterns and converted inside the
+kernels; float16 and channels-last bfloat16 inputs are upcast to float32 first (numba
+has no 16-bit float arithmetic), then the output is rounded back once. Both give the
+same bits.
 
 Under ``torch.compile`` the same computation is reached through the custom ops of
 :mod:`normlab.backends.cpu.ops`, which are opaque to the compiler; in eager mode the
@@ -90,8 +93,13 @@ def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
 
 def _flat(t: torch.Tensor) -> np.ndarray:
     """Zero-copy 1-D NumPy view of a dense tensor's storage in memory order (NumPy's
-    ``ravel("K")`` follows the strides, so channels_last needs no permute)."""
-    flat = t.detach().numpy().ravel("K")
+    ``ravel("K")`` follows the strides, so channels_last needs no permute); bfloat16 as
+    its raw uint16 bits (NumPy has no bfloat16; the kernels decode them)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        flat = t.view(torch.int16).numpy().view(np.uint16).ravel("K")
+    else:
+        flat = t.numpy().ravel("K")
     if flat.flags.owndata and t.numel() > 1:  # a copy: writes would be lost
         raise RuntimeError(f"cpu-numba: no flat view of a tensor with strides {t.stride()}")
     return flat
@@ -129,6 +137,13 @@ def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
     return torch.broadcast_to(stat.detach().to(call.cdt), call.stat_shape).reshape(-1).contiguous().numpy()
 
 
+def _bf16_in_kernel(x: torch.Tensor, plan: Plan) -> bool:
+    """bfloat16 inputs on the grouped view are decoded inside the kernels (bit-identical
+    to upcasting, without the conversion passes); channels-last ones and float16 are
+    upcast to float32 first."""
+    return x.dtype == torch.bfloat16 and plan.kind == "grouped"
+
+
 def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None,
                  out: torch.Tensor | None = None):
     """:func:`normlab.backends.reference.forward` on the kernels (eager, no dispatcher).
@@ -138,7 +153,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     """
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    xc = x if x.dtype == cdt else x.to(cdt)  # float16/bfloat16: computed in float32
+    xc = x if x.dtype == cdt or _bf16_in_kernel(x, plan) else x.to(cdt)  # else float16/bfloat16 upcast
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     w = _param(weight, call, 1.0)
     b = _param(bias, call, 0.0)
@@ -221,9 +236,12 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
     need_dx, need_dw, need_db = needs_input_grad
-    xc = x if x.dtype == cdt else x.to(cdt)
-    if dy.dtype != cdt:
-        dy = dy.to(cdt)
+    if _bf16_in_kernel(x, plan) and dy.dtype == x.dtype:
+        xc = x
+    else:
+        xc = x if x.dtype == cdt else x.to(cdt)
+        if dy.dtype != cdt:
+            dy = dy.to(cdt)
     dy = dy.contiguous(memory_format=call.memory_format)  # x's memory order (no-op if it has it)
     w = _param(weight, call, 1.0)
     mean_np = _stat_input(mean, call)

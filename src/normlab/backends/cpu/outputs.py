@@ -56,7 +56,9 @@ CACHE_FROM = 1 << 20
 #: Fresh buffers of at least this size ask for transparent huge pages.
 HUGE_PAGES_FROM = 1 << 25
 
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+# NumPy element types of the buffers (16-bit floats as raw uint16 bits)
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16,
+          torch.float16: np.uint16}
 
 # Re-entrant: creating an object under the lock can start a garbage collection that
 # frees a cached output caught in a reference cycle, whose finalizer (_give_back) then
@@ -158,8 +160,8 @@ def clear() -> None:
 
 
 def empty_like(like: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(like)`` for a dense float32/float64 tensor that is contiguous
-    or channels_last(_3d): same shape, dtype and memory order, from the cache when large."""
+    """``torch.empty_like(like)`` for a dense floating-point tensor that is contiguous or
+    channels_last(_3d): same shape, dtype and memory order, from the cache when large."""
     nbytes = like.numel() * like.element_size()
     if nbytes < CACHE_FROM or like.dtype not in _NUMPY or _limit() == 0:
         out = torch.empty_like(like)
@@ -175,6 +177,8 @@ def empty_like(like: torch.Tensor) -> torch.Tensor:
     array = buffer.view(_NUMPY[like.dtype])
     weakref.finalize(array, _give_back, buffer, nbytes).atexit = False
     flat = torch.from_numpy(array)
+    if flat.dtype != like.dtype:
+        flat = flat.view(like.dtype)  # the uint16 bits of a 16-bit float tensor
     if like.is_contiguous():
         return flat.view(like.shape)
     n, c, *spatial = like.shape
