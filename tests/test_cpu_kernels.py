@@ -350,8 +350,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int16)
 
 
-@pytest.mark.parametrize("family", ["ln_short", "ln_long", "rms", "gn", "bn", "in", "bn_eval"])
-def test_bfloat16_decoded_in_kernel_equals_upcasting(family):
+@pytest.mark.parametrize("family,channels_last", [
+    *((f, False) for f in ("ln_short", "ln_long", "rms", "gn", "bn", "in", "bn_eval")),
+    *((f, True) for f in ("gn", "bn", "in", "bn_eval")),  # rows have no channels_last layout
+])
+def test_bfloat16_decoded_in_kernel_equals_upcasting(family, channels_last):
     """bfloat16 on the grouped view is decoded/rounded inside the kernels; the result must
     be bit-identical to computing on the float32 upcast and rounding once (torch's RNE)."""
     torch.manual_seed(11)
@@ -361,9 +364,11 @@ def test_bfloat16_decoded_in_kernel_equals_upcasting(family):
               "bn_eval": ((4, 12, 7, 5), batch_norm_spec, None)}
     shape, make, arg = shapes[family]
     spec = make(shape) if arg is None else make(shape, arg)
+    fmt = CL if channels_last else torch.contiguous_format
     x = (torch.randn(shape) * 3 + 20).to(torch.bfloat16)  # an offset, and a NaN in one group
     x.view(-1)[3] = float("nan")
-    dy = torch.randn(shape).to(torch.bfloat16)
+    x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=fmt)
     w = torch.rand(spec.param_shape) + 0.5
     b = torch.randn(spec.param_shape) if family != "rms" else None
     fixed = {}
@@ -372,23 +377,23 @@ def test_bfloat16_decoded_in_kernel_equals_upcasting(family):
     plan = numba_backend.plan_of(x, spec)
     assert numba_backend._bf16_in_kernel(x, plan)
     y, mean, _, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5, **fixed)
-    y32, mean32, _, rstd32 = numba_backend.forward_impl(x.float(), w, b, spec, 1e-5, **fixed)
+    y32, mean32, _, rstd32 = numba_backend.forward_impl(x.float().contiguous(memory_format=fmt), w, b, spec,
+                                                           1e-5, **fixed)
     assert y.dtype == torch.bfloat16
     assert torch.equal(_bits(y), _bits(y32.to(torch.bfloat16)))
     assert torch.equal(rstd.isnan(), rstd32.isnan())
     assert torch.equal(rstd.nan_to_num(), rstd32.nan_to_num())
     batch = not fixed
     grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, batch)
-    grads32 = numba_backend.backward_impl(dy.float(), x.float(), w, mean32, rstd32, spec, batch)
+    grads32 = numba_backend.backward_impl(dy.float().contiguous(memory_format=fmt),
+                                          x.float().contiguous(memory_format=fmt), w, mean32, rstd32, spec, batch)
     assert grads[0].dtype == torch.bfloat16
     assert torch.equal(_bits(grads[0]), _bits(grads32[0].to(torch.bfloat16)))
     for got, want in zip(grads[1:], grads32[1:], strict=True):
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
-def test_channels_last_and_float16_are_upcast():
-    x = torch.randn(2, 8, 4, 4).to(torch.bfloat16).contiguous(memory_format=CL)
-    assert not numba_backend._bf16_in_kernel(x, numba_backend.plan_of(x, batch_norm_spec(x.shape)))
+def test_float16_is_upcast():
     h = torch.randn(2, 8, 4, 4).half()
     assert not numba_backend._bf16_in_kernel(h, numba_backend.plan_of(h, batch_norm_spec(h.shape)))
 

@@ -542,7 +542,7 @@ def _cl_block_stats(x, base, rows, G, K, cnt, mu, m2, acc, acc2, gm):
     squares about the rounded value ``bmr``; ``M2 = sum (x - bmr)^2 - nb (bm - bmr)^2``
     removes the rounding exactly, and the mean merged is ``bm`` itself."""
     C = G * K
-    dt = x.dtype.type
+    dt = _ctype(x)
     sh = x[base:base + C]
     for c in range(C):
         acc[c] = 0.0
@@ -555,19 +555,19 @@ def _cl_block_stats(x, base, rows, G, K, cnt, mu, m2, acc, acc2, gm):
         x2 = x[o + 2 * C:o + 3 * C]
         x3 = x[o + 3 * C:o + 4 * C]
         for c in range(C):
-            v = sh[c]
-            acc[c] += ((x0[c] - v) + (x1[c] - v)) + ((x2[c] - v) + (x3[c] - v))
+            v = _ld(sh[c])
+            acc[c] += ((_ld(x0[c]) - v) + (_ld(x1[c]) - v)) + ((_ld(x2[c]) - v) + (_ld(x3[c]) - v))
         r += 4
     while r < rows:
         xs = x[base + r * C:base + (r + 1) * C]
         for c in range(C):
-            acc[c] += xs[c] - sh[c]
+            acc[c] += _ld(xs[c]) - _ld(sh[c])
         r += 1
     nb = rows * K
     for g in range(G):
         s = 0.0
         for k in range(K):
-            s += acc[g * K + k] + rows * np.float64(sh[g * K + k])
+            s += acc[g * K + k] + rows * np.float64(_ld(sh[g * K + k]))
         gm[g] = s / nb
     for g in range(G):
         bmr = dt(gm[g])
@@ -582,16 +582,16 @@ def _cl_block_stats(x, base, rows, G, K, cnt, mu, m2, acc, acc2, gm):
         x3 = x[o + 3 * C:o + 4 * C]
         for c in range(C):
             m = acc[c]
-            d0 = x0[c] - m
-            d1 = x1[c] - m
-            d2 = x2[c] - m
-            d3 = x3[c] - m
+            d0 = _ld(x0[c]) - m
+            d1 = _ld(x1[c]) - m
+            d2 = _ld(x2[c]) - m
+            d3 = _ld(x3[c]) - m
             acc2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
     while r < rows:
         xs = x[base + r * C:base + (r + 1) * C]
         for c in range(C):
-            d = xs[c] - acc[c]
+            d = _ld(xs[c]) - acc[c]
             acc2[c] += d * d
         r += 1
     for g in range(G):
@@ -621,8 +621,8 @@ def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2, lo, hi):
         bi = item % B
         s0 = bi * S // B
         s1 = (bi + 1) * S // B
-        acc = np.empty(C, x.dtype)
-        acc2 = np.empty(C, x.dtype)
+        acc = np.empty(C, _ctype(x))
+        acc2 = np.empty(C, _ctype(x))
         gm = np.empty(G)
         for g in range(G):
             pcnt[item, g] = 0.0
@@ -650,7 +650,7 @@ def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C):
         xs = x[o:o + C]
         ys = y[o:o + C]
         for c in range(C):
-            ys[c] = (xs[c] - mc[c]) * sc[c] + sh[c]
+            ys[c] = _enc((_ld(xs[c]) - mc[c]) * sc[c] + sh[c], ys)
 
 
 @njit(**_OPTS)
@@ -687,18 +687,18 @@ def _cl_grad_block(dy, x, mcn, base, s0, s1, C, sdy, sdyx, bdy, bdyx):
             d3 = dy[o + 3 * C:o + 4 * C]
             for c in range(C):
                 m = mcn[c]
-                bdy[c] += (d0[c] + d1[c]) + (d2[c] + d3[c])
-                bdyx[c] += (d0[c] * (x0[c] - m) + d1[c] * (x1[c] - m)) + \
-                    (d2[c] * (x2[c] - m) + d3[c] * (x3[c] - m))
+                bdy[c] += (_ld(d0[c]) + _ld(d1[c])) + (_ld(d2[c]) + _ld(d3[c]))
+                bdyx[c] += (_ld(d0[c]) * (_ld(x0[c]) - m) + _ld(d1[c]) * (_ld(x1[c]) - m)) + \
+                    (_ld(d2[c]) * (_ld(x2[c]) - m) + _ld(d3[c]) * (_ld(x3[c]) - m))
             r += 4
         while r < e:
             o = base + r * C
             xs = x[o:o + C]
             dys = dy[o:o + C]
             for c in range(C):
-                d = dys[c]
+                d = _ld(dys[c])
                 bdy[c] += d
-                bdyx[c] += d * (xs[c] - mcn[c])
+                bdyx[c] += d * (_ld(xs[c]) - mcn[c])
             r += 1
         for c in range(C):
             sdy[c] += bdy[c]
@@ -719,8 +719,8 @@ def cl_grad_sums(dy, x, mc, rc, N, S, C, B, psdy, psdyx, lo, hi):
         for c in range(C):
             sdy[c] = 0.0
             sdyx[c] = 0.0
-        bdy = np.empty(C, x.dtype)
-        bdyx = np.empty(C, x.dtype)
+        bdy = np.empty(C, _ctype(x))
+        bdyx = np.empty(C, _ctype(x))
         _cl_grad_block(dy, x, mc[n], n * S * C, s0, s1, C, sdy, sdyx, bdy, bdyx)
         rcn = rc[n]
         for c in range(C):
@@ -733,11 +733,11 @@ def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
     one sweep per sample: the apply pass re-reads the sample from cache, not memory.
     mean/var/rstd: (N, G) outputs."""
     C = G * K
-    dt = x.dtype.type
+    dt = _ctype(x)
     rows_per = max(1, _BLOCK // C)
     for n in range(lo, hi):
-        acc = np.empty(C, x.dtype)
-        acc2 = np.empty(C, x.dtype)
+        acc = np.empty(C, _ctype(x))
+        acc2 = np.empty(C, _ctype(x))
         gm = np.empty(G)
         cnt = np.zeros(G)
         mu = np.zeros(G)
@@ -747,9 +747,9 @@ def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
             rows = min(rows_per, S - s)
             _cl_block_stats(x, (n * S + s) * C, rows, G, K, cnt, mu, m2, acc, acc2, gm)
             s += rows
-        mcn = np.empty(C, x.dtype)
-        scn = np.empty(C, x.dtype)
-        shn = np.empty(C, x.dtype)
+        mcn = np.empty(C, _ctype(x))
+        scn = np.empty(C, _ctype(x))
+        shn = np.empty(C, _ctype(x))
         for g in range(G):
             v = m2[g] / cnt[g]
             r = 1.0 / np.sqrt(v + eps)
@@ -777,7 +777,7 @@ def _cl_dx_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx):
         dys = dy[o:o + C]
         dxs = dx[o:o + C]
         for c in range(C):
-            dxs[c] = ca[c] * dys[c] + cb[c] * (xs[c] - mc[c]) + cc[c]
+            dxs[c] = _enc(ca[c] * _ld(dys[c]) + cb[c] * (_ld(xs[c]) - mc[c]) + cc[c], dxs)
 
 
 @njit(**_OPTS)
@@ -786,9 +786,9 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
     sample n, then its dx while x and dy are still in cache. dwp/dbp: (N, C) partial
     dweight/dbias (the caller sums over n)."""
     C = G * K
-    dt = x.dtype.type
+    dt = _ctype(x)
     for n in range(lo, hi):
-        mcn = np.empty(C, x.dtype)
+        mcn = np.empty(C, _ctype(x))
         for g in range(G):
             for k in range(K):
                 mcn[g * K + k] = dt(mean[n, g])
@@ -797,12 +797,12 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
         for c in range(C):
             sdy[c] = 0.0
             sdyx[c] = 0.0
-        bdy = np.empty(C, x.dtype)
-        bdyx = np.empty(C, x.dtype)
+        bdy = np.empty(C, _ctype(x))
+        bdyx = np.empty(C, _ctype(x))
         _cl_grad_block(dy, x, mcn, n * S * C, 0, S, C, sdy, sdyx, bdy, bdyx)
-        ca = np.empty(C, x.dtype)
-        cb = np.empty(C, x.dtype)
-        cc = np.empty(C, x.dtype)
+        ca = np.empty(C, _ctype(x))
+        cb = np.empty(C, _ctype(x))
+        cc = np.empty(C, _ctype(x))
         count = S * K
         for g in range(G):
             r = np.float64(rstd[n, g])

@@ -6,11 +6,10 @@ storage (``.detach().numpy()``) in the layout they already have -- contiguous or
 channels_last -- and outputs are allocated in the same layout, large ones from a cache
 of buffers that spares them the page faults of fresh memory
 (:mod:`normlab.backends.cpu.outputs`).
-bfloat16 inputs on the grouped view (NCHW BatchNorm/InstanceNorm/GroupNorm,
-LayerNorm/RMSNorm) are read and written as raw 16-bit patterns and converted inside the
-kernels; float16 and channels-last bfloat16 inputs are upcast to float32 first (numba
-has no 16-bit float arithmetic), then the output is rounded back once. Both give the
-same bits.
+bfloat16 inputs are read and written as raw 16-bit patterns and converted inside the
+kernels; float16 inputs are upcast to float32 first (numba has no 16-bit float
+arithmetic), then the output is rounded back once. Both give the bits of computing on
+the float32 upcast.
 
 Under ``torch.compile`` the same computation is reached through the custom ops of
 :mod:`normlab.backends.cpu.ops`, which are opaque to the compiler; in eager mode the
@@ -138,10 +137,9 @@ def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
 
 
 def _bf16_in_kernel(x: torch.Tensor, plan: Plan) -> bool:
-    """bfloat16 inputs on the grouped view are decoded inside the kernels (bit-identical
-    to upcasting, without the conversion passes); channels-last ones and float16 are
-    upcast to float32 first."""
-    return x.dtype == torch.bfloat16 and plan.kind == "grouped"
+    """bfloat16 inputs are decoded inside the kernels (bit-identical to upcasting,
+    without the conversion passes); float16 is upcast to float32 first."""
+    return x.dtype == torch.bfloat16
 
 
 def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None,
