@@ -6,7 +6,7 @@ first call (about 1 s per kernel and dtype on a 2-core machine, then cached on d
 see :mod:`normlab.backends.cpu.runtime`).
 
 Which inputs it takes (:func:`accepts`): plain CPU tensors of float32/float64 (and
-float16/bfloat16, computed in float32), contiguous or channels_last, with at least
+float16/bfloat16 with float32 arithmetic), contiguous or channels_last, with at least
 :data:`MIN_ELEMENTS` elements. Small inputs (below
 :data:`~normlab.backends.cpu.backend.SERIAL_BELOW` elements) run on the calling
 thread only: a hand-off to other threads would cost more than the work, and one fused

@@ -151,7 +151,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     """
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    xc = x if x.dtype == cdt or _bf16_in_kernel(x, plan) else x.to(cdt)  # else float16/bfloat16 upcast
+    xc = x if x.dtype == cdt or _bf16_in_kernel(x, plan) else x.to(cdt)  # float16: upcast
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     w = _param(weight, call, 1.0)
     b = _param(bias, call, 0.0)
