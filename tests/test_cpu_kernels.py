@@ -509,6 +509,43 @@ def test_team_runs_on_torchs_openmp_runtime():
     assert team.uses_openmp()
 
 
+@pytest.mark.parametrize("case", ["bn", "bn_cl", "gn_cl_few_samples", "gn_cl", "in", "ln", "ln_short", "gn"])
+def test_results_are_the_same_on_any_number_of_threads(case):
+    """Work splits and dweight/dbias partials depend on the input's size, never on the
+    thread count: 1, 2 and 3 threads give the same bits (a DataLoader worker with one
+    thread computes what the main process does)."""
+    torch.manual_seed(13)
+    shapes = {"bn": ((4, 16, 48, 48), batch_norm_spec, None, False),
+              "bn_cl": ((4, 16, 48, 48), batch_norm_spec, None, True),
+              "gn_cl_few_samples": ((2, 16, 96, 48), group_norm_spec, 4, True),
+              "gn_cl": ((9, 16, 32, 32), group_norm_spec, 4, True),
+              "in": ((4, 16, 48, 48), instance_norm_spec, None, False),
+              "ln": ((300, 700), layer_norm_spec, (700,), False),
+              "ln_short": ((4000, 40), layer_norm_spec, (40,), False),
+              "gn": ((4, 16, 48, 48), group_norm_spec, 4, False)}
+    shape, make, arg, cl = shapes[case]
+    spec = make(shape) if arg is None else make(shape, arg)
+    fmt = CL if cl else torch.contiguous_format
+    x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    w = torch.rand(spec.param_shape) + 0.5
+    b = torch.randn(spec.param_shape)
+    assert x.numel() >= numba_backend.SERIAL_BELOW
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y, mean, var, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5)
+            grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, True)
+            results.append((y, mean, var, rstd, *grads))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            assert torch.equal(got, want)
+
+
 def test_team_uses_torchs_openmp_not_another_packages():
     """scikit-learn wheels ship their own libgomp; a team on it would be a second pool."""
     pytest.importorskip("sklearn")

@@ -50,12 +50,12 @@ def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
         return False
     if torch.compiler.is_compiling():  # traced: plain Python, no cache
         layout = layout_of(x)
-        return layout is not None and make_plan(spec, layout, 1) is not None
+        return layout is not None and make_plan(spec, layout) is not None
     if type(x) not in (torch.Tensor, torch.nn.Parameter) or \
             torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False  # tensor subclasses, vmap/grad transforms: no NumPy view of them
     layout = layout_of(x)
-    return layout is not None and plan_for(spec, layout, 1) is not None
+    return layout is not None and plan_for(spec, layout) is not None
 
 
 def enable() -> bool:

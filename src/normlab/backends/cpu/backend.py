@@ -44,17 +44,29 @@ def _threads(numel: int) -> int:
     return 1 if numel < SERIAL_BELOW else torch.get_num_threads()
 
 
+#: dweight/dbias are summed through per-chunk partial rows, one per ``PARTIAL_ELEMENTS``
+#: input elements (at most ``MAX_PARTIALS``): a function of the input's size only, so the
+#: gradients come out bit-identical on any number of threads (1 or torch's count, in a
+#: DataLoader worker or not). Each row is one work item of the team.
+PARTIAL_ELEMENTS = 1 << 16
+MAX_PARTIALS = 64
+
+
+def _partials(groups: int, numel: int) -> int:
+    return max(1, min(groups, MAX_PARTIALS, numel // PARTIAL_ELEMENTS))
+
+
 def plan_of(x: torch.Tensor, spec: NormSpec) -> Plan | None:
     """The kernel plan for ``x``, or None when the kernels don't cover it."""
     layout = layout_of(x)
     if layout is None:
         return None
-    return plan_for(spec, layout, torch.get_num_threads())
+    return plan_for(spec, layout)
 
 
 @dataclass(frozen=True)
 class _Call:
-    """What a kernel call needs that depends only on (spec, layout, dtype, threads):
+    """What a kernel call needs that depends only on (spec, layout, dtype):
     looked up once per configuration, so a call on a small input pays for little more
     than the kernel (see ``SERIAL_BELOW``)."""
 
@@ -68,8 +80,8 @@ class _Call:
 
 
 @lru_cache(maxsize=512)
-def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype, threads: int) -> _Call | None:
-    plan = plan_for(spec, layout, threads)
+def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
+    plan = plan_for(spec, layout)
     if plan is None:
         return None
     cdt = compute_dtype(dtype)
@@ -83,7 +95,7 @@ def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype, threads: int) -> 
 
 def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
     layout = layout_of(x)
-    call = None if layout is None else _call_for(spec, layout, x.dtype, torch.get_num_threads())
+    call = None if layout is None else _call_for(spec, layout, x.dtype)
     if call is None:
         raise ValueError(f"cpu-numba: no kernel for {spec.family} on input of shape "
                          f"{tuple(x.shape)} and strides {x.stride()}")
@@ -253,7 +265,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     channels = plan.channels
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
-        t = team.chunk_count(p, threads)  # one row of dweight/dbias partials per chunk
+        t = _partials(p, x.numel())
         dwp, dbp = np.zeros((2, t, channels))
         if a == s == g == 1:  # LayerNorm/RMSNorm rows
             rows = k.short_rows_backward if kk <= SHORT_ROW else k.rows_backward

@@ -66,13 +66,23 @@ def _channel_structure(spec: NormSpec) -> tuple[str, int] | None:
     return None
 
 
+#: Channels-last work is split into row blocks by the input's size alone -- never by the
+#: thread count -- so that the statistics (merged per block) come out bit-identical on
+#: any number of threads: one block per ``_BLOCK_ELEMENTS`` elements, at most
+#: ``_MAX_BLOCKS``; per-sample statistics (GroupNorm/InstanceNorm) use one sweep per
+#: sample once there are ``_MIN_SAMPLES`` samples to share out.
+_BLOCK_ELEMENTS = 1 << 16
+_MAX_BLOCKS = 64
+_MIN_SAMPLES = 8
+
+
 @lru_cache(maxsize=512)
-def plan_for(spec: NormSpec, layout: str, threads: int) -> Plan | None:
+def plan_for(spec: NormSpec, layout: str) -> Plan | None:
     """The kernel view of an input of ``spec.input_shape`` in ``layout``, or None."""
-    return make_plan(spec, layout, threads)
+    return make_plan(spec, layout)
 
 
-def make_plan(spec: NormSpec, layout: str, threads: int) -> Plan | None:
+def make_plan(spec: NormSpec, layout: str) -> Plan | None:
     """:func:`plan_for` without the cache (plain Python that ``torch.compile`` traces)."""
     shape = spec.input_shape
     if math.prod(shape) == 0:
@@ -103,7 +113,7 @@ def make_plan(spec: NormSpec, layout: str, threads: int) -> Plan | None:
         return None
     if kind == "batch":
         rows = n * s
-        blocks = max(1, min(rows, 4 * threads))
+        blocks = max(1, min(rows, _MAX_BLOCKS, rows * c // _BLOCK_ELEMENTS))
         return Plan("cl", (1, rows, groups, k), c, blocks)
-    blocks = max(1, min(s, -(-2 * threads // n)))
+    blocks = 1 if n >= _MIN_SAMPLES else max(1, min(s, -(-_MIN_SAMPLES // n)))
     return Plan("cl", (n, s, groups, k), c, blocks)
