@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import normlab as nl
 import normlab.functional as NF
 
 FUNCTIONS = {
@@ -72,3 +73,22 @@ def test_nan_propagates_only_to_its_channel():
     assert torch.isnan(y[:, 1]).all()
     assert torch.isfinite(y[:, [0, 2]]).all()
     assert torch.isnan(rm[1]) and torch.isfinite(rm[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("make", [lambda: nl.BatchNorm2d(6), lambda: nl.GroupNorm(3, 6), lambda: nl.LayerNorm(5),
+                                  lambda: nl.RMSNorm(5), lambda: nl.InstanceNorm2d(6, affine=True,
+                                                                                   track_running_stats=True)])
+def test_inference_path_without_the_autograd_function_equals_the_graph_path(make):
+    """Without grad, normalize() calls the backend directly: same outputs and the same
+    running-statistics updates as through the autograd Function."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 6, 7, 5)
+    graph, direct = make(), make()
+    direct.load_state_dict(graph.state_dict())
+    y_graph = graph(x.clone().requires_grad_())
+    with torch.no_grad():
+        y_direct = direct(x)
+    assert y_graph.grad_fn is not None and y_direct.grad_fn is None
+    assert torch.equal(y_graph.detach(), y_direct)
+    for (name, a), (_, b) in zip(graph.state_dict().items(), direct.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -122,6 +122,22 @@ def normalize(
 
     Inputs are assumed validated (see ``normlab.functional``).
     """
+    if not _needs_graph(x, weight, bias):
+        # inference: nothing to differentiate, so skip the autograd Function's own cost
+        # (~8 us of a ~35 us call on a small input)
+        y, mean, var, _ = select_backend(x, spec).forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        return y, (mean if spec.center else None), var
     function = _FUNCTIONS.get(spec.family, NormFunction)
     y, mean, var = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)
     return y, (mean if spec.center else None), var
+
+
+def _needs_graph(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether the call must go through the autograd Function: grad mode is on and an
+    input requires grad, or torch.compile is tracing (it sees the Function as one op)."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or (weight is not None and weight.requires_grad) or \
+        (bias is not None and bias.requires_grad)
