@@ -322,6 +322,17 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
 
 
 @njit(**_OPTS)
+def _flush_partials(bdw, bdb, dws, dbs):
+    """Add the row block's dweight/dbias partials (x's dtype) to the float64 totals of its
+    chunk and clear them."""
+    for k in range(bdw.size):
+        dws[k] += bdw[k]
+        dbs[k] += bdb[k]
+        bdw[k] = 0.0
+        bdb[k] = 0.0
+
+
+@njit(**_OPTS)
 def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, lo, hi):
     """:func:`grouped_backward` for LayerNorm/RMSNorm rows (P rows of K, affine per
     column), one row at a time: its sums, then its dx while it is in L1. The row sums
@@ -366,11 +377,7 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
                 s2 += a2
             pending += 1
             if pending == _ROW_BLOCK or p == p1 - 1:
-                for k in range(K):
-                    dws[k] += bdw[k]
-                    dbs[k] += bdb[k]
-                    bdw[k] = 0.0
-                    bdb[k] = 0.0
+                _flush_partials(bdw, bdb, dws, dbs)
                 pending = 0
             if not need_dx:
                 continue
@@ -492,11 +499,7 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
                     a2 += w[k] * dxh
                 pending += 1
                 if pending == _ROW_BLOCK or p == p_last - 1:
-                    for k in range(K):
-                        dws[k] += bdw[k]
-                        dbs[k] += bdb[k]
-                        bdw[k] = 0.0
-                        bdb[k] = 0.0
+                    _flush_partials(bdw, bdb, dws, dbs)
                     pending = 0
                 cb = z
                 cc = z
