@@ -158,3 +158,28 @@ def test_finalizer_inside_the_lock_does_not_deadlock():
     worker.start()
     worker.join(timeout=30)
     assert not worker.is_alive(), "deadlock: the finalizer waited for a lock its own thread held"
+
+
+def test_cached_outputs_cross_process_boundaries():
+    """Outputs made from cached buffers in forked DataLoader workers travel through the
+    worker queue (shared memory) intact, and the workers' buffers are reused safely."""
+    import normlab.functional as NF
+    from normlab.backends import cpu
+
+    if not cpu.enable():
+        pytest.skip("numba not installed")
+    torch.manual_seed(4)
+    data = torch.randn(6, 6, 16, 64, 64)  # 1.5 MiB per sample: its outputs are cached
+
+    class Samples(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return NF.batch_norm(data[i], None, None, training=True)
+
+    expected = torch.stack([NF.batch_norm(d, None, None, training=True) for d in data])
+    loader = torch.utils.data.DataLoader(Samples(), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    got = torch.stack(list(loader))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
