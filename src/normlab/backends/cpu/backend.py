@@ -6,10 +6,10 @@ storage (``.detach().numpy()``) in the layout they already have -- contiguous or
 channels_last -- and outputs are allocated in the same layout, large ones from a cache
 of buffers that spares them the page faults of fresh memory
 (:mod:`normlab.backends.cpu.outputs`).
-bfloat16 inputs are read and written as raw 16-bit patterns and converted inside the
-kernels; float16 inputs are upcast to float32 first (numba has no 16-bit float
-arithmetic), then the output is rounded back once. Both give the bits of computing on
-the float32 upcast.
+bfloat16 and float16 inputs are read and written as raw 16-bit patterns and converted
+inside the kernels (numba has no 16-bit float type), with float32 arithmetic and without
+the conversion passes of upcasting (bfloat16: the same bits as upcasting; float16: the
+same up to the order of float32 sums).
 
 Under ``torch.compile`` the same computation is reached through the custom ops of
 :mod:`normlab.backends.cpu.ops`, which are opaque to the compiler; in eager mode the
@@ -104,11 +104,13 @@ def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
 
 def _flat(t: torch.Tensor) -> np.ndarray:
     """Zero-copy 1-D NumPy view of a dense tensor's storage in memory order (NumPy's
-    ``ravel("K")`` follows the strides, so channels_last needs no permute); bfloat16 as
-    its raw uint16 bits (NumPy has no bfloat16; the kernels decode them)."""
+    ``ravel("K")`` follows the strides, so channels_last needs no permute); 16-bit floats
+    as their raw bits -- bfloat16 as uint16, float16 as int16 -- which the kernels decode."""
     t = t.detach()
     if t.dtype == torch.bfloat16:
         flat = t.view(torch.int16).numpy().view(np.uint16).ravel("K")
+    elif t.dtype == torch.float16:
+        flat = t.view(torch.int16).numpy().ravel("K")
     else:
         flat = t.numpy().ravel("K")
     if flat.flags.owndata and t.numel() > 1:  # a copy: writes would be lost
@@ -148,10 +150,10 @@ def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
     return torch.broadcast_to(stat.detach().to(call.cdt), call.stat_shape).reshape(-1).contiguous().numpy()
 
 
-def _bf16_in_kernel(x: torch.Tensor, plan: Plan) -> bool:
-    """bfloat16 inputs are decoded inside the kernels (bit-identical to upcasting,
-    without the conversion passes); float16 is upcast to float32 first."""
-    return x.dtype == torch.bfloat16
+def _decoded_in_kernel(x: torch.Tensor) -> bool:
+    """16-bit float inputs are decoded and rounded inside the kernels (no conversion
+    passes; see the module docstring)."""
+    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None,
@@ -163,7 +165,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     """
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    xc = x if x.dtype == cdt or _bf16_in_kernel(x, plan) else x.to(cdt)  # float16: upcast
+    xc = x if x.dtype == cdt or _decoded_in_kernel(x) else x.to(cdt)
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     w = _param(weight, call, 1.0)
     b = _param(bias, call, 0.0)
@@ -246,7 +248,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
     need_dx, need_dw, need_db = needs_input_grad
-    if _bf16_in_kernel(x, plan) and dy.dtype == x.dtype:
+    if _decoded_in_kernel(x) and dy.dtype == x.dtype:
         xc = x
     else:
         xc = x if x.dtype == cdt else x.to(cdt)
