@@ -177,12 +177,9 @@ def run(kernel: Callable, args: Sequence, items: int, threads: int) -> None:
     With one thread or one chunk this is ``kernel(*args, 0, items)``. An exception in
     any chunk stops the others from claiming more and is raised here.
     """
-    if threads <= 1:  # the common case of small inputs: as cheap as a direct call
-        kernel(*args, 0, items)
-        return
-    chunks = chunk_count(items, threads)
+    chunks = chunk_count(items, threads)  # 1 for one thread
     threads = min(threads, chunks)
-    if threads <= 1:
+    if threads <= 1:  # small inputs, one item: as cheap as a direct call
         kernel(*args, 0, items)
         return
     job = _Job(kernel, args, items, chunks)
