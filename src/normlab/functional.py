@@ -171,7 +171,7 @@ def group_norm(
 
 def _check_trailing(input: Tensor, normalized_shape: tuple[int, ...], name: str) -> None:
     k = len(normalized_shape)
-    if input.dim() < k or tuple(input.shape[-k:]) != normalized_shape:
+    if input.dim() < k or input.shape[-k:] != normalized_shape:
         raise ValueError(
             f"{name}: expected input with shape (*, {', '.join(map(str, normalized_shape))}) "
             f"for normalized_shape={normalized_shape}, got shape {tuple(input.shape)}"

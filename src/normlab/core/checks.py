@@ -7,6 +7,7 @@ state is touched, so a failed call never leaves running statistics half-updated.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ def check_floating(x: object, name: str) -> None:
 
 
 def check_eps(eps: object, name: str) -> None:
+    if type(eps) is float and 0.0 <= eps < math.inf:  # the common case, checked per call
+        return
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{name}: expected eps to be a real number, got {eps!r}")
     if not math.isfinite(eps) or eps < 0:
@@ -61,7 +64,7 @@ def check_param(t: torch.Tensor | None, shape: Sequence[int], what: str, name: s
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected {what} to be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != tuple(shape):
         raise ValueError(
             f"{name}: expected {what} of shape {tuple(shape)} to match the input, "
             f"got shape {tuple(t.shape)}"
@@ -70,15 +73,11 @@ def check_param(t: torch.Tensor | None, shape: Sequence[int], what: str, name: s
 
 def normalize_shape_arg(normalized_shape: int | Sequence[int], name: str) -> tuple[int, ...]:
     """Turn an int or sequence ``normalized_shape`` into a tuple of positive ints."""
-    if isinstance(normalized_shape, numbers.Integral):
-        shape = (int(normalized_shape),)
-    elif isinstance(normalized_shape, str | bytes):
-        shape = None
-    else:
-        try:
-            shape = tuple(int(s) for s in normalized_shape)
-        except (TypeError, ValueError):
-            shape = None
+    try:
+        return _normalized_shape(normalized_shape)  # memoized: asked again on every call
+    except (TypeError, ValueError):  # unhashable (a list) or invalid: checked below
+        pass
+    shape = _as_int_tuple(normalized_shape)
     if shape is None:
         raise TypeError(
             f"{name}: expected normalized_shape to be an int or a sequence of ints, "
@@ -86,4 +85,25 @@ def normalize_shape_arg(normalized_shape: int | Sequence[int], name: str) -> tup
         )
     if not shape or any(s <= 0 for s in shape):
         raise ValueError(f"{name}: expected a non-empty normalized_shape of positive sizes, got {shape}")
+    return shape
+
+
+def _as_int_tuple(normalized_shape: object) -> tuple[int, ...] | None:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    if isinstance(normalized_shape, str | bytes):
+        return None
+    try:
+        return tuple(int(s) for s in normalized_shape)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:
+    """The valid tuple form of a hashable ``normalized_shape``; ValueError if it has none
+    (the caller then builds the message)."""
+    shape = _as_int_tuple(normalized_shape)
+    if shape is None or not shape or any(s <= 0 for s in shape):
+        raise ValueError(normalized_shape)
     return shape

@@ -40,13 +40,11 @@ _enabled = False
 
 
 def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
-    """Whether ``cpu-numba`` computes ``spec`` on ``x`` (see module docstring)."""
-    forced = os.environ.get("NORMLAB_BACKEND", "")
-    if forced and forced != "cpu-numba":
+    """Whether ``cpu-numba`` computes ``spec`` on ``x`` (see module docstring). Runs on
+    every call, so the cheap tests come first."""
+    if not x.is_cpu or x.dtype not in _SUPPORTED or x.layout != torch.strided:
         return False
-    if x.device.type != "cpu" or x.dtype not in _SUPPORTED or x.layout != torch.strided:
-        return False
-    if not forced and x.numel() < MIN_ELEMENTS:
+    if x.numel() < MIN_ELEMENTS and os.environ.get("NORMLAB_BACKEND") != "cpu-numba":
         return False
     if torch.compiler.is_compiling():  # traced: plain Python, no cache
         layout = layout_of(x)

@@ -18,6 +18,7 @@ kernels are called directly, which saves the dispatcher's per-call overhead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -36,12 +37,6 @@ __all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of"]
 SERIAL_BELOW = 1 << 17
 #: LayerNorm/RMSNorm rows this short use the tile-phased kernels (see ``_kernels``).
 SHORT_ROW = 256
-
-
-def _threads(numel: int) -> int:
-    """Threads for an input of ``numel`` elements: one below :data:`SERIAL_BELOW` (a
-    team hand-off costs more than the work), else torch's current thread count."""
-    return 1 if numel < SERIAL_BELOW else torch.get_num_threads()
 
 
 #: dweight/dbias are summed through per-chunk partial rows, one per ``PARTIAL_ELEMENTS``
@@ -74,9 +69,14 @@ class _Call:
     cdt: torch.dtype  # compute dtype: float32 or float64
     npdt: type  # its NumPy scalar type
     stat_shape: tuple[int, ...]
-    param_shape: tuple[int, ...]
+    stats_shape: tuple[int, ...]  # (3, *stat_shape): mean, var, rstd in one buffer
+    grads_shape: tuple[int, ...]  # (2, *param_shape): dweight, dbias in one buffer
     groups: int  # number of statistics
     memory_format: torch.memory_format  # x's layout, for dy
+    serial: bool  # small input: the calling thread only
+    partials: int  # rows of dweight/dbias partial sums (grouped kernels)
+    short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
+    flat_params: bool  # weight/bias are 1-D already (no reshape to view them flat)
 
 
 @lru_cache(maxsize=512)
@@ -88,9 +88,15 @@ def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
     fmt = torch.contiguous_format
     if layout == "channels_last":
         fmt = torch.channels_last if len(spec.input_shape) == 4 else torch.channels_last_3d
+    numel = math.prod(spec.input_shape)
+    rows = plan.kind == "grouped" and plan.dims[0] == plan.dims[3] == plan.dims[4] == 1
     groups = plan.dims[1] if plan.kind == "grouped" else plan.dims[0] * plan.dims[2]
-    return _Call(plan, cdt, np.float64 if cdt == torch.float64 else np.float32, spec.stat_shape,
-                 spec.param_shape, groups, fmt)
+    return _Call(plan, cdt, np.float64 if cdt == torch.float64 else np.float32,
+                 spec.stat_shape, (3, *spec.stat_shape), (2, *spec.param_shape), groups, fmt,
+                 serial=numel < SERIAL_BELOW,
+                 partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
+                 short_rows=rows and plan.dims[2] <= SHORT_ROW,
+                 flat_params=len(spec.param_shape) == 1)
 
 
 def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
@@ -102,18 +108,20 @@ def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
     return call
 
 
+#: 16-bit floats reach the kernels as their raw bits (see the module docstring).
+_BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+
+
 def _flat(t: torch.Tensor) -> np.ndarray:
     """Zero-copy 1-D NumPy view of a dense tensor's storage in memory order (NumPy's
     ``ravel("K")`` follows the strides, so channels_last needs no permute); 16-bit floats
     as their raw bits -- bfloat16 as uint16, float16 as int16 -- which the kernels decode."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        flat = t.view(torch.int16).numpy().view(np.uint16).ravel("K")
-    elif t.dtype == torch.float16:
-        flat = t.view(torch.int16).numpy().ravel("K")
+    bits = _BITS.get(t.dtype)
+    if bits is None:
+        flat = t.numpy(force=True).ravel("K")  # force: detached, zero-copy on CPU
     else:
-        flat = t.numpy().ravel("K")
-    if flat.flags.owndata and t.numel() > 1:  # a copy: writes would be lost
+        flat = t.detach().view(torch.int16).numpy().view(bits).ravel("K")
+    if flat.flags.owndata and flat.size > 1:  # a copy: writes would be lost
         raise RuntimeError(f"cpu-numba: no flat view of a tensor with strides {t.stride()}")
     return flat
 
@@ -138,7 +146,8 @@ def _param(p: torch.Tensor | None, call: _Call, fill: float) -> np.ndarray:
         return _filled(call.plan.channels, fill, call.npdt)
     if p.dtype != call.cdt or not p.is_contiguous():
         p = p.detach().to(call.cdt).contiguous()
-    return p.detach().numpy().reshape(-1)
+    flat = p.numpy(force=True)
+    return flat if call.flat_params else flat.reshape(-1)
 
 
 def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
@@ -146,14 +155,8 @@ def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
     if stat is None:
         return _filled(call.groups, 0.0, call.npdt)
     if stat.dtype == call.cdt and stat.shape == call.stat_shape and stat.is_contiguous():
-        return stat.detach().numpy().reshape(-1)  # batch statistics as forward returned them
+        return stat.numpy(force=True).reshape(-1)  # batch statistics as forward returned them
     return torch.broadcast_to(stat.detach().to(call.cdt), call.stat_shape).reshape(-1).contiguous().numpy()
-
-
-def _decoded_in_kernel(x: torch.Tensor) -> bool:
-    """16-bit float inputs are decoded and rounded inside the kernels (no conversion
-    passes; see the module docstring)."""
-    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None,
@@ -165,7 +168,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     """
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    xc = x if x.dtype == cdt or _decoded_in_kernel(x) else x.to(cdt)
+    xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     w = _param(weight, call, 1.0)
     b = _param(bias, call, 0.0)
@@ -177,15 +180,15 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         mean_np, var_np, rstd_np = _stat_input(mean, call), _filled(0, 0.0, call.npdt), _stat_input(rstd, call)
     else:
         # one allocation for the three statistics (a small input pays per torch call)
-        stats = torch.empty((3, *call.stat_shape), dtype=cdt)
-        mean, var, rstd = stats[0], stats[1], stats[2]
+        stats = torch.empty(call.stats_shape, dtype=cdt)
+        mean, var, rstd = stats.unbind()
         mean_np, var_np, rstd_np = stats.numpy().reshape(3, -1)
     k = runtime.kernels()
-    threads = _threads(x.numel())
+    threads = 1 if call.serial else torch.get_num_threads()
     xf, yf = _flat(xc), _flat(y)
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
-        if not fixed and a == s == g == 1 and kk <= SHORT_ROW:  # LayerNorm/RMSNorm, short rows
+        if not fixed and call.short_rows:
             team.run(k.short_rows_forward, (xf, yf, w, b, p, kk, float(eps), spec.center, mean_np, var_np,
                                             rstd_np), p, threads)
         else:
@@ -248,7 +251,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
     need_dx, need_dw, need_db = needs_input_grad
-    if _decoded_in_kernel(x) and dy.dtype == x.dtype:
+    if x.dtype in _BITS and dy.dtype == x.dtype:
         xc = x
     else:
         xc = x if x.dtype == cdt else x.to(cdt)
@@ -260,17 +263,17 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     rstd_np = _stat_input(rstd, call)
     dx = outputs.empty_like(xc) if need_dx else None
     dx_np = _flat(dx) if need_dx else _filled(0, 0.0, call.npdt)
-    grads = torch.empty((2, *call.param_shape), dtype=cdt)  # dweight, dbias
+    grads = torch.empty(call.grads_shape, dtype=cdt)  # dweight, dbias
     k = runtime.kernels()
-    threads = _threads(x.numel())
+    threads = 1 if call.serial else torch.get_num_threads()
     dyf, xf = _flat(dy), _flat(xc)
     channels = plan.channels
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
-        t = _partials(p, x.numel())
+        t = call.partials
         dwp, dbp = np.zeros((2, t, channels))
         if a == s == g == 1:  # LayerNorm/RMSNorm rows
-            rows = k.short_rows_backward if kk <= SHORT_ROW else k.rows_backward
+            rows = k.short_rows_backward if call.short_rows else k.rows_backward
             team.run(rows, (dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics,
                                        need_dx, t, dx_np, dwp, dbp), t, threads)
         else:
@@ -289,7 +292,8 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     k.sum_partials(dwp, dbp, dw_np, db_np)
     if dx is not None and dx.dtype != x.dtype:
         dx = dx.to(x.dtype)
-    return dx, (grads[0] if need_dw else None), (grads[1] if need_db else None)
+    dw, db = grads.unbind()
+    return dx, (dw if need_dw else None), (db if need_db else None)
 
 
 def _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan: Plan, center, batch_statistics, need_dx,

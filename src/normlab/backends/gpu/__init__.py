@@ -89,7 +89,7 @@ def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
     if x.is_cuda:
         if not _device_supported(x.device.index if x.device.index is not None else torch.cuda.current_device()):
             return False
-    elif not (x.device.type == "cpu" and _cpu_allowed()):
+    elif not (x.is_cpu and _cpu_allowed()):
         return False
     if x.dtype not in _DTYPES or not 0 < x.numel() < _MAX_NUMEL:
         return False
