@@ -36,9 +36,8 @@ class NormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, spec: NormSpec, eps: float, fixed_mean, fixed_var, stats_out=None):
         backend = select_backend(x, spec)
         y, mean, var, rstd = backend.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
-        ctx.spec, ctx.eps, ctx.backend = spec, eps, backend
-        ctx.batch_statistics = fixed_var is None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # one attribute (each one set or read costs on every small-input step)
+        ctx.norm = (spec, eps, backend, fixed_var is None, bias.dtype if bias is not None else None)
         ctx.save_for_backward(x, weight, mean, rstd)
         if stats_out is not None:
             # eager calls: y is the only output and the statistics leave through this
@@ -60,23 +59,21 @@ class NormFunction(torch.autograd.Function):
         if dy is None:  # y was not used (grads are not materialized, see forward)
             return None, None, None, None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
-        spec = ctx.spec
-        backend = ctx.backend
+        spec, eps, backend, batch_statistics, bias_dtype = ctx.norm
         if torch.is_grad_enabled():
             # create_graph=True: the reference backward is differentiable; with batch
             # statistics, rebuild them as functions of x so the second derivative
             # sees how they depend on x.
             backend = reference
-            if ctx.batch_statistics:
+            if batch_statistics:
                 mean, var = batch_stats(x.to(compute_dtype(x.dtype)).reshape(spec.group_shape), spec)
-                rstd = torch.rsqrt(var + ctx.eps)
-        dx, dweight, dbias = backend.backward(
-            dy, x, weight, mean, rstd, spec, ctx.batch_statistics, ctx.needs_input_grad[:3]
-        )
+                rstd = torch.rsqrt(var + eps)
+        dx, dweight, dbias = backend.backward(dy, x, weight, mean, rstd, spec, batch_statistics,
+                                              ctx.needs_input_grad[:3])
         if dweight is not None and dweight.dtype != weight.dtype:
             dweight = dweight.to(weight.dtype)
-        if dbias is not None and dbias.dtype != ctx.bias_dtype:
-            dbias = dbias.to(ctx.bias_dtype)
+        if dbias is not None and dbias.dtype != bias_dtype:
+            dbias = dbias.to(bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None
 
 

@@ -73,10 +73,11 @@ def check_param(t: torch.Tensor | None, shape: Sequence[int], what: str, name: s
 
 def normalize_shape_arg(normalized_shape: int | Sequence[int], name: str) -> tuple[int, ...]:
     """Turn an int or sequence ``normalized_shape`` into a tuple of positive ints."""
-    try:
-        return _normalized_shape(normalized_shape)  # memoized: asked again on every call
-    except (TypeError, ValueError):  # unhashable (a list) or invalid: checked below
-        pass
+    if not torch.compiler.is_compiling():  # traced code must not call a cached function
+        try:
+            return _normalized_shape(normalized_shape)  # memoized: asked again on every call
+        except (TypeError, ValueError):  # unhashable (a list) or invalid: checked below
+            pass
     shape = _as_int_tuple(normalized_shape)
     if shape is None:
         raise TypeError(

@@ -168,6 +168,8 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     """
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
+    if call.serial and plan.kind == "grouped" and fixed_var is None and x.dtype == cdt and out is None:
+        return _serial_grouped_forward(call, x, weight, bias, spec, eps)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     w = _param(weight, call, 1.0)
@@ -203,6 +205,27 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         _cl_forward_blocks(k, xf, yf, w, b, plan, eps, fixed, mean_np, var_np, rstd_np, threads)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
+    return y, (mean if spec.center else None), var, rstd
+
+
+def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float):
+    """:func:`forward_impl` of a small float32/float64 input in the grouped view with
+    batch statistics -- every training step of a small layer -- in as few Python and
+    torch calls as the kernel allows: each one costs about as much as the kernel's own
+    work at this size."""
+    y = torch.empty_like(x)
+    stats = torch.empty(call.stats_shape, dtype=call.cdt)
+    mean_np, var_np, rstd_np = stats.numpy().reshape(3, -1)
+    xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
+    w, b = _param(weight, call, 1.0), _param(bias, call, 0.0)
+    k = runtime.kernels()
+    a, p, kk, s, g = call.plan.dims
+    if call.short_rows:
+        k.short_rows_forward(xf, yf, w, b, p, kk, float(eps), spec.center, mean_np, var_np, rstd_np, 0, p)
+    else:
+        k.grouped_forward(xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, True, mean_np, var_np,
+                          rstd_np, 0, p)
+    mean, var, rstd = stats.unbind()
     return y, (mean if spec.center else None), var, rstd
 
 
@@ -250,6 +273,9 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     """:func:`normlab.backends.reference.backward` on the kernels."""
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
+    if call.serial and plan.kind == "grouped" and x.dtype == cdt and dy.dtype == cdt:
+        return _serial_grouped_backward(call, dy, x, weight, mean, rstd, spec, batch_statistics,
+                                        needs_input_grad)
     need_dx, need_dw, need_db = needs_input_grad
     if x.dtype in _BITS and dy.dtype == x.dtype:
         xc = x
@@ -292,6 +318,35 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     k.sum_partials(dwp, dbp, dw_np, db_np)
     if dx is not None and dx.dtype != x.dtype:
         dx = dx.to(x.dtype)
+    dw, db = grads.unbind()
+    return dx, (dw if need_dw else None), (db if need_db else None)
+
+
+def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec,
+                             batch_statistics: bool, needs_input_grad):
+    """:func:`backward_impl` of a small float32/float64 input in the grouped view, in
+    as few Python and torch calls as possible (see :func:`_serial_grouped_forward`)."""
+    need_dx, need_dw, need_db = needs_input_grad
+    dyf = dy.contiguous().numpy(force=True).reshape(-1)
+    xf = x.numpy(force=True).reshape(-1)
+    w = _param(weight, call, 1.0)
+    mean_np, rstd_np = _stat_input(mean, call), _stat_input(rstd, call)
+    dx = torch.empty_like(x) if need_dx else None
+    dx_np = dx.numpy().reshape(-1) if need_dx else _filled(0, 0.0, call.npdt)
+    a, p, kk, s, g = call.plan.dims
+    t = call.partials
+    dwp, dbp = np.zeros((2, t, call.plan.channels))
+    k = runtime.kernels()
+    if a == s == g == 1:  # LayerNorm/RMSNorm rows
+        rows = k.short_rows_backward if call.short_rows else k.rows_backward
+        rows(dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics, need_dx, t, dx_np, dwp,
+             dbp, 0, t)
+    else:
+        k.grouped_backward(dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center, batch_statistics,
+                           need_dx, t, dx_np, dwp, dbp, 0, t)
+    grads = torch.empty(call.grads_shape, dtype=call.cdt)  # dweight, dbias
+    dw_np, db_np = grads.numpy().reshape(2, -1)
+    k.sum_partials(dwp, dbp, dw_np, db_np)
     dw, db = grads.unbind()
     return dx, (dw if need_dw else None), (db if need_db else None)
 
