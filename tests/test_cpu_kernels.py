@@ -737,3 +737,67 @@ def test_enable_compiles_nothing(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# ------------------------------------------------------------ running statistics
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_mean", [True, False])
+def test_fused_running_stats_update_matches_torch_ops(rows, dtype, with_mean):
+    """The kernel installed in core.stats gives the torch-op update (to rounding), bumps
+    the version counters as an in-place op does, and leaves absent buffers alone."""
+    from normlab.core import stats
+
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.randn(rows, 6, 1, generator=gen, dtype=dtype)
+    var = torch.rand(rows, 6, 1, generator=gen, dtype=dtype) + 0.1
+    start_mean = torch.randn(6, generator=gen, dtype=dtype) if with_mean else None
+    start_var = torch.rand(6, generator=gen, dtype=dtype) + 0.5
+
+    def updated(kernel):
+        rm = start_mean.clone() if with_mean else None
+        rv = start_var.clone()
+        versions = (rm._version if with_mean else None, rv._version)
+        saved = stats._running_stats_kernel
+        stats.set_running_stats_kernel(kernel)
+        try:
+            stats.update_running_stats(rm, rv, mean, var, 40, 0.1)
+        finally:
+            stats.set_running_stats_kernel(saved)
+        return rm, rv, versions
+
+    rm_k, rv_k, (vm, vv) = updated(numba_backend.update_running_stats)
+    rm_t, rv_t, _ = updated(None)
+    assert rv_k._version > vv
+    ulps = dict(rtol=4 * torch.finfo(dtype).eps, atol=4 * torch.finfo(dtype).eps)  # rounding only
+    torch.testing.assert_close(rv_k, rv_t, **ulps)
+    if with_mean:
+        assert rm_k._version > vm
+        torch.testing.assert_close(rm_k, rm_t, **ulps)
+
+
+def test_fused_running_stats_update_declines_what_torch_ops_must_do():
+    mean, var = torch.zeros(1, 4, 1), torch.ones(1, 4, 1)
+    half = torch.zeros(4, dtype=torch.float16), torch.ones(4, dtype=torch.float16)
+    assert not numba_backend.update_running_stats(*half, mean, var, 8, 0.1)  # other dtype
+    with torch.inference_mode():
+        frozen = torch.zeros(4), torch.ones(4)
+    assert not numba_backend.update_running_stats(*frozen, mean, var, 8, 0.1)  # inference tensors
+    assert not numba_backend.update_running_stats(None, None, mean, var, 8, 0.1)
+    assert torch.equal(frozen[1], torch.ones(4)) and torch.equal(half[1], torch.ones(4, dtype=torch.float16))
+
+
+def test_running_stats_updated_in_place_keep_autograd_version_checks():
+    """Eval-mode BatchNorm saves its running mean for backward; a training step that
+    updates it in place through the kernel bumps its version as the torch-op update
+    does, so that backward fails loudly instead of using the new values."""
+    from normlab import BatchNorm1d
+
+    bn = BatchNorm1d(4).eval()
+    x = torch.randn(8, 4, 5, requires_grad=True)
+    y = bn(x)
+    bn.train()
+    bn(torch.randn(8, 4, 5))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

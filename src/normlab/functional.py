@@ -76,8 +76,7 @@ def _channel_stat_norm(input: Tensor, running_mean: Tensor | None, running_var: 
         raise ValueError(f"{name}: expected eps > 0 when normalizing with batch statistics, got {eps!r}")
     y, mean, var = normalize(input, weight, bias, spec, eps)
     if running_mean is not None and not empty:
-        update_running_stats(running_mean, running_var, mean.reshape(-1, channels),
-                             var.reshape(-1, channels), spec.count, momentum)
+        update_running_stats(running_mean, running_var, mean, var, spec.count, momentum)
     return y
 
 

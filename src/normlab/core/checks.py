@@ -41,6 +41,8 @@ def check_eps(eps: object, name: str) -> None:
 
 
 def check_momentum(momentum: object, name: str, allow_none: bool = False) -> None:
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:  # the common case, checked per call
+        return
     if momentum is None and allow_none:
         return
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):

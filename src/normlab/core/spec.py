@@ -53,6 +53,15 @@ class NormSpec:
     feature_dims: tuple[int, ...]
     center: bool = True
 
+    def __hash__(self) -> int:
+        # specs key the backends' per-configuration caches on every call: hash once
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.family, self.input_shape, self.group_shape, self.reduce_dims,
+                           self.feature_dims, self.center))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def stat_shape(self) -> tuple[int, ...]:
         """Shape of mean/var with keepdim: ``group_shape`` with the reduced dims set to 1."""

@@ -27,6 +27,7 @@ import os
 import torch
 
 from ...core.spec import NormSpec
+from ...core.stats import set_running_stats_kernel
 from .plan import layout_of, make_plan, plan_for
 
 __all__ = ["MIN_ELEMENTS", "accepts", "enable", "is_enabled"]
@@ -69,6 +70,7 @@ def enable() -> bool:
     if not runtime.numba_available():
         return False
     register_backend("cpu-numba", accepts, backend)
+    set_running_stats_kernel(backend.update_running_stats)
     _enabled = True
     return True
 

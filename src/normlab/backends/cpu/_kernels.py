@@ -878,3 +878,21 @@ def sum_partials(dwp, dbp, dw, db):
             sb += dbp[t, c]
         dw[c] = sw
         db[c] = sb
+
+
+@njit(cache=True, nogil=True)
+def update_running(running_mean, running_var, mean, var, momentum, correction):
+    """In place, per channel c: ``running = (1 - momentum) * running + momentum * stat``
+    with the statistics averaged over the rows of ``mean``/``var`` (rows, C) and the
+    variance made unbiased by ``correction = count / (count - 1)``; float64 arithmetic,
+    rounded once. ``running_mean`` may be empty (absent)."""
+    rows, channels = var.shape
+    for c in range(channels):
+        m = 0.0
+        v = 0.0
+        for r in range(rows):
+            m += mean[r, c]
+            v += var[r, c]
+        if running_mean.size:
+            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * (m / rows)
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (v / rows * correction)

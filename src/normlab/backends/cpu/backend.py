@@ -387,6 +387,37 @@ def _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan: Plan, center, bat
     return psdyx, psdy
 
 
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> bool:
+    """:func:`normlab.core.stats.update_running_stats` in one kernel call (installed with
+    :func:`~normlab.core.stats.set_running_stats_kernel`; a small layer's training step
+    otherwise pays three torch ops, ~12 us). Takes plain CPU float32/float64 tensors of
+    one dtype with ``running_var`` given; returns False for anything else. The running
+    tensors' version counters are bumped as an in-place torch op would, so autograd
+    still notices if a graph saved them."""
+    if running_var is None or torch.compiler.is_compiling():
+        return False
+    dtype = running_var.dtype
+    if dtype not in _RUNNING_DTYPES or mean.dtype != dtype or var.dtype != dtype or not mean.is_cpu \
+            or torch._C._functorch.is_functorch_wrapped_tensor(mean):
+        return False
+    running = (running_var,) if running_mean is None else (running_mean, running_var)
+    for t in running:
+        if type(t) is not torch.Tensor or t.dtype != dtype or not t.is_cpu or t.is_inference():
+            return False
+    channels = running_var.shape[0]
+    rm = running_mean.numpy(force=True) if running_mean is not None else _filled(0, 0.0, _NUMPY_OF[dtype])
+    runtime.kernels().update_running(rm, running_var.numpy(force=True), mean.numpy(force=True).reshape(-1, channels),
+                                     var.numpy(force=True).reshape(-1, channels), float(momentum),
+                                     count / (count - 1))
+    for t in running:
+        torch.autograd.graph.increment_version(t)
+    return True
+
+
+_RUNNING_DTYPES = (torch.float32, torch.float64)
+_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None):
     """Backend entry (see :func:`normlab.backends.reference.forward`)."""
     if torch.compiler.is_compiling():
