@@ -801,3 +801,14 @@ def test_running_stats_updated_in_place_keep_autograd_version_checks():
     bn(torch.randn(8, 4, 5))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def test_getenv_sees_what_os_environ_sees(monkeypatch):
+    from normlab.backends._env import getenv
+
+    monkeypatch.delenv("NORMLAB_TEST_SWITCH", raising=False)
+    assert getenv("NORMLAB_TEST_SWITCH") is None
+    monkeypatch.setenv("NORMLAB_TEST_SWITCH", "on é")
+    assert getenv("NORMLAB_TEST_SWITCH") == "on é" == os.environ.get("NORMLAB_TEST_SWITCH")
+    monkeypatch.delenv("NORMLAB_TEST_SWITCH")
+    assert getenv("NORMLAB_TEST_SWITCH") is None

@@ -9,7 +9,6 @@ themselves with :func:`register_backend` and decline inputs they don't handle.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from types import ModuleType
 
@@ -17,6 +16,7 @@ import torch
 
 from ..core.spec import NormSpec
 from . import reference
+from ._env import getenv
 
 __all__ = ["reference", "register_backend", "select_backend"]
 
@@ -35,7 +35,7 @@ def select_backend(x: torch.Tensor, spec: NormSpec) -> ModuleType:
     """The backend that computes ``spec`` on ``x``: the first registered one that accepts
     it, else the reference. ``NORMLAB_BACKEND=reference`` (or a registered name) limits
     the choice to that backend, e.g. to compare them or to rule one out while debugging."""
-    forced = os.environ.get("NORMLAB_BACKEND")
+    forced = getenv("NORMLAB_BACKEND")
     for name, accepts, backend in _BACKENDS:
         if forced and name != forced:
             continue

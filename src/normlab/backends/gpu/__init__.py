@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import sys
 
 import torch
@@ -38,6 +37,7 @@ from ...core.spec import (
     layer_norm_spec,
     rms_norm_spec,
 )
+from .._env import getenv
 
 __all__ = ["NAME", "accepts", "available", "backward", "forward", "register"]
 
@@ -51,7 +51,7 @@ _MAX_CHANNELS = 4 * 65535
 
 def _cpu_allowed() -> bool:
     """CPU tensors run under the interpreter only when both variables ask for it."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("NORMLAB_TRITON_ON_CPU") == "1"
+    return getenv("TRITON_INTERPRET") == "1" and getenv("NORMLAB_TRITON_ON_CPU") == "1"
 
 
 def _expected_spec(x: torch.Tensor, spec: NormSpec) -> NormSpec | None:
