@@ -214,19 +214,24 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     torch calls as the kernel allows: each one costs about as much as the kernel's own
     work at this size."""
     y = torch.empty_like(x)
-    stats = torch.empty(call.stats_shape, dtype=call.cdt)
-    mean_np, var_np, rstd_np = stats.numpy().reshape(3, -1)
+    stats = np.empty((3, call.groups), call.npdt)
     xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
     w, b = _param(weight, call, 1.0), _param(bias, call, 0.0)
     k = runtime.kernels()
     a, p, kk, s, g = call.plan.dims
     if call.short_rows:
-        k.short_rows_forward(xf, yf, w, b, p, kk, float(eps), spec.center, mean_np, var_np, rstd_np, 0, p)
+        k.short_rows_forward(xf, yf, w, b, p, kk, float(eps), spec.center, stats[0], stats[1], stats[2], 0, p)
     else:
-        k.grouped_forward(xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, True, mean_np, var_np,
-                          rstd_np, 0, p)
-    mean, var, rstd = stats.unbind()
+        k.grouped_forward(xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, True, stats[0], stats[1],
+                          stats[2], 0, p)
+    mean, var, rstd = _rows_as_tensors(stats, call.stat_shape)
     return y, (mean if spec.center else None), var, rstd
+
+
+def _rows_as_tensors(array: np.ndarray, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """Tensors of ``shape`` over the rows of a NumPy ``array`` we allocated: one torch
+    call per row, where ``torch.empty`` + ``.numpy()`` + ``unbind`` costs three."""
+    return [torch.from_numpy(row.reshape(shape)) for row in array]
 
 
 def _cl_forward_blocks(k, xf, yf, w, b, plan: Plan, eps, fixed, mean_np, var_np, rstd_np, threads):
@@ -331,8 +336,12 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     xf = x.numpy(force=True).reshape(-1)
     w = _param(weight, call, 1.0)
     mean_np, rstd_np = _stat_input(mean, call), _stat_input(rstd, call)
-    dx = torch.empty_like(x) if need_dx else None
-    dx_np = dx.numpy().reshape(-1) if need_dx else _filled(0, 0.0, call.npdt)
+    if need_dx:
+        dx_np = np.empty(x.shape, call.npdt)
+        dx = torch.from_numpy(dx_np)
+        dx_np = dx_np.reshape(-1)
+    else:
+        dx, dx_np = None, _filled(0, 0.0, call.npdt)
     a, p, kk, s, g = call.plan.dims
     t = call.partials
     dwp, dbp = np.zeros((2, t, call.plan.channels))
@@ -344,10 +353,9 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     else:
         k.grouped_backward(dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center, batch_statistics,
                            need_dx, t, dx_np, dwp, dbp, 0, t)
-    grads = torch.empty(call.grads_shape, dtype=call.cdt)  # dweight, dbias
-    dw_np, db_np = grads.numpy().reshape(2, -1)
-    k.sum_partials(dwp, dbp, dw_np, db_np)
-    dw, db = grads.unbind()
+    grads = np.empty((2, call.plan.channels), call.npdt)  # dweight, dbias
+    k.sum_partials(dwp, dbp, grads[0], grads[1])
+    dw, db = _rows_as_tensors(grads, call.grads_shape[1:])
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
