@@ -154,8 +154,10 @@ def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
     """Per-group values (groups,) of a statistic given broadcastable to ``stat_shape``."""
     if stat is None:
         return _filled(call.groups, 0.0, call.npdt)
-    if stat.dtype == call.cdt and stat.shape == call.stat_shape and stat.is_contiguous():
-        return stat.numpy(force=True).reshape(-1)  # batch statistics as forward returned them
+    if stat.dtype == call.cdt and stat.numel() == call.groups and stat.is_contiguous():
+        # batch statistics as forward returned them (any shape with stat_shape's number of
+        # elements that broadcasts to it lists them in the same order)
+        return stat.numpy(force=True).reshape(-1)
     return torch.broadcast_to(stat.detach().to(call.cdt), call.stat_shape).reshape(-1).contiguous().numpy()
 
 
@@ -332,7 +334,7 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     """:func:`backward_impl` of a small float32/float64 input in the grouped view, in
     as few Python and torch calls as possible (see :func:`_serial_grouped_forward`)."""
     need_dx, need_dw, need_db = needs_input_grad
-    dyf = dy.contiguous().numpy(force=True).reshape(-1)
+    dyf = dy.numpy(force=True).reshape(-1)  # a C-order copy if dy has other strides
     xf = x.numpy(force=True).reshape(-1)
     w = _param(weight, call, 1.0)
     mean_np, rstd_np = _stat_input(mean, call), _stat_input(rstd, call)
