@@ -812,3 +812,67 @@ def test_getenv_sees_what_os_environ_sees(monkeypatch):
     assert getenv("NORMLAB_TEST_SWITCH") == "on é" == os.environ.get("NORMLAB_TEST_SWITCH")
     monkeypatch.delenv("NORMLAB_TEST_SWITCH")
     assert getenv("NORMLAB_TEST_SWITCH") is None
+
+
+@pytest.mark.parametrize("make", [lambda: (nl_layer("LayerNorm", 40), torch.nn.LayerNorm(40)),
+                                  lambda: (nl_layer("GroupNorm", 8, 32), torch.nn.GroupNorm(8, 32)),
+                                  lambda: (nl_layer("BatchNorm1d", 32), torch.nn.BatchNorm1d(32))])
+def test_small_input_gradients_accumulate_over_steps_as_torch(make):
+    """The small-input path hands autograd gradients over NumPy arrays (cheaper to make);
+    AccumulateGrad keeps the first and adds the next ones into it: three steps give
+    torch.nn's accumulated gradients, and the running statistics follow torch.nn's."""
+    ours, theirs = make()
+    theirs.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 32, 40, generator=gen)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(3):  # the same leaf input each step: x.grad accumulates too
+        dy = torch.randn(8, 32, 40, generator=gen)
+        ours(x_ours).backward(dy)
+        theirs(x_theirs).backward(dy)
+    for (name, p_ours), p_theirs in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert_close(p_ours.grad, p_theirs.grad, scale=8, what=name)
+    assert_close(x_ours.grad, x_theirs.grad, scale=8, what="x")
+    for name, buf in theirs.named_buffers():
+        mine = dict(ours.named_buffers())[name]
+        if buf.is_floating_point():
+            assert_close(mine, buf, scale=8, what=name)
+        else:
+            assert torch.equal(mine, buf), name
+
+
+def nl_layer(name, *args):
+    import normlab
+
+    return getattr(normlab, name)(*args)
+
+
+@pytest.mark.parametrize("case", ["gn", "bn", "ln_long", "ln_short"])
+def test_statistics_exact_when_a_groups_first_elements_are_unrepresentative(case):
+    """The kernels center a group on the mean of its first 64 elements; when those lie
+    far from the rest (a spike, an offset first row), the deviations are summed again
+    about the mean found, so the variance keeps float32's precision (no cancellation).
+    gn, bn and ln_long fail without that second sum; a short row (<= 256) needs none --
+    its first 64 elements are a quarter of it, which bounds the cancellation to 2 bits --
+    and is checked for precision all the same."""
+    gen = torch.Generator().manual_seed(11)
+    if case == "gn":
+        x = torch.randn(2, 8, 32, 32, generator=gen) * 0.01
+        x[0, 0, :2] = 1e4  # the first 64 elements of sample 0's first group (2048 elements)
+        spec = group_norm_spec(x.shape, 4)
+    elif case == "bn":
+        x = torch.randn(16, 3, 16, 16, generator=gen) * 0.01
+        x[0, :, :4] = -1e4  # the first 64 elements of every channel (4096 elements)
+        spec = batch_norm_spec(x.shape)
+    else:
+        k = 256 if case == "ln_short" else 4096
+        x = torch.randn(16, k, generator=gen) * 0.01
+        x[::3, :64] += 1e3
+        spec = layer_norm_spec(x.shape, (k,))
+    _, mean, var, _ = numba_backend.forward_impl(x, None, None, spec, 1e-5)
+    x64 = x.double().reshape(spec.group_shape)
+    var64 = x64.var(spec.reduce_dims, unbiased=False, keepdim=True)
+    mean64 = x64.mean(spec.reduce_dims, keepdim=True)
+    # float32 sums with nothing cancelling: ~1e-7 (without the second sum: 2e-6 to 4e-6)
+    torch.testing.assert_close(var.double(), var64, rtol=5e-7, atol=0)
+    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)

@@ -30,12 +30,14 @@ and flushes that partial sum into the float64 total: no element is converted to
 float64 in an inner loop, and each float32 lane adds only a few dozen values (relative
 error ~1e-7). Elementwise steps run in the input's dtype (float32 or float64).
 
-Variances are two-pass, never ``E[x^2] - E[x]^2``. Grouped view: pass 1 gives a rough
-mean ``mc`` (rounded to x's dtype), pass 2 sums ``d = x - mc`` and ``d^2`` from cache,
-so ``mean = mc + mean(d)`` and ``M2 = sum(d^2) - sum(d) * mean(d)`` (corrected two-pass:
-d is centred, nothing cancels). Channels-last view: per block of rows that fits in L1,
-deviations from the block's first row, then squares about the block mean; blocks
-merged with Chan's formula ``M2 = M2a + M2b + delta^2 * na*nb/(na+nb)``.
+Variances are two-pass, never ``E[x^2] - E[x]^2``. Grouped view: a rough mean ``mc``
+(rounded to x's dtype) from the group's first ``_SAMPLE`` elements, then one pass sums
+``d = x - mc`` and ``d^2``, so ``mean = mc + mean(d)`` and ``M2 = sum(d^2) - sum(d) *
+mean(d)`` (corrected two-pass: d is nearly centred, so little cancels; where more than
+two bits would, the pass is repeated about the mean it found, from cache). Channels-last
+view: per block of rows that fits in L1, deviations from the block's first row, then
+squares about the block mean; blocks merged with Chan's formula
+``M2 = M2a + M2b + delta^2 * na*nb/(na+nb)``.
 
 The output pass is ``y = (x - mc) * a + b'`` with ``a = rstd * w`` and
 ``b' = b - (mean - mc) * a`` folded per channel in float64: ``x - mc`` is exact for x
@@ -64,6 +66,14 @@ _BLOCK = 4096
 # each lane adds ~32 values -- relative error ~1e-7 -- and no element is converted to
 # float64 (which would halve the vector width and add a conversion per element).
 _BLK = 1024
+# The rough mean a group's deviations are taken about is the mean of its first
+# ``_SAMPLE`` elements (a full pass for it would cost a third of the forward's arithmetic);
+# if that lands far from the group's mean -- the squared sum of deviations ``sd^2 / n``
+# exceeds ``_RECENTER`` of their sum of squares ``sq``, so that ``M2 = sq - sd^2 / n``
+# would cancel more than two bits -- the deviations are summed again about the mean
+# just found (from cache), which leaves nothing to cancel.
+_SAMPLE = 64
+_RECENTER = 0.75
 # Rows whose dweight/dbias partials are summed in x's dtype before a float64 flush.
 _ROW_BLOCK = 32
 
@@ -167,6 +177,16 @@ def _ctype_impl(x):
 # --------------------------------------------------------------------------- grouped
 
 
+@njit(inline="always", **_OPTS)
+def _rough_mean(xs):
+    """Mean of ``xs`` (a group's first elements), rounded to x's dtype."""
+    dt = _ctype(xs)
+    acc = dt(0.0)
+    for i in range(xs.size):
+        acc += _ld(xs[i])
+    return dt(np.float64(acc) / xs.size)
+
+
 @njit(**_OPTS)
 def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd, lo, hi):
     """y = (x - mean_p) * rstd_p * w[c] + b[c] on the (A, P, K, S) view.
@@ -177,12 +197,14 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     if absent). Inner loops run over slices: numba then drops the negative-index
     wraparound and LLVM vectorizes them.
 
-    Statistics: pass 1 sums x (blocks in x's dtype, see ``_BLK``) for a rough mean
-    ``mc``; pass 2 sums ``d = x - mc`` and ``d^2``, which gives the exact correction
-    ``dm = mean(d)`` and ``M2 = sum(d^2) - sum(d) * dm`` (the corrected two-pass
-    formula: ``d`` is small and centred, so nothing cancels). Passes 2 and 3 read the
-    group from cache. The output pass is one subtraction and one fused multiply-add
-    per element: ``y = (x - mc) * a + b'`` with ``a = rstd * w`` and
+    Statistics: a rough mean ``mc`` of the group's first ``_SAMPLE`` elements; one
+    pass sums ``d = x - mc`` and ``d^2`` (blocks in x's dtype, see ``_BLK``), which
+    gives the exact correction ``dm = mean(d)`` and ``M2 = sum(d^2) - sum(d) * dm`` (the
+    corrected two-pass formula; repeated about ``mc + dm`` when the sample was far from
+    the mean, see ``_RECENTER``). The output pass reads the group from cache. (A full
+    first pass for ``mc``, as before, cost ~10 % of the forward: GroupNorm/BatchNorm/
+    InstanceNorm (32, 64, 56, 56) 1.3 -> 1.2 ms at 2 threads.) The output pass is one
+    subtraction and one fused multiply-add per element: ``y = (x - mc) * a + b'`` with ``a = rstd * w`` and
     ``b' = b - dm * a`` folded per channel in float64.
     """
     dt = _ctype(x)
@@ -191,32 +213,25 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     n = A * ks
     for p in range(lo, hi):
         if compute:
-            mc = z
-            if center:
-                s1 = 0.0
+            mc = _rough_mean(x[p * ks:p * ks + min(ks, _SAMPLE)]) if center else z
+            for attempt in range(2):
+                sd = 0.0
+                sq = 0.0
                 for a in range(A):
                     xs = x[(a * P + p) * ks:(a * P + p + 1) * ks]
                     for lo in range(0, ks, _BLK):
                         xb = xs[lo:lo + _BLK]
-                        acc = z
+                        ad = z
+                        aq = z
                         for i in range(xb.size):
-                            acc += _ld(xb[i])
-                        s1 += acc
-                mc = dt(s1 / n)
-            sd = 0.0
-            sq = 0.0
-            for a in range(A):
-                xs = x[(a * P + p) * ks:(a * P + p + 1) * ks]
-                for lo in range(0, ks, _BLK):
-                    xb = xs[lo:lo + _BLK]
-                    ad = z
-                    aq = z
-                    for i in range(xb.size):
-                        d = _ld(xb[i]) - mc
-                        ad += d
-                        aq += d * d
-                    sd += ad
-                    sq += aq
+                            d = _ld(xb[i]) - mc
+                            ad += d
+                            aq += d * d
+                        sd += ad
+                        sq += aq
+                if not center or attempt == 1 or not sd * sd > _RECENTER * n * sq:
+                    break
+                mc = dt(mc + sd / n)  # the sample's mean was far from the group's: again
             if center:
                 dm = sd / n
                 m2 = sq - sd * dm
@@ -449,21 +464,22 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi):
         p1 = min(hi, p0 + tile)
         if center:
             for p in range(p0, p1):
-                xs = x[p * K:(p + 1) * K]
-                acc = z
-                for i in range(K):
-                    acc += _ld(xs[i])
-                mcs[p - p0] = dt(np.float64(acc) / K)
+                mcs[p - p0] = _rough_mean(x[p * K:p * K + min(K, _SAMPLE)])
         for p in range(p0, p1):
             xs = x[p * K:(p + 1) * K]
             mc = mcs[p - p0]
-            ad = z
-            aq = z
-            for i in range(K):
-                d = _ld(xs[i]) - mc
-                ad += d
-                aq += d * d
-            sd = np.float64(ad)
+            for attempt in range(2):
+                ad = z
+                aq = z
+                for i in range(K):
+                    d = _ld(xs[i]) - mc
+                    ad += d
+                    aq += d * d
+                sd = np.float64(ad)
+                if not center or attempt == 1 or not sd * sd > _RECENTER * K * np.float64(aq):
+                    break
+                mc = dt(mc + sd / K)  # as in grouped_forward
+            mcs[p - p0] = mc
             if center:
                 dm = sd / K
                 m2 = np.float64(aq) - sd * dm
