@@ -876,3 +876,56 @@ def test_statistics_exact_when_a_groups_first_elements_are_unrepresentative(case
     # float32 sums with nothing cancelling: ~1e-7 (without the second sum: 2e-6 to 4e-6)
     torch.testing.assert_close(var.double(), var64, rtol=5e-7, atol=0)
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
+
+
+def test_rough_mean_far_off_does_not_overflow_the_deviation_sums():
+    """A sample mean far from the rest can make the float32 sum of squared deviations
+    overflow; that sum is then taken again about the mean found (no inf variance)."""
+    row = torch.zeros(2, 256)
+    row[:, 64:] = 2e18
+    _, _, var, _ = numba_backend.forward_impl(row, None, None, layer_norm_spec(row.shape, (256,)), 1e-5)
+    expected = row.double().var(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(var.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_kernel_mode_switch_reaches_cached_configurations(monkeypatch):
+    x = torch.randn(8, 32, 40)
+    spec = layer_norm_spec(x.shape, (40,))
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    assert not numba_backend._call_of(x, spec).serial
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 1 << 62)
+    assert numba_backend._call_of(x, spec).serial
+
+
+def test_fused_running_stats_update_stays_out_of_the_way(monkeypatch):
+    """Batched buffers under vmap, a forced reference backend, and no buffers at all go
+    to the torch ops (or do nothing), never through NumPy views."""
+    import warnings
+
+    from normlab.core.stats import update_running_stats
+
+    x = torch.randn(16, 8, 6, 6)
+    with warnings.catch_warnings():  # torch: "no batching rule for lerp_" (a performance note)
+        warnings.simplefilter("ignore", UserWarning)
+        out = torch.vmap(lambda rm, rv: NF.batch_norm(x, rm, rv, training=True), in_dims=(0, 0))(
+            torch.zeros(3, 8), torch.ones(3, 8))
+    torch.testing.assert_close(out[1], F.batch_norm(x, None, None, training=True))
+    update_running_stats(None, None, torch.zeros(1, 4, 1), torch.ones(1, 4, 1), 8, 0.1)  # no-op
+    monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    rm, rv = torch.zeros(4), torch.ones(4)
+    assert not numba_backend.update_running_stats(rm, rv, torch.zeros(1, 4, 1), torch.ones(1, 4, 1), 8, 0.1)
+
+
+def test_pickled_spec_hashes_like_a_fresh_one_in_another_process():
+    """NormSpec caches its hash; the cache must not travel in a pickle (string hashes
+    differ between processes)."""
+    import pickle
+    import subprocess
+
+    spec = layer_norm_spec((4, 8), (8,))
+    hash(spec)  # cached from here on
+    data = pickle.dumps(spec)
+    code = ("import pickle, sys; from normlab.core.spec import layer_norm_spec; "
+            "s = pickle.loads(sys.stdin.buffer.read()); print(s in {layer_norm_spec((4, 8), (8,))})")
+    result = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True)
+    assert result.stdout.strip() == b"True"

@@ -62,6 +62,12 @@ class NormSpec:
             object.__setattr__(self, "_hash", cached)
         return cached
 
+    def __getstate__(self) -> dict:
+        # the cached hash is per process (string hashing is randomized): don't pickle it
+        state = dict(self.__dict__)
+        state.pop("_hash", None)
+        return state
+
     @property
     def stat_shape(self) -> tuple[int, ...]:
         """Shape of mean/var with keepdim: ``group_shape`` with the reduced dims set to 1."""

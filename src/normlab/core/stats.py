@@ -97,6 +97,8 @@ def update_running_stats(
     Runs on every training step of every BatchNorm: a backend's fused kernel does it
     where it can (see :func:`set_running_stats_kernel`), else three small torch ops.
     """
+    if running_mean is None and running_var is None:
+        return
     kernel = _running_stats_kernel
     if kernel is not None and kernel(running_mean, running_var, mean, var, count, momentum):
         return

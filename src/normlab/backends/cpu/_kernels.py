@@ -229,7 +229,8 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                             aq += d * d
                         sd += ad
                         sq += aq
-                if not center or attempt == 1 or not sd * sd > _RECENTER * n * sq:
+                # (an overflowed or NaN sq fails the test: summed again too)
+                if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * n * sq):
                     break
                 mc = dt(mc + sd / n)  # the sample's mean was far from the group's: again
             if center:
@@ -476,7 +477,8 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi):
                     ad += d
                     aq += d * d
                 sd = np.float64(ad)
-                if not center or attempt == 1 or not sd * sd > _RECENTER * K * np.float64(aq):
+                sq = np.float64(aq)
+                if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * K * sq):
                     break
                 mc = dt(mc + sd / K)  # as in grouped_forward
             mcs[p - p0] = mc

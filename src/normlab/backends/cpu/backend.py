@@ -27,6 +27,7 @@ import torch
 
 from ...core.spec import NormSpec
 from ...core.stats import compute_dtype
+from .._env import getenv
 from . import outputs, runtime, team
 from .plan import Plan, layout_of, plan_for
 
@@ -73,10 +74,15 @@ class _Call:
     grads_shape: tuple[int, ...]  # (2, *param_shape): dweight, dbias in one buffer
     groups: int  # number of statistics
     memory_format: torch.memory_format  # x's layout, for dy
-    serial: bool  # small input: the calling thread only
+    numel: int
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
     flat_params: bool  # weight/bias are 1-D already (no reshape to view them flat)
+
+    @property
+    def serial(self) -> bool:
+        """Small input: the calling thread only (``SERIAL_BELOW`` read per call)."""
+        return self.numel < SERIAL_BELOW
 
 
 @lru_cache(maxsize=512)
@@ -93,7 +99,7 @@ def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
     groups = plan.dims[1] if plan.kind == "grouped" else plan.dims[0] * plan.dims[2]
     return _Call(plan, cdt, np.float64 if cdt == torch.float64 else np.float32,
                  spec.stat_shape, (3, *spec.stat_shape), (2, *spec.param_shape), groups, fmt,
-                 serial=numel < SERIAL_BELOW,
+                 numel=numel,
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_rows=rows and plan.dims[2] <= SHORT_ROW,
                  flat_params=len(spec.param_shape) == 1)
@@ -404,11 +410,13 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     one dtype with ``running_var`` given; returns False for anything else. The running
     tensors' version counters are bumped as an in-place torch op would, so autograd
     still notices if a graph saved them."""
-    if running_var is None or torch.compiler.is_compiling():
+    if running_var is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False  # (vmap/grad: buffers or statistics may be batched wrappers without storage)
+    forced = getenv("NORMLAB_BACKEND")
+    if forced and forced != "cpu-numba":  # another backend forced: its torch ops do it
         return False
     dtype = running_var.dtype
-    if dtype not in _RUNNING_DTYPES or mean.dtype != dtype or var.dtype != dtype or not mean.is_cpu \
-            or torch._C._functorch.is_functorch_wrapped_tensor(mean):
+    if dtype not in _RUNNING_DTYPES or mean.dtype != dtype or var.dtype != dtype or not mean.is_cpu:
         return False
     running = (running_var,) if running_mean is None else (running_mean, running_var)
     for t in running:
