@@ -176,7 +176,8 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     """
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if call.serial and plan.kind == "grouped" and fixed_var is None and x.dtype == cdt and out is None:
+    if call.serial and plan.kind == "grouped" and fixed_var is None and out is None \
+            and (x.dtype == cdt or x.dtype in _BITS):
         return _serial_grouped_forward(call, x, weight, bias, spec, eps)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
@@ -217,13 +218,15 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
 
 
 def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float):
-    """:func:`forward_impl` of a small float32/float64 input in the grouped view with
-    batch statistics -- every training step of a small layer -- in as few Python and
-    torch calls as the kernel allows: each one costs about as much as the kernel's own
-    work at this size."""
+    """:func:`forward_impl` of a small input in the grouped view with batch statistics --
+    every training step of a small layer -- in as few Python and torch calls as the
+    kernel allows: each one costs about as much as the kernel's own work at this size."""
     y = torch.empty_like(x)
     stats = np.empty((3, call.groups), call.npdt)
-    xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
+    if x.dtype in _BITS:  # 16-bit floats: their raw bits, decoded in the kernel
+        xf, yf = _flat(x), _flat(y)
+    else:
+        xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
     w, b = _param(weight, call, 1.0), _param(bias, call, 0.0)
     k = runtime.kernels()
     a, p, kk, s, g = call.plan.dims
@@ -286,7 +289,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     """:func:`normlab.backends.reference.backward` on the kernels."""
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if call.serial and plan.kind == "grouped" and x.dtype == cdt and dy.dtype == cdt:
+    if call.serial and plan.kind == "grouped" and dy.dtype == x.dtype and (x.dtype == cdt or x.dtype in _BITS):
         return _serial_grouped_backward(call, dy, x, weight, mean, rstd, spec, batch_statistics,
                                         needs_input_grad)
     need_dx, need_dw, need_db = needs_input_grad
@@ -337,16 +340,22 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
 
 def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec,
                              batch_statistics: bool, needs_input_grad):
-    """:func:`backward_impl` of a small float32/float64 input in the grouped view, in
+    """:func:`backward_impl` of a small input in the grouped view (dy in x's dtype), in
     as few Python and torch calls as possible (see :func:`_serial_grouped_forward`)."""
     need_dx, need_dw, need_db = needs_input_grad
-    dyf = dy.numpy(force=True).reshape(-1)  # a C-order copy if dy has other strides
-    xf = x.numpy(force=True).reshape(-1)
+    bits = _BITS.get(x.dtype)
+    if bits is None:
+        dyf = dy.numpy(force=True).reshape(-1)  # a C-order copy if dy has other strides
+        xf = x.numpy(force=True).reshape(-1)
+    else:  # 16-bit floats: their raw bits, decoded in the kernel
+        dyf, xf = _flat(dy.contiguous()), _flat(x)
     w = _param(weight, call, 1.0)
     mean_np, rstd_np = _stat_input(mean, call), _stat_input(rstd, call)
     if need_dx:
-        dx_np = np.empty(x.shape, call.npdt)
+        dx_np = np.empty(x.shape, call.npdt if bits is None else bits)
         dx = torch.from_numpy(dx_np)
+        if bits is not None:
+            dx = dx.view(x.dtype)  # the uint16/int16 bits as bfloat16/float16
         dx_np = dx_np.reshape(-1)
     else:
         dx, dx_np = None, _filled(0, 0.0, call.npdt)
