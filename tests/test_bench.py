@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -136,3 +137,24 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "normlab.bench", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--quick" in out.stdout
+
+
+def test_normlab_provider_is_the_bare_module_and_ignores_a_forced_backend(monkeypatch):
+    """`normlab` is what users get: called as bare as torch.nn's module (a wrapper would
+    add its cost to small cases), with any NORMLAB_BACKEND of the caller cleared for the
+    run and restored after."""
+    pytest.importorskip("numba")
+    from normlab.backends.cpu import backend as numba_backend
+    from normlab.bench import run as bench_run
+    from normlab.bench.cases import Case, build
+
+    case = Case("ln", (4, 8))
+    fns = build(case, ("torch", "normlab"))
+    assert isinstance(fns["normlab"], torch.nn.Module)
+    calls = []
+    original = numba_backend.forward_impl
+    monkeypatch.setattr(numba_backend, "forward_impl", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    bench_run.run_case(case, ["forward"], ["torch", "normlab"], repeats=1, min_time=0.0)
+    assert calls, "the normlab provider ran on the forced reference backend"
+    assert os.environ["NORMLAB_BACKEND"] == "reference"

@@ -223,7 +223,12 @@ def build(case: Case, providers: tuple[str, ...]) -> dict[str, Callable[[torch.T
             out[name] = torch_mod
         elif name == "naive":
             out[name] = Naive(case, torch_mod).to(case.torch_dtype)
-        elif name in ("reference", "cpu-numba", "normlab"):
+        elif name == "normlab":
+            # the automatic choice: called as bare as torch.nn's module (a wrapper costs
+            # ~5 us per call, a tenth of a small layer's step); the run clears any
+            # NORMLAB_BACKEND around it (see normlab.bench.run.run_case)
+            out[name] = nl_mod
+        elif name in ("reference", "cpu-numba"):
             out[name] = _with_env(nl_mod, name)
         else:
             raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDERS)}")

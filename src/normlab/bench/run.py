@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .cases import PROVIDERS, Case, build, make_input
+from .cases import PROVIDERS, Case, build, make_input, provider_env
 from .timing import floor_bytes, interleaved, median, saved_bytes
 
 __all__ = ["MODES", "environment", "run_case", "run_suite", "available_providers"]
@@ -108,6 +108,12 @@ def _mode_fns(mode: str, fns: dict[str, Callable], case: Case) -> dict[str, Call
 def run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats: int,
              min_time: float = 0.02) -> list[dict[str, object]]:
     """Rows for one case: every mode x provider, plus the copy floor."""
+    with provider_env("normlab"):  # no NORMLAB_BACKEND from the caller's environment
+        return _run_case(case, modes, providers, repeats, min_time)
+
+
+def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats: int,
+              min_time: float) -> list[dict[str, object]]:
     fns = build(case, tuple(providers))
     x = make_input(case)
     dst = torch.empty_like(x)
