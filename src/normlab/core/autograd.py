@@ -29,7 +29,9 @@ class NormFunction(torch.autograd.Function):
     """``(x, weight, bias) -> (y, mean, var)`` for any :class:`NormSpec`.
 
     ``mean`` and ``var`` are the (non-differentiable) statistics used, returned so
-    the caller can update running statistics; ``mean`` is None for RMSNorm.
+    the caller can update running statistics; ``mean`` is None for RMSNorm. Given a
+    ``stats_out`` list (eager calls, see :func:`normalize`), the Function returns y
+    alone and appends ``(mean, var)`` to the list instead.
     """
 
     @staticmethod
