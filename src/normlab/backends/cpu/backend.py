@@ -85,6 +85,10 @@ class _Call:
         return self.numel < SERIAL_BELOW
 
 
+#: NumPy scalar type of each compute dtype.
+_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 @lru_cache(maxsize=512)
 def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
     plan = plan_for(spec, layout)
@@ -97,7 +101,7 @@ def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
     numel = math.prod(spec.input_shape)
     rows = plan.kind == "grouped" and plan.dims[0] == plan.dims[3] == plan.dims[4] == 1
     groups = plan.dims[1] if plan.kind == "grouped" else plan.dims[0] * plan.dims[2]
-    return _Call(plan, cdt, np.float64 if cdt == torch.float64 else np.float32,
+    return _Call(plan, cdt, _NUMPY_OF[cdt],
                  spec.stat_shape, (3, *spec.stat_shape), (2, *spec.param_shape), groups, fmt,
                  numel=numel,
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
@@ -198,13 +202,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     threads = 1 if call.serial else torch.get_num_threads()
     xf, yf = _flat(xc), _flat(y)
     if plan.kind == "grouped":
-        a, p, kk, s, g = plan.dims
-        if not fixed and call.short_rows:
-            team.run(k.short_rows_forward, (xf, yf, w, b, p, kk, float(eps), spec.center, mean_np, var_np,
-                                            rstd_np), p, threads)
-        else:
-            team.run(k.grouped_forward, (xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed,
-                                         mean_np, var_np, rstd_np), p, threads)
+        _grouped_forward(k, call, spec, xf, yf, w, b, eps, not fixed, mean_np, var_np, rstd_np, threads)
     elif not fixed and plan.blocks == 1:
         # one work item per sample: statistics and output in one sweep
         n, s, g, kk = plan.dims
@@ -228,15 +226,39 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     else:
         xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
     w, b = _param(weight, call, 1.0), _param(bias, call, 0.0)
-    k = runtime.kernels()
-    a, p, kk, s, g = call.plan.dims
-    if call.short_rows:
-        k.short_rows_forward(xf, yf, w, b, p, kk, float(eps), spec.center, stats[0], stats[1], stats[2], 0, p)
-    else:
-        k.grouped_forward(xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, True, stats[0], stats[1],
-                          stats[2], 0, p)
+    _grouped_forward(runtime.kernels(), call, spec, xf, yf, w, b, eps, True, stats[0], stats[1], stats[2], 1)
     mean, var, rstd = _rows_as_tensors(stats, call.stat_shape)
     return y, (mean if spec.center else None), var, rstd
+
+
+def _grouped_forward(k, call: _Call, spec: NormSpec, xf, yf, w, b, eps: float, compute: bool, mean_np,
+                     var_np, rstd_np, threads: int) -> None:
+    """The grouped-view forward kernel on ``threads`` threads: the tile-phased one for
+    short LayerNorm/RMSNorm rows with batch statistics, else ``grouped_forward``."""
+    a, p, kk, s, g = call.plan.dims
+    if compute and call.short_rows:
+        team.run(k.short_rows_forward, (xf, yf, w, b, p, kk, float(eps), spec.center, mean_np, var_np, rstd_np),
+                 p, threads)
+    else:
+        team.run(k.grouped_forward, (xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, compute, mean_np,
+                                     var_np, rstd_np), p, threads)
+
+
+def _grouped_backward(k, call: _Call, spec: NormSpec, dyf, xf, w, mean_np, rstd_np, batch_statistics: bool,
+                      need_dx: bool, dx_np, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grouped-view backward kernel on ``threads`` threads (the row kernels for
+    LayerNorm/RMSNorm); returns its (partials, C) float64 dweight/dbias partial sums."""
+    a, p, kk, s, g = call.plan.dims
+    t = call.partials
+    dwp, dbp = np.zeros((2, t, call.plan.channels))
+    if a == s == g == 1:  # LayerNorm/RMSNorm rows
+        rows = k.short_rows_backward if call.short_rows else k.rows_backward
+        team.run(rows, (dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics, need_dx, t, dx_np,
+                        dwp, dbp), t, threads)
+    else:
+        team.run(k.grouped_backward, (dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center,
+                                      batch_statistics, need_dx, t, dx_np, dwp, dbp), t, threads)
+    return dwp, dbp
 
 
 def _rows_as_tensors(array: np.ndarray, shape: tuple[int, ...]) -> list[torch.Tensor]:
@@ -311,16 +333,8 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     dyf, xf = _flat(dy), _flat(xc)
     channels = plan.channels
     if plan.kind == "grouped":
-        a, p, kk, s, g = plan.dims
-        t = call.partials
-        dwp, dbp = np.zeros((2, t, channels))
-        if a == s == g == 1:  # LayerNorm/RMSNorm rows
-            rows = k.short_rows_backward if call.short_rows else k.rows_backward
-            team.run(rows, (dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics,
-                                       need_dx, t, dx_np, dwp, dbp), t, threads)
-        else:
-            team.run(k.grouped_backward, (dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center,
-                                          batch_statistics, need_dx, t, dx_np, dwp, dbp), t, threads)
+        dwp, dbp = _grouped_backward(k, call, spec, dyf, xf, w, mean_np, rstd_np, batch_statistics, need_dx,
+                                     dx_np, threads)
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
         dwp = np.empty((n, channels))
@@ -359,17 +373,8 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
         dx_np = dx_np.reshape(-1)
     else:
         dx, dx_np = None, _filled(0, 0.0, call.npdt)
-    a, p, kk, s, g = call.plan.dims
-    t = call.partials
-    dwp, dbp = np.zeros((2, t, call.plan.channels))
     k = runtime.kernels()
-    if a == s == g == 1:  # LayerNorm/RMSNorm rows
-        rows = k.short_rows_backward if call.short_rows else k.rows_backward
-        rows(dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics, need_dx, t, dx_np, dwp,
-             dbp, 0, t)
-    else:
-        k.grouped_backward(dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center, batch_statistics,
-                           need_dx, t, dx_np, dwp, dbp, 0, t)
+    dwp, dbp = _grouped_backward(k, call, spec, dyf, xf, w, mean_np, rstd_np, batch_statistics, need_dx, dx_np, 1)
     grads = np.empty((2, call.plan.channels), call.npdt)  # dweight, dbias
     k.sum_partials(dwp, dbp, grads[0], grads[1])
     dw, db = _rows_as_tensors(grads, call.grads_shape[1:])
@@ -442,7 +447,6 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
 
 
 _RUNNING_DTYPES = (torch.float32, torch.float64)
-_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None):
