@@ -126,26 +126,23 @@ def normalize(
 
     Inputs are assumed validated (see ``normlab.functional``).
     """
-    if not _needs_graph(x, weight, bias):
-        # inference: nothing to differentiate, so skip the autograd Function's own cost
-        # (~8 us of a ~35 us call on a small input)
-        y, mean, var, _ = select_backend(x, spec).forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
-        return y, (mean if spec.center else None), var
     function = _FUNCTIONS.get(spec.family, NormFunction)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # traced: the compiler sees the Function as one op
         y, mean, var = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)
-    else:
+    elif _needs_graph(x, weight, bias):
         stats: list[torch.Tensor | None] = []
         y = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var, stats)
         mean, var = stats
+    else:
+        # inference: nothing to differentiate, so skip the autograd Function's own cost
+        # (~8 us of a ~35 us call on a small input)
+        y, mean, var, _ = select_backend(x, spec).forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
     return y, (mean if spec.center else None), var
 
 
 def _needs_graph(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
-    """Whether the call must go through the autograd Function: grad mode is on and an
-    input requires grad, or torch.compile is tracing (it sees the Function as one op)."""
-    if torch.compiler.is_compiling():
-        return True
+    """Whether an eager call must go through the autograd Function: grad mode is on and
+    an input requires grad."""
     if not torch.is_grad_enabled():
         return False
     return x.requires_grad or (weight is not None and weight.requires_grad) or \

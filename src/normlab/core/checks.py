@@ -77,16 +77,18 @@ def normalize_shape_arg(normalized_shape: int | Sequence[int], name: str) -> tup
     """Turn an int or sequence ``normalized_shape`` into a tuple of positive ints."""
     if not torch.compiler.is_compiling():  # traced code must not call a cached function
         try:
-            return _normalized_shape(normalized_shape)  # memoized: asked again on every call
-        except (TypeError, ValueError):  # unhashable (a list) or invalid: checked below
-            pass
+            shape = _valid_shape(normalized_shape)  # memoized: asked again on every call
+        except TypeError:  # unhashable, e.g. a list
+            shape = None
+        if shape is not None:
+            return shape
     shape = _as_int_tuple(normalized_shape)
     if shape is None:
         raise TypeError(
             f"{name}: expected normalized_shape to be an int or a sequence of ints, "
             f"got {normalized_shape!r}"
         )
-    if not shape or any(s <= 0 for s in shape):
+    if not _all_positive(shape):
         raise ValueError(f"{name}: expected a non-empty normalized_shape of positive sizes, got {shape}")
     return shape
 
@@ -102,11 +104,13 @@ def _as_int_tuple(normalized_shape: object) -> tuple[int, ...] | None:
         return None
 
 
+def _all_positive(shape: tuple[int, ...]) -> bool:
+    return bool(shape) and all(s > 0 for s in shape)
+
+
 @functools.lru_cache(maxsize=256)
-def _normalized_shape(normalized_shape: object) -> tuple[int, ...]:
-    """The valid tuple form of a hashable ``normalized_shape``; ValueError if it has none
-    (the caller then builds the message)."""
+def _valid_shape(normalized_shape: object) -> tuple[int, ...] | None:
+    """The tuple form of a hashable ``normalized_shape``, or None if it is invalid (the
+    caller then raises with the reason)."""
     shape = _as_int_tuple(normalized_shape)
-    if shape is None or not shape or any(s <= 0 for s in shape):
-        raise ValueError(normalized_shape)
-    return shape
+    return shape if shape is not None and _all_positive(shape) else None
