@@ -266,6 +266,44 @@ def test_few_groups_split_the_spatial_range(monkeypatch, shape, groups, layout, 
         _compare(x, spec, *_run_both(x, w, b, spec, needs=needs))
 
 
+_TILE_CASES = [(groups, programs, torch.float32) for groups in (4, 10, 20) for programs in (1, 64)]
+_TILE_CASES.append((10, 64, torch.bfloat16))
+
+
+@pytest.mark.parametrize(("groups", "programs", "dtype"), _TILE_CASES,
+                         ids=[f"G{g}-{p}prog-{str(d)[6:]}" for g, p, d in _TILE_CASES])
+def test_channels_last_channel_tiles(monkeypatch, groups, programs, dtype):
+    """channels_last with narrow groups: (rows x channels) tiles of one sample, per-channel
+    partials folded into groups -- two channel tiles, one or several spatial splits."""
+    monkeypatch.setattr(TUNING, "interpreter_programs", programs)
+    shape = (3, 20, 3, 5)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(15)) * 3 - 1).contiguous(memory_format=CL)
+    x = x.to(dtype)
+    x3 = x.view(3, 20, 15)
+    assert _groups._channel_tiles(x3, 20 // groups)
+    _, _, c_blocks, _, splits = _groups._cl_plan(x3)
+    assert c_blocks == 2 and (splits > 1) == (programs > 1)
+    spec = group_norm_spec(shape, groups) if groups < 20 else instance_norm_spec(shape)
+    settings = [("wb", (True, True, True))]
+    if programs > 1 and dtype == torch.float32:
+        settings += [("w", (True, False, False)), ("none", (True, False, False))]
+    for affine, needs in settings:
+        w, b = _params(spec, affine)
+        _compare(x, spec, *_run_both(x, w, b, spec, needs=needs))
+
+
+def test_channels_last_wide_groups_walk_one_group_at_a_time(monkeypatch):
+    """Groups of >= CL_TILE_BELOW channels keep the per-group kernels (runs of adjacent
+    channels are long enough to read whole)."""
+    monkeypatch.setattr(_groups, "CL_TILE_BELOW", 2)
+    shape = (2, 6, 3, 5)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(16)).contiguous(memory_format=CL)
+    assert not _groups._channel_tiles(x.view(2, 6, 15), 3)
+    spec = group_norm_spec(shape, 2)
+    w, b = _params(spec, "wb")
+    _compare(x, spec, *_run_both(x, w, b, spec))
+
+
 @pytest.mark.parametrize("family", ["batch_norm", "instance_norm"])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -465,7 +503,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     kernels = {name for module in (_rows, _channels, _groups) for name in dir(module) if name.endswith("_kernel")}
-    assert len(kernels) == 15
+    assert len(kernels) == 20
     compiled = {line.split()[3] for line in result.stdout.splitlines() if line.startswith("ok  sm_90 bf16")}
     assert compiled == kernels, result.stdout
 

@@ -11,10 +11,13 @@ in the same program -- when a single split per channel tile already fills the de
 i.e. small inputs)::
 
     partial:  per (split, channel) (mean_k, M2_k) over the split's rows; inside a
-              split, chunk statistics are merged by Chan's formula
+              split, tile statistics are merged by Chan's formula
               (delta = mean_b - mean_a, n = n_a + n_b,
                mean = mean_a + delta * n_b / n, M2 = M2_a + M2_b + delta^2 n_a n_b / n)
-    merge:    per channel, the same merge over the splits -> mean, var = M2 / R, rstd
+    merge:    per channel, over the splits, BLOCK_K splits at a time:
+              mean = mean_0 + sum n_k (mean_k - mean_0) / R  (about split 0's mean: a
+              large offset costs no accuracy, unlike a running mean updated split by
+              split), M2 = sum M2_k + sum n_k (mean_k - mean)^2 -> var = M2 / R, rstd
     apply:    y = (x - mean[c]) * (w[c] * rstd[c]) + b[c]      (elementwise)
 
 The apply keeps ``x - mean`` explicit instead of ``x * scale + shift`` so that an
@@ -34,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, pow2
+from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, pow2, stats_buffers
 
 __all__ = ["channel_forward", "channel_apply", "channel_backward"]
 
@@ -50,7 +53,8 @@ def _tile_offsets(r, S, stride_n, stride_s):
 def _welford(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs,
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """(count, mean, M2) per channel of rows [r_start, r_end): tile statistics are
-    two-pass in registers and merged by Chan's formula."""
+    two-pass in registers and merged by Chan's formula. (Measured on an H100: as fast as
+    or faster than per-lane Welford updates reduced once at the end, in both layouts.)"""
     cnt = 0.0
     mean = tl.full([BLOCK_C], 0.0, tl.float32)
     m2 = tl.full([BLOCK_C], 0.0, tl.float32)
@@ -193,25 +197,39 @@ def _chan_partial_stats_kernel(X, PMean, PM2, C, S, R, sxn, sxc, sxs, rows_per_s
 
 @triton.jit
 def _chan_merge_kernel(PMean, PM2, Mean, Var, Rstd, C, R, rows_per_split, splits, eps,
-                       BLOCK_C: tl.constexpr):
+                       BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the (mean, M2) partials of ``splits`` row ranges per column, BLOCK_K splits
+    at a time: the mean as split 0's mean plus the count-weighted offsets of the others
+    (accurate for a large offset), then M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    cnt = 0.0
-    mean = tl.full([BLOCK_C], 0.0, tl.float32)
-    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
-    for k in range(0, splits):
-        nb = tl.minimum(rows_per_split, R - k * rows_per_split).to(tl.float32)
-        mb = tl.load(PMean + k * C + cols, mask=cmask, other=0.0)
-        m2b = tl.load(PM2 + k * C + cols, mask=cmask, other=0.0)
-        tot = cnt + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
-        cnt = tot
-    var = m2 / cnt
+    shift = tl.load(PMean + cols, mask=cmask, other=0.0)
+    offset = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
+    for k0 in range(0, splits, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (k < splits)[:, None] & cmask[None, :]
+        nb = tl.minimum(rows_per_split, R - k * rows_per_split).to(tl.float32)[:, None]
+        pm = tl.load(PMean + k[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        offset += tl.where(mask, nb * (pm - shift[None, :]), 0.0)
+    mean = shift + fsum(offset, axis=0) / R
+    m2 = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
+    for k0 in range(0, splits, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (k < splits)[:, None] & cmask[None, :]
+        nb = tl.minimum(rows_per_split, R - k * rows_per_split).to(tl.float32)[:, None]
+        d = tl.load(PMean + k[:, None] * C + cols[None, :], mask=mask, other=0.0) - mean[None, :]
+        m2 += tl.where(mask, tl.load(PM2 + k[:, None] * C + cols[None, :], mask=mask, other=0.0) + nb * d * d,
+                       0.0)
+    var = fsum(m2, axis=0) / R
     tl.store(Mean + cols, mean, mask=cmask)
     tl.store(Var + cols, var, mask=cmask)
     tl.store(Rstd + cols, tl.rsqrt(var + eps), mask=cmask)
+
+
+def merge_blocks(splits: int, columns: int) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_C) of :func:`_chan_merge_kernel`: up to 2048 partials a step."""
+    block_c = min(pow2(columns), 256)
+    return max(1, min(pow2(splits), 2048 // block_c)), block_c
 
 
 @triton.jit
@@ -303,7 +321,7 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
     c_blocks = triton.cdiv(c, block_c)
     rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
     f32 = dict(device=x3.device, dtype=torch.float32)
-    mean, var, rstd = (torch.empty(c, **f32) for _ in range(3))
+    mean, var, rstd = stats_buffers(3, c, x3)
     w = weight if weight is not None else dummy(mean)
     b = bias if bias is not None else dummy(mean)
     with device_guard(x3):
@@ -321,9 +339,9 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
             BLOCK_R=block_r, BLOCK_C=block_c,
             **LAUNCH,
         )
-        merge_c = min(pow2(c), 1024)
+        block_k, merge_c = merge_blocks(splits, c)
         _chan_merge_kernel[(triton.cdiv(c, merge_c),)](
-            pmean, pm2, mean, var, rstd, c, r, rows_per_split, splits, eps, BLOCK_C=merge_c,
+            pmean, pm2, mean, var, rstd, c, r, rows_per_split, splits, eps, BLOCK_K=block_k, BLOCK_C=merge_c,
             **LAUNCH,
         )
     channel_apply(x3, y3, mean, rstd, weight, bias)
@@ -358,8 +376,7 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
     need_sums = need_dwb or (dx3 is not None and batch_statistics)
     rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
     f32 = dict(device=x3.device, dtype=torch.float32)
-    sdy = torch.empty(c, **f32) if need_sums else None
-    sdyx = torch.empty(c, **f32) if need_sums else None
+    sdy, sdyx = stats_buffers(2, c, x3) if need_sums else (None, None)
     w = weight if weight is not None else dummy(rstd)
     dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
     with device_guard(x3):

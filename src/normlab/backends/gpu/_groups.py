@@ -32,8 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._channels import _chan_merge_kernel
-from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2
+from ._channels import _chan_merge_kernel, _grad_sums, _tile_offsets, _welford, merge_blocks
+from ._channels import _splits as _channel_splits
+from ._channels import _tile as _channel_tile
+from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2, stats_buffers
 
 __all__ = ["group_forward", "group_backward"]
 
@@ -243,6 +245,155 @@ def _group_dx_kernel(X, DY, DX, W, Mean, Rstd, C1, C2, G, Cg, S,
               tl.load(C1 + pid), tl.load(C2 + pid), sxc, sxs, sdc, sds, soc, sos, HAS_W, BLOCK_C, BLOCK_S)
 
 
+# ---- channels_last with few channels per group: tiles of adjacent channels -------------
+# A group of Cg < 32 channels is a short run of every channels_last row (8 bytes for
+# Cg = 2 in float32): walking one group at a time would read memory in scattered
+# pieces. These kernels walk (rows x BLOCK_C channels) tiles of one sample, contiguous
+# in memory, computing per-channel partials that a merge then folds into groups.
+
+
+@triton.jit
+def _cl_partial_stats_kernel(X, PMean, PM2, C, S, sxn, sxc, sxs, s_per_split, splits,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (channel tile, split, n): per-channel (mean, M2) of sample n over the
+    split's spatial range -> [n, split, c]."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sp = tl.program_id(1)
+    n = tl.program_id(2)
+    s_start = sp * s_per_split
+    s_end = tl.minimum(s_start + s_per_split, S)
+    _cnt, mean, m2 = _welford(X + n * sxn, cols, cmask, s_start, s_end, S, sxn, sxc, sxs, BLOCK_R, BLOCK_C)
+    out = (n * splits + sp) * C + cols
+    tl.store(PMean + out, mean, mask=cmask)
+    tl.store(PM2 + out, m2, mask=cmask)
+
+
+@triton.jit
+def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, splits, eps,
+                     BLOCK: tl.constexpr):
+    """Per (n, g): fold the splits x Cg channel partials, about the first one's mean
+    (accurate for a large offset): mean = m_0 + sum n_k (m_k - m_0) / m, then
+    M2 = sum M2_k + sum n_k (m_k - mean)^2."""
+    grp = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    gmask = grp < NG
+    n = grp // G
+    base = n * splits * C + (grp - n * G) * Cg
+    shift = tl.load(PMean + base, mask=gmask, other=0.0)
+    offset = tl.full([BLOCK], 0.0, tl.float32)
+    for k in range(0, splits):
+        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)
+        for j in range(0, Cg):
+            offset += nb * (tl.load(PMean + base + k * C + j, mask=gmask, other=0.0) - shift)
+    count = (Cg * S).to(tl.float32)
+    mean = shift + offset / count
+    m2 = tl.full([BLOCK], 0.0, tl.float32)
+    for k in range(0, splits):
+        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)
+        for j in range(0, Cg):
+            d = tl.load(PMean + base + k * C + j, mask=gmask, other=0.0) - mean
+            m2 += tl.load(PM2 + base + k * C + j, mask=gmask, other=0.0) + nb * d * d
+    var = m2 / count
+    tl.store(Mean + grp, mean, mask=gmask)
+    tl.store(Var + grp, var, mask=gmask)
+    tl.store(Rstd + grp, tl.rsqrt(var + eps), mask=gmask)
+
+
+@triton.jit
+def _cl_group_index(r, cols, S, G, Cg):
+    """Index n * G + g of the statistics of each element of a (rows r) x (cols) tile."""
+    return (r // S)[:, None] * G + (cols // Cg)[None, :]
+
+
+@triton.jit
+def _cl_apply_kernel(X, Y, W, B, Mean, Rstd, C, G, Cg, S, R, sxn, sxc, sxs, syn, syc, sys,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = (x - mean[n, g]) * rstd[n, g] * w[c] + b[c] on a (rows x channels) tile."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    gi = _cl_group_index(r, cols, S, G, Cg)
+    mean = tl.load(Mean + gi, mask=mask, other=0.0)
+    scale = tl.load(Rstd + gi, mask=mask, other=0.0)
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    x = tl.load(X + _tile_offsets(r, S, sxn, sxs)[:, None] + cols[None, :] * sxc,
+                mask=mask, other=0.0).to(tl.float32)
+    y = (x - mean) * scale
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + _tile_offsets(r, S, syn, sys)[:, None] + cols[None, :] * syc,
+             y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cl_partial_grad_kernel(X, DY, Mean, Rstd, PSdy, PSdyx, C, G, Cg, S, NC,
+                            sxn, sxc, sxs, sdn, sdc, sds, s_per_split,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (channel tile, split, n): per-channel sum(dy), sum(dy * xhat) of sample n
+    over the split's spatial range -> [split, n, c]."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sp = tl.program_id(1)
+    n = tl.program_id(2)
+    gi = n * G + cols // Cg
+    mean = tl.load(Mean + gi, mask=cmask, other=0.0)
+    rstd = tl.load(Rstd + gi, mask=cmask, other=0.0)
+    s_start = sp * s_per_split
+    sdy, sdyx = _grad_sums(X + n * sxn, DY + n * sdn, cols, cmask, mean, rstd, s_start,
+                           tl.minimum(s_start + s_per_split, S), S, sxn, sxc, sxs, sdn, sdc, sds,
+                           BLOCK_R, BLOCK_C)
+    out = sp * NC + n * C + cols
+    tl.store(PSdy + out, sdy, mask=cmask)
+    tl.store(PSdyx + out, sdyx, mask=cmask)
+
+
+@triton.jit
+def _cl_dx_kernel(X, DY, DX, W, Mean, Rstd, C1, C2, C, G, Cg, S, R,
+                  sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
+                  HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = rstd * (w[c] dy - c1 - xhat * c2) on a (rows x channels) tile, with the
+    group's mean, rstd and group means c1, c2 gathered per element."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    gi = _cl_group_index(r, cols, S, G, Cg)
+    mean = tl.load(Mean + gi, mask=mask, other=0.0)
+    rstd = tl.load(Rstd + gi, mask=mask, other=0.0)
+    c1 = tl.load(C1 + gi, mask=mask, other=0.0)
+    c2 = tl.load(C2 + gi, mask=mask, other=0.0)
+    x = tl.load(X + _tile_offsets(r, S, sxn, sxs)[:, None] + cols[None, :] * sxc,
+                mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + _tile_offsets(r, S, sdn, sds)[:, None] + cols[None, :] * sdc,
+                 mask=mask, other=0.0).to(tl.float32)
+    if HAS_W:
+        dy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dx = rstd * (dy - c1 - (x - mean) * rstd * c2)
+    tl.store(DX + _tile_offsets(r, S, son, sos)[:, None] + cols[None, :] * soc,
+             dx.to(DX.dtype.element_ty), mask=mask)
+
+
+#: channels_last groups narrower than this go through the channel-tile kernels above.
+CL_TILE_BELOW = 32
+
+
+def _channel_tiles(x3: torch.Tensor, cg: int) -> bool:
+    return x3.stride(1) == 1 and cg < CL_TILE_BELOW and x3.shape[1] > 1
+
+
+def _cl_plan(x3: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, channel tiles, s_per_split, splits) of the channel-tile kernels:
+    enough (tile, split, sample) programs to fill the device."""
+    n, c, s = x3.shape
+    block_r, block_c = _channel_tile(c, 1)
+    c_blocks = triton.cdiv(c, block_c)
+    s_per_split, splits = _channel_splits(s, c_blocks * n, block_r, x3.device)
+    return block_r, block_c, c_blocks, s_per_split, splits
+
+
 def _tile(cg: int, s: int, channel_stride: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S): channels_last puts up to 64 adjacent channels in a tile (the
     contiguous axis); NCHW spends the tile on the contiguous spatial axis."""
@@ -274,11 +425,14 @@ def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | Non
     block_c, block_s = _tile(cg, s, x3.stride(1))
     s_per_split, splits = _splits(ng, s, block_s, x3.device)
     f32 = dict(device=x3.device, dtype=torch.float32)
-    mean, var, rstd = (torch.empty(ng, **f32) for _ in range(3))
+    mean, var, rstd = stats_buffers(3, ng, x3)
     w = weight if weight is not None else dummy(mean)
     b = bias if bias is not None else dummy(mean)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
                  num_warps=num_warps(block_c * block_s), **LAUNCH)
+    if _channel_tiles(x3, cg):
+        _cl_forward(x3, y3, w, b, weight is not None, bias is not None, mean, var, rstd, groups, eps)
+        return mean, var, rstd
     with device_guard(x3):
         if splits == 1:
             _group_fwd_kernel[(ng,)](
@@ -291,14 +445,38 @@ def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | Non
             x3, pmean, pm2, ng, groups, cg, s, *x3.stride(), s_per_split,
             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps(block_c * block_s), **LAUNCH,
         )
-        merge = min(pow2(ng), 1024)
+        block_k, merge = merge_blocks(splits, ng)
         _chan_merge_kernel[(triton.cdiv(ng, merge),)](
-            pmean, pm2, mean, var, rstd, ng, cg * s, cg * s_per_split, splits, eps, BLOCK_C=merge, **LAUNCH,
+            pmean, pm2, mean, var, rstd, ng, cg * s, cg * s_per_split, splits, eps, BLOCK_K=block_k,
+            BLOCK_C=merge, **LAUNCH,
         )
         _group_apply_kernel[(ng, splits)](
             x3, y3, w, b, mean, rstd, groups, cg, s, *x3.stride(), *y3.stride(), s_per_split, **flags,
         )
     return mean, var, rstd
+
+
+def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> None:
+    """Forward of :func:`group_forward` through the channel-tile kernels."""
+    n, c, s = x3.shape
+    block_r, block_c, c_blocks, s_per_split, splits = _cl_plan(x3)
+    pmean = torch.empty((n, splits, c), device=x3.device, dtype=torch.float32)
+    pm2 = torch.empty_like(pmean)
+    ng = n * groups
+    with device_guard(x3):
+        _cl_partial_stats_kernel[(c_blocks, splits, n)](
+            x3, pmean, pm2, c, s, *x3.stride(), s_per_split, splits,
+            BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH,
+        )
+        merge = min(pow2(ng), 256)
+        _cl_merge_kernel[(triton.cdiv(ng, merge),)](
+            pmean, pm2, mean, var, rstd, ng, groups, c // groups, c, s, s_per_split, splits, eps,
+            BLOCK=merge, **LAUNCH,
+        )
+        _cl_apply_kernel[(triton.cdiv(n * s, block_r), c_blocks)](
+            x3, y3, w, b, mean, rstd, c, groups, c // groups, s, n * s, *x3.stride(), *y3.stride(),
+            HAS_W=has_w, HAS_B=has_b, BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH,
+        )
 
 
 def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None,
@@ -315,8 +493,11 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
     w = weight if weight is not None else dummy(rstd)
     dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
     warps = num_warps(block_c * block_s)
+    tiles = _channel_tiles(x3, cg)
+    if tiles:
+        block_r, block_c, c_blocks, s_per_split, splits = _cl_plan(x3)
     with device_guard(x3):
-        if splits == 1:
+        if splits == 1 and not tiles:
             psdy = torch.empty((n, c), **f32) if need_dwb else None
             psdyx = torch.empty((n, c), **f32) if need_dwb else None
             _group_bwd_kernel[(ng,)](
@@ -329,16 +510,29 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
             return (psdy.sum(0), psdyx.sum(0)) if need_dwb else (None, None)
         psdy = torch.empty((splits, n, c), **f32)
         psdyx = torch.empty((splits, n, c), **f32)
-        _group_partial_grad_kernel[(ng, splits)](
-            x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
-            s_per_split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
-        )
+        if tiles:
+            _cl_partial_grad_kernel[(c_blocks, splits, n)](
+                x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
+                s_per_split, BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH,
+            )
+        else:
+            _group_partial_grad_kernel[(ng, splits)](
+                x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
+                s_per_split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
+            )
         sdy, sdyx = psdy.sum(0), psdyx.sum(0)  # (N, C)
         if dx3 is not None:
             # group means of g = w dy and g * xhat
             g1, g2 = (sdy, sdyx) if weight is None else (sdy * weight.float(), sdyx * weight.float())
             c1 = (g1.view(n, groups, cg).sum(-1) / (cg * s)).reshape(-1)
             c2 = (g2.view(n, groups, cg).sum(-1) / (cg * s)).reshape(-1)
+            if tiles:
+                _cl_dx_kernel[(triton.cdiv(n * s, block_r), c_blocks)](
+                    x3, dy3, dx3, w, mean, rstd, c1, c2, c, groups, cg, s, n * s, *x3.stride(),
+                    *dy3.stride(), *dx_strides, HAS_W=weight is not None, BLOCK_R=block_r,
+                    BLOCK_C=block_c, **LAUNCH,
+                )
+                return (sdy.sum(0), sdyx.sum(0)) if need_dwb else (None, None)
             _group_dx_kernel[(ng, splits)](
                 x3, dy3, dx3, w, mean, rstd, c1, c2, groups, cg, s, *x3.stride(), *dy3.stride(),
                 *dx_strides, s_per_split, HAS_W=weight is not None, BLOCK_C=block_c, BLOCK_S=block_s,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2
+from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2, stats_buffers
 
 __all__ = ["rows_forward", "rows_backward"]
 
@@ -228,10 +228,10 @@ def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     statistics float32 of shape (M,)."""
     m = x.numel() // n
     y = torch.empty_like(x)
-    stat = dict(device=x.device, dtype=torch.float32)
-    mean = torch.empty(m, **stat) if center else None
-    var = torch.empty(m, **stat)
-    rstd = torch.empty(m, **stat)
+    if center:
+        mean, var, rstd = stats_buffers(3, m, x)
+    else:
+        mean, (var, rstd) = None, stats_buffers(2, m, x)
     block, single = _row_block(n)
     block_m = _rows_per_tile(block, single)
     w = weight.contiguous() if weight is not None else None

@@ -1,26 +1,30 @@
 """GPU benchmark of the Triton kernels against torch.nn and the copy-bandwidth floor.
 
-A stub for ``normlab bench`` to call on a CUDA machine (it has not been run on a GPU
-yet -- no figures are committed)::
+Run it on a CUDA machine (``benchmarks/gpu/run.sh`` does, with the CUDA tests)::
 
     from normlab.backends.gpu.bench import run
     rows = run(dtype=torch.bfloat16, modes=("forward", "forward+backward"))
 
-or ``python -m normlab.backends.gpu.bench [--dtype bf16] [--csv out.csv]``.
+or ``python -m normlab.backends.gpu.bench [--dtype bf16] [--only layer_norm] [--csv out.csv]``.
 
-Per case (norm x shape x layout) and mode it times, interleaved (A B C A B C ...)
-and as the median of ``repeats`` CUDA-event measurements:
+Per case (norm x shape x layout) and mode it times, interleaved (A B C A B C ...),
+the median of ``repeats`` samples, each sample a run of back-to-back calls lasting
+~2 ms (CUDA events around the loop), of:
 
 * ``torch.nn``     -- torch.nn.functional (backward through autograd);
-* ``gpu-triton``   -- the kernels called directly (``_ops.forward`` / ``_ops.backward``),
-  i.e. kernel level with the backend's own output allocation (the CUDA caching
-  allocator makes that cheap after the first call);
-* ``copy``         -- ``dst.copy_(src)`` of the same size: the machine's bandwidth.
+* ``gpu-triton``   -- the kernels called directly (``_ops.forward`` / ``_ops.backward``)
+  with the backend's own output allocation (the CUDA caching allocator makes that
+  cheap after the first call);
+* ``copy``         -- ``dst.copy_(x)``: the machine's bandwidth on real data.
 
-The floor is the bytes a normalization must move: forward reads x and writes y
-(2|x|), backward reads x and dy and writes dx (3|x|), forward+backward 5|x|. Each
-row reports time, achieved GB/s (floor bytes / time), the percentage of the copy
-bandwidth measured in the same run, and the speed-up over torch.nn.
+Two times per row: ``ms``, eager calls as a training loop makes them (when Python
+and the launches take longer than the GPU work, that is what is measured), and
+``kernel_ms``, the same calls captured in a CUDA graph and replayed: the GPU's time
+alone. The floor is the bytes a normalization must move at the copy's bandwidth:
+forward reads x and writes y (2|x|), backward reads x and dy and writes dx (3|x|),
+forward+backward 5|x|. Each row reports time, achieved GB/s (floor bytes / time), the
+percentage of the copy bandwidth, the speed-up over torch.nn and the peak memory one
+call allocates.
 
 On a CPU machine it runs only under the Triton interpreter (``device="cpu"``,
 ``TRITON_INTERPRET=1``, tiny shapes), which checks the plumbing, not the speed.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import time
@@ -48,7 +53,7 @@ from ...core.spec import (
     rms_norm_spec,
 )
 
-__all__ = ["BenchCase", "DEFAULT_CASES", "MODES", "run", "main"]
+__all__ = ["BenchCase", "DEFAULT_CASES", "MODES", "run", "main", "summary"]
 
 MODES = ("forward", "backward", "forward+backward")
 _FLOOR_TRAFFIC = {"forward": 2, "backward": 3, "forward+backward": 5}  # multiples of |x| bytes
@@ -72,6 +77,9 @@ class BenchCase:
         return f"{self.norm}[{dims}]{'-cl' if self.layout == 'channels_last' else ''}"
 
 
+#: Typical CNN/transformer activations (the CPU suite's shapes; 13-50 MB in float32, so
+#: they fit or nearly fit an H100's 50 MB L2), large ones (200-400 MB: DRAM-bound, the
+#: bandwidth floor proper) and small ones (launch overhead dominates).
 DEFAULT_CASES = (
     BenchCase("batch_norm", (32, 64, 56, 56)),
     BenchCase("batch_norm", (32, 64, 56, 56), "channels_last"),
@@ -81,6 +89,11 @@ DEFAULT_CASES = (
     BenchCase("layer_norm", (16384, 768)),
     BenchCase("rms_norm", (16384, 768)),
     BenchCase("layer_norm", (4096, 8192)),
+    BenchCase("batch_norm", (128, 256, 56, 56)),
+    BenchCase("batch_norm", (128, 256, 56, 56), "channels_last"),
+    BenchCase("group_norm", (128, 256, 56, 56), "channels_last"),
+    BenchCase("layer_norm", (65536, 1024)),
+    BenchCase("rms_norm", (65536, 1024)),
     BenchCase("batch_norm", (8, 32, 40)),  # small: per-call overhead dominates
     BenchCase("layer_norm", (8, 32, 40)),
 )
@@ -104,23 +117,68 @@ def _spec_and_torch(case: BenchCase) -> tuple[NormSpec, Callable]:
                      "group_norm, layer_norm, rms_norm")
 
 
-class _Timer:
-    """Elapsed milliseconds of ``fn()``: CUDA events on a GPU, perf_counter on CPU."""
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+def _time_calls(fn: Callable[[], object], calls: int, cuda: bool) -> float:
+    """Milliseconds per call of ``calls`` back-to-back calls of ``fn`` (CUDA events
+    around the loop on a GPU: the CPU keeps queueing while the GPU works, as in a
+    training loop, so the time is the GPU's unless launching is the slower side)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
             fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
         fn()
-        return (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def _calls_for(fn: Callable[[], object], cuda: bool, target_ms: float) -> int:
+    """Calls per sample so that one sample lasts about ``target_ms``."""
+    once = _time_calls(fn, 1, cuda)
+    return max(1, min(1000, math.ceil(target_ms / max(once, 1e-6))))
+
+
+def _graphed(fn: Callable[[], object], calls: int) -> Callable[[], object] | None:
+    """``calls`` calls of ``fn`` captured in a CUDA graph; replaying it times the GPU
+    work alone (no Python, no launch latency). None when capture fails."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError as error:
+        print(f"gpu bench: CUDA graph capture failed ({error}); no kernel-only time", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
+def _peak_mb(fn: Callable[[], object], cuda: bool) -> float | None:
+    """Memory one call allocates beyond what is already held, at its peak (MiB)."""
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
 
 
 def _providers(case: BenchCase, mode: str, x: torch.Tensor, dy: torch.Tensor,
@@ -158,31 +216,33 @@ def _providers(case: BenchCase, mode: str, x: torch.Tensor, dy: torch.Tensor,
         with torch.no_grad():
             return torch_fn(x, w, b)
 
-    traffic = _FLOOR_TRAFFIC[mode]
-    src = torch.empty(x.numel() * traffic // 2, dtype=x.dtype, device=x.device)
-    dst = torch.empty_like(src)
+    dst = torch.empty_like(x)
     return {
         "torch.nn": {"forward": torch_fwd, "backward": torch_bwd, "forward+backward": torch_both}[mode],
         "gpu-triton": {"forward": triton_fwd, "backward": triton_bwd, "forward+backward": triton_both}[mode],
-        # reads and writes the same number of bytes as the floor of this mode
-        "copy": lambda: dst.copy_(src),
+        # x into a preallocated tensor: 2|x| bytes of real data (a fresh torch.empty
+        # source copied ~2x faster than HBM allows on an H100 -- never-written pages)
+        "copy": lambda: dst.copy_(x),
     }
 
 
 def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.float32,
-        modes: Sequence[str] = MODES, repeats: int = 20, warmup: int = 3,
-        device: str | torch.device = "cuda") -> list[dict[str, object]]:
+        modes: Sequence[str] = MODES, repeats: int = 15, warmup: int = 3,
+        device: str | torch.device = "cuda", target_ms: float = 2.0,
+        graphs: bool = True) -> list[dict[str, object]]:
     """Time every case x mode x provider; returns one dict per (case, mode, provider)
-    with keys case, norm, shape, layout, dtype, mode, provider, ms (median), gbps,
-    pct_of_copy, speedup_vs_torch, device."""
+    with keys case, norm, shape, layout, dtype, mode, provider, ms (median per call of
+    back-to-back eager calls), gbps, pct_of_copy, speedup_vs_torch, kernel_ms (the
+    same calls replayed from a CUDA graph: GPU time alone; None on CPU or when capture
+    fails), kernel_pct_of_copy, kernel_speedup_vs_torch, peak_mb, device."""
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise RuntimeError("gpu bench: expected a CUDA device, but torch.cuda.is_available() is False")
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"gpu bench: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    timer = _Timer(device)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)"
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu (interpreter)"
     rows: list[dict[str, object]] = []
     for case in cases:
         gen = torch.Generator(device=device).manual_seed(0)
@@ -200,19 +260,38 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
             for fn in providers.values():
                 for _ in range(warmup):
                     fn()
+            _sync(cuda)
+            calls = {name: _calls_for(fn, cuda, target_ms) for name, fn in providers.items()}
+            peak = {name: _peak_mb(fn, cuda) for name, fn in providers.items()}
+            replays = {name: _graphed(fn, calls[name]) for name, fn in providers.items()} \
+                if cuda and graphs else {}
             times: dict[str, list[float]] = {name: [] for name in providers}
+            kernel: dict[str, list[float]] = {name: [] for name in replays if replays[name] is not None}
             for _ in range(repeats):  # interleaved, so drifts hit every provider alike
                 for name, fn in providers.items():
-                    times[name].append(timer(fn))
+                    times[name].append(_time_calls(fn, calls[name], cuda))
+                for name in kernel:
+                    kernel[name].append(_time_calls(replays[name], 1, cuda) / calls[name])
             median = {name: statistics.median(t) for name, t in times.items()}
-            moved = floor_bytes * _FLOOR_TRAFFIC[mode]
+            kernel_median = {name: statistics.median(t) for name, t in kernel.items()}
+            del replays  # frees the graphs' private memory pools
             for name, ms in median.items():
+                k_ms = kernel_median.get(name)
+                k_copy, k_torch = kernel_median.get("copy"), kernel_median.get("torch.nn")
+                # the floor: this mode's bytes moved at the copy's bandwidth (the copy
+                # itself moves 2|x|)
+                traffic = 2 if name == "copy" else _FLOOR_TRAFFIC[mode]
+                moved, floor = floor_bytes * traffic, traffic / 2
                 rows.append({
                     "case": case.name, "norm": case.norm, "shape": "x".join(map(str, case.shape)),
                     "layout": case.layout, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
                     "provider": name, "ms": ms, "gbps": moved / ms / 1e6,
-                    "pct_of_copy": 100.0 * median["copy"] / ms,
-                    "speedup_vs_torch": median["torch.nn"] / ms, "device": device_name,
+                    "pct_of_copy": 100.0 * floor * median["copy"] / ms,
+                    "speedup_vs_torch": median["torch.nn"] / ms,
+                    "kernel_ms": k_ms,
+                    "kernel_pct_of_copy": 100.0 * floor * k_copy / k_ms if k_ms and k_copy else None,
+                    "kernel_speedup_vs_torch": k_torch / k_ms if k_ms and k_torch else None,
+                    "peak_mb": peak[name], "calls_per_sample": calls[name], "device": device_name,
                 })
     return rows
 
@@ -220,22 +299,59 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _fmt(value: object, spec: str) -> str:
+    return format(value, spec) if isinstance(value, float) else format("-", ">" + spec.split(".")[0])
+
+
+def summary(rows: Sequence[dict[str, object]], min_mb: float = 1.0) -> dict[str, dict[str, float]]:
+    """Per mode, gpu-triton vs torch.nn over the cases of at least ``min_mb`` MB:
+    geomean and worst speed-up, worst % of the copy bandwidth (eager and kernel-only)."""
+    out: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        mine = [r for r in rows if r["mode"] == mode and r["provider"] == "gpu-triton"
+                and math.prod(map(int, str(r["shape"]).split("x"))) * 4 >= min_mb * 1e6]
+        if not mine:
+            continue
+        entry: dict[str, float] = {}
+        for prefix, speed, pct in (("", "speedup_vs_torch", "pct_of_copy"),
+                                   ("kernel_", "kernel_speedup_vs_torch", "kernel_pct_of_copy")):
+            speeds = [r[speed] for r in mine if r[speed] is not None]
+            pcts = [r[pct] for r in mine if r[pct] is not None]
+            if speeds:
+                entry[prefix + "geomean_speedup"] = math.exp(statistics.fmean(map(math.log, speeds)))
+                entry[prefix + "min_speedup"] = min(speeds)
+                entry[prefix + "min_pct_of_copy"] = min(pcts)
+        out[mode] = entry
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Time the Triton kernels against torch.nn on a GPU.")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--only", action="append", default=None,
+                        help="keep the default cases whose name contains this text (repeatable)")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (kernel-only) timing")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
+    cases = [c for c in DEFAULT_CASES if not args.only or any(text in c.name for text in args.only)]
     try:
-        rows = run(dtype=_DTYPES[args.dtype], modes=args.modes.split(","), repeats=args.repeats)
+        rows = run(cases, dtype=_DTYPES[args.dtype], modes=args.modes.split(","), repeats=args.repeats,
+                   graphs=not args.no_graphs)
     except (RuntimeError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"{'case':34s} {'mode':17s} {'provider':11s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'vs torch':>8s}")
+    print(f"{'case':34s} {'mode':17s} {'provider':11s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'vs torch':>8s}"
+          f" {'kern ms':>9s} {'k%copy':>6s} {'k vs t':>7s} {'peak MB':>8s}")
     for r in rows:
         print(f"{r['case']:34s} {r['mode']:17s} {r['provider']:11s} {r['ms']:9.4f} {r['gbps']:8.1f} "
-              f"{r['pct_of_copy']:6.1f} {r['speedup_vs_torch']:7.2f}x")
+              f"{r['pct_of_copy']:6.1f} {r['speedup_vs_torch']:7.2f}x {_fmt(r['kernel_ms'], '9.4f')} "
+              f"{_fmt(r['kernel_pct_of_copy'], '6.1f')} {_fmt(r['kernel_speedup_vs_torch'], '6.2f')}x "
+              f"{_fmt(r['peak_mb'], '8.1f')}")
+    for mode, entry in summary(rows).items():
+        print(f"gpu-triton vs torch.nn, {mode}, cases >= 1 MB: " + ", ".join(
+            f"{key} {value:.2f}" for key, value in entry.items()))
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

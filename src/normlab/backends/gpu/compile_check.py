@@ -36,7 +36,7 @@ KERNELS = {
     _channels._chan_fused_fwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
     _channels._chan_fused_bwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
     _channels._chan_partial_stats_kernel: {"BLOCK_R": 256, "BLOCK_C": 4},
-    _channels._chan_merge_kernel: {"BLOCK_C": 1024},
+    _channels._chan_merge_kernel: {"BLOCK_K": 8, "BLOCK_C": 256},
     _channels._chan_apply_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
     _channels._chan_partial_grad_kernel: {"BLOCK_R": 256, "BLOCK_C": 4},
     _channels._chan_dx_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
@@ -46,6 +46,11 @@ KERNELS = {
     _groups._group_apply_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._group_partial_grad_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._group_dx_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
+    _groups._cl_partial_stats_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _groups._cl_merge_kernel: {"BLOCK": 256},
+    _groups._cl_apply_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _groups._cl_partial_grad_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _groups._cl_dx_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
 }
 
 _DATA = {"X", "Y", "DX", "DY"}  # pointers to the input's dtype

@@ -1,0 +1,246 @@
+"""The Triton backend on a real GPU (skipped where torch sees no CUDA device).
+
+CI has no GPU: there the kernels run in Triton's interpreter (``test_triton_kernels.py``)
+and are compiled for sm_90 without running. This file is what runs on a GPU machine
+(``bash benchmarks/gpu/run.sh``): shapes large enough for the launch heuristics'
+real paths (rows in registers and in chunks, BatchNorm's split reduction, GroupNorm's
+split spatial range), every dtype, against torch.nn.functional evaluated in float64
+on the same device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close
+
+pytest.importorskip("triton", reason="triton is not installed")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the Triton kernels are tested in the interpreter instead "
+                "(test_triton_kernels.py)", allow_module_level=True)
+
+import normlab as nl  # noqa: E402
+from normlab import backends  # noqa: E402
+from normlab.backends import gpu  # noqa: E402
+from normlab.backends.gpu import _ops  # noqa: E402
+from normlab.core.spec import (  # noqa: E402
+    batch_norm_spec,
+    group_norm_spec,
+    instance_norm_spec,
+    layer_norm_spec,
+    rms_norm_spec,
+)
+
+CUDA = torch.device("cuda")
+EPS = 1e-5
+CL = torch.channels_last
+
+
+def _ln(s):
+    return layer_norm_spec(s, s[-1:])
+
+
+def _rms(s):
+    return rms_norm_spec(s, s[-1:])
+
+
+def _gn(groups):
+    return lambda s: group_norm_spec(s, groups)
+
+
+def _torch64(spec, x, w, b, groups=None):
+    """torch.nn.functional of the float64 copies (the ground truth)."""
+    x, w = x.double(), (w.double() if w is not None else None)
+    b = b.double() if b is not None else None
+    family = spec.family
+    if family == "batch_norm":
+        return F.batch_norm(x, None, None, w, b, True, 0.0, EPS)
+    if family == "instance_norm":
+        return F.instance_norm(x, weight=w, bias=b, eps=EPS)
+    if family == "group_norm":
+        return F.group_norm(x, spec.group_shape[1], w, b, EPS)
+    if family == "layer_norm":
+        return F.layer_norm(x, x.shape[-1:], w, b, EPS)
+    return F.rms_norm(x, x.shape[-1:], w, EPS)
+
+
+# (id, shape, spec builder, layout): sizes chosen to take each launch path at the
+# default TUNING on a GPU with ~100+ SMs.
+CASES = [
+    ("ln-registers", (512, 768), _ln, "nchw"),
+    ("ln-chunked", (24, 10000), _ln, "nchw"),  # rows longer than max_row_block
+    ("ln-short-rows", (8, 32, 40), _ln, "nchw"),  # several rows per program
+    ("rms-registers", (512, 1000), _rms, "nchw"),
+    ("rms-chunked", (6, 20000), _rms, "nchw"),
+    ("bn-split", (16, 64, 28, 28), batch_norm_spec, "nchw"),
+    ("bn-split-cl", (16, 64, 28, 28), batch_norm_spec, "cl"),
+    ("bn-fused", (4, 8, 5, 5), batch_norm_spec, "nchw"),
+    ("bn1d", (256, 100), batch_norm_spec, "nchw"),
+    ("in", (8, 32, 28, 28), instance_norm_spec, "nchw"),
+    ("in-cl", (8, 32, 28, 28), instance_norm_spec, "cl"),
+    ("in-split-spatial", (1, 2, 256, 256), instance_norm_spec, "nchw"),
+    ("gn", (8, 64, 28, 28), _gn(32), "nchw"),
+    ("gn-cl", (8, 64, 28, 28), _gn(32), "cl"),
+    ("gn-split-spatial", (2, 64, 128, 128), _gn(4), "nchw"),
+    ("gn-split-spatial-cl", (2, 64, 128, 128), _gn(4), "cl"),
+    ("gn-wide-groups-cl", (4, 128, 28, 28), _gn(2), "cl"),  # 64 channels a group: per-group kernels
+    ("gn-many-channels-cl", (4, 320, 14, 14), _gn(32), "cl"),  # several channel tiles
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _input(shape, layout, dtype, seed):
+    gen = torch.Generator(device=CUDA).manual_seed(seed)
+    x = torch.randn(shape, generator=gen, device=CUDA) * 2 + 0.5
+    x = x.contiguous(memory_format=CL) if layout == "cl" else x
+    return x.to(dtype)
+
+
+def _assert_sums_close(got, want, what):
+    """dW/dB: float32 sums over up to ~10^5 products, in another order than float64's."""
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= 2e-5 * scale + 1e-5, f"{what}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("case", "shape", "make_spec", "layout"), CASES, ids=[c[0] for c in CASES])
+def test_kernels_match_float64_torch_nn(case, shape, make_spec, layout, dtype):
+    spec = make_spec(shape)
+    x = _input(shape, layout, dtype, seed=0)
+    assert gpu.accepts(x, spec)
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    w = torch.randn(spec.param_shape, generator=gen, device=CUDA)
+    b = torch.randn(spec.param_shape, generator=gen, device=CUDA) if spec.center else None
+    dy = _input(shape, layout, dtype, seed=2)
+
+    y, mean, var, rstd = _ops.forward(x, w, b, spec, EPS)
+    dx, dw, db = _ops.backward(dy, x, w, mean, rstd, spec, True, (True, True, True))
+
+    x64 = x.double().requires_grad_(True)
+    w64 = w.double().requires_grad_(True)
+    b64 = b.double().requires_grad_(True) if b is not None else None
+    y64 = _torch64(spec, x64, w64, b64)
+    grads = torch.autograd.grad(y64, [x64, w64] + ([b64] if b64 is not None else []), dy.double())
+
+    assert y.dtype == dtype and y.stride() == x.stride()
+    # 16-bit outputs: computed in float32, rounded once -- within an ulp of the exact one
+    assert_close(y, y64.to(dtype), dtype, what="y")
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    assert_close(dx, grads[0].to(dtype), dtype, scale=2.0, what="dx")
+    _assert_sums_close(dw, grads[1].view(dw.shape), "dweight")
+    if b is not None:
+        _assert_sums_close(db, grads[2].view(db.shape), "dbias")
+    # statistics: float32, per group
+    x_groups = x.double().reshape(spec.group_shape)
+    var64 = x_groups.var(dim=spec.reduce_dims, unbiased=False, keepdim=True)
+    if spec.family == "rms_norm":
+        var64 = x_groups.pow(2).mean(dim=spec.reduce_dims, keepdim=True)
+    assert var.dtype == torch.float32
+    assert_close(var.reshape(-1), var64.reshape(-1), torch.float32, what="var")
+    if mean is not None:
+        assert_close(mean.reshape(-1), x_groups.mean(dim=spec.reduce_dims).reshape(-1), torch.float32,
+                     scale=5.0, what="mean")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("family", ["batch_norm", "instance_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fixed_statistics(family, layout, dtype):
+    shape = (16, 64, 28, 28)
+    x = _input(shape, layout, dtype, seed=3)
+    spec = (batch_norm_spec if family == "batch_norm" else instance_norm_spec)(shape)
+    gen = torch.Generator(device=CUDA).manual_seed(4)
+    w, b = (torch.randn(64, generator=gen, device=CUDA) for _ in range(2))
+    rm = torch.randn(64, generator=gen, device=CUDA).view(1, 64, 1, 1)
+    rv = (torch.rand(64, generator=gen, device=CUDA) + 0.5).view(1, 64, 1, 1)
+    y, _, _, rstd = _ops.forward(x, w, b, spec, EPS, rm, rv)
+    expected = F.batch_norm(x.double(), rm.view(-1).double(), rv.view(-1).double(), w.double(), b.double(),
+                            False, 0.0, EPS)
+    assert_close(y, expected.to(dtype), dtype, what="y")
+    dy = _input(shape, layout, dtype, seed=5)
+    dx, _, _ = _ops.backward(dy, x, w, rm, rstd, spec, False, (True, False, False))
+    assert_close(dx, (dy.double() * (w.double() * rstd.view(-1).double()).view(1, -1, 1, 1)).to(dtype),
+                 dtype, what="dx")
+
+
+def test_large_offset_keeps_the_variance():
+    """x + 1e4 in float32 (SPEC §5): no E[x^2] - E[x]^2 anywhere."""
+    for spec_of, layout in [(batch_norm_spec, "nchw"), (batch_norm_spec, "cl"), (_gn(8), "cl"), (_ln, "nchw")]:
+        shape = (16, 64, 28, 28) if spec_of is not _ln else (64, 3000)
+        x = _input(shape, layout, torch.float32, seed=6) + 1e4
+        spec = spec_of(shape)
+        y = _ops.forward(x, None, None, spec, EPS)[0]
+        err = (y.double() - _torch64(spec, x, None, None)).abs().max().item()
+        assert err < 2e-3, f"{spec.family} {layout}: {err}"
+
+
+def _fwd_bwd(module, x):
+    x = x.detach().requires_grad_(True)
+    y = module(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator(device=CUDA).manual_seed(9), device=CUDA))
+    return y.detach(), x.grad, [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_modules_match_torch_nn_and_use_the_kernels(monkeypatch, layout):
+    """Every normlab layer on CUDA against its torch.nn twin -- output, gradients,
+    running statistics, train then eval -- and the Triton backend computed them."""
+    calls = []
+    real_forward = _ops.forward
+    monkeypatch.setattr(_ops, "forward", lambda *a: calls.append(a[3].family) or real_forward(*a))
+    assert any(name == gpu.NAME for name, _, _ in backends._BACKENDS)
+    torch.manual_seed(10)
+    x4 = torch.randn(8, 32, 14, 14, device=CUDA) * 3 + 1
+    x4 = x4.contiguous(memory_format=CL) if layout == "cl" else x4
+    both, train = ("train", "eval"), ("train",)
+    pairs = [
+        (nl.BatchNorm2d(32), torch.nn.BatchNorm2d(32), x4, both),
+        (nl.InstanceNorm2d(32, affine=True, track_running_stats=True),
+         torch.nn.InstanceNorm2d(32, affine=True, track_running_stats=True), x4, both),
+        (nl.GroupNorm(8, 32), torch.nn.GroupNorm(8, 32), x4, train),
+    ]
+    if layout == "nchw":
+        pairs += [
+            (nl.LayerNorm(14), torch.nn.LayerNorm(14), x4, train),
+            (nl.RMSNorm([14, 14]), torch.nn.RMSNorm([14, 14]), x4, train),
+            (nl.BatchNorm1d(32), torch.nn.BatchNorm1d(32), torch.randn(64, 32, device=CUDA), both),
+        ]
+    for ours, theirs, x, modes in pairs:
+        ours.to(CUDA)
+        theirs.to(CUDA)
+        with torch.no_grad():
+            for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+                p.copy_(torch.randn(p.shape))
+                q.copy_(p)
+        for mode in modes:
+            ours.train(mode == "train")
+            theirs.train(mode == "train")
+            for p in [*ours.parameters(), *theirs.parameters()]:
+                p.grad = None
+            y, dx, dps = _fwd_bwd(ours, x)
+            ey, edx, edps = _fwd_bwd(theirs, x)
+            what = f"{type(ours).__name__} {layout} {mode}"
+            assert_close(y, ey, scale=2.0, what=f"{what} y")
+            assert_close(dx, edx, scale=5.0, what=f"{what} dx")
+            for dp, edp in zip(dps, edps, strict=True):
+                assert_close(dp, edp, scale=20.0, what=f"{what} dparam")
+            for buf, ebuf in zip(ours.buffers(), theirs.buffers(), strict=True):
+                assert_close(buf, ebuf, torch.float32, what=f"{what} buffer")
+    families = {"batch_norm", "instance_norm", "group_norm"}
+    assert set(calls) == (families | {"layer_norm", "rms_norm"} if layout == "nchw" else families)
+
+
+def test_second_gpu_stream_and_non_default_device_guard():
+    """Kernels launch on the current stream: results on a side stream match the default one."""
+    x = _input((16, 64, 28, 28), "nchw", torch.float32, seed=11)
+    spec = batch_norm_spec(x.shape)
+    expected = _ops.forward(x, None, None, spec, EPS)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = _ops.forward(x, None, None, spec, EPS)[0]
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(y, expected)
