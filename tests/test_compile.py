@@ -1,4 +1,5 @@
-"""torch.compile / export friendliness of the cpu-numba kernels.
+"""torch.compile / export friendliness of the cpu-numba kernels (the Triton ones: in
+test_triton_kernels.py, interpreted, and test_gpu_cuda.py).
 
 The kernels are custom ops (``torch.ops.normlab.numba_norm_forward/backward``):
 ``torch.library.opcheck`` checks their schema, fake (meta) kernels, autograd
@@ -110,24 +111,29 @@ class EveryNorm(torch.nn.Module):
 # Deprecation warnings torch 2.13 raises from its own internals while compiling: dynamo
 # instantiates autograd.Function when tracing any Function (side_effects.track_object_new),
 # and inductor's import path touches torch.jit.script_method.
+TORCH_INTERNAL_MESSAGES = ("<class 'torch.autograd.function.Function'> should not be instantiated",
+                           "`torch.jit.script_method` is deprecated")
+
+
 def TORCH_INTERNAL_WARNING(test):
-    for message in ("<class 'torch.autograd.function.Function'> should not be instantiated",
-                    "`torch.jit.script_method` is deprecated"):
+    for message in TORCH_INTERNAL_MESSAGES:
         test = pytest.mark.filterwarnings(f"ignore:{message}:DeprecationWarning")(test)
     return test
 
 
-def _compare_compiled(backend: str):
+def _compare_compiled(backend: str, device: str = "cpu"):
+    """EveryNorm compiled with ``backend`` (fullgraph) against eager: two training steps
+    (outputs, gradients, running statistics), then eval. Also used by test_gpu_cuda.py."""
     torch.manual_seed(3)
     torch._dynamo.reset()
-    eager = EveryNorm()
-    compiled_model = EveryNorm()
+    eager = EveryNorm().to(device)
+    compiled_model = EveryNorm().to(device)
     compiled_model.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
-    x = torch.randn(6, 3, 10, 10)
+    x = torch.randn(6, 3, 10, 10, device=device)
     # a random projection as the loss: sum(y^2) of a BatchNorm output is nearly constant,
     # so its gradients would be round-off only
-    r = torch.randn(6, 8)
+    r = torch.randn(6, 8, device=device)
     for step in range(2):  # the second step uses the updated running statistics
         ye, yc = eager(x), compiled(x)
         assert_close(yc, ye, torch.float32, scale=5, what=f"{backend} step {step} output")

@@ -244,3 +244,54 @@ def test_second_gpu_stream_and_non_default_device_guard():
         y = _ops.forward(x, None, None, spec, EPS)[0]
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(y, expected)
+
+
+_OP_CASES = [
+    ("bn", (8, 16, 6, 6), batch_norm_spec, "nchw"),
+    ("bn-cl", (8, 16, 6, 6), batch_norm_spec, "cl"),
+    ("gn-cl", (4, 16, 6, 6), _gn(4), "cl"),
+    ("in", (4, 16, 6, 6), instance_norm_spec, "nchw"),
+    ("ln", (64, 96), _ln, "nchw"),
+    ("rms", (64, 96), _rms, "nchw"),
+]
+
+
+@pytest.mark.parametrize(("case", "shape", "make_spec", "layout"), _OP_CASES, ids=[c[0] for c in _OP_CASES])
+def test_custom_ops_pass_opcheck_on_cuda(case, shape, make_spec, layout):
+    from normlab.backends.custom_ops import spec_fields
+
+    spec = make_spec(shape)
+    fwd, bwd = torch.ops.normlab.triton_norm_forward.default, torch.ops.normlab.triton_norm_backward.default
+    x = _input(shape, layout, torch.float32, seed=20).requires_grad_()
+    w = torch.randn(spec.param_shape, device=CUDA, requires_grad=True)
+    b = torch.randn(spec.param_shape, device=CUDA, requires_grad=True) if spec.center else None
+    result = torch.library.opcheck(fwd, (x, w, b, None, None, *spec_fields(spec), EPS))
+    assert all(v == "SUCCESS" for v in result.values()), result
+    y, mean, _, rstd = fwd(x.detach(), w.detach(), None, None, None, *spec_fields(spec), EPS)
+    result = torch.library.opcheck(bwd, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd,
+                                         *spec_fields(spec), True, True, True, spec.center))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_every_layer_compiles_fullgraph_with_inductor_on_cuda(monkeypatch):
+    """The model of test_compile.py with every normlab layer, on CUDA: compiled
+    (inductor, fullgraph) matches eager, and the graph calls the Triton custom ops."""
+    import re
+    import warnings
+
+    test_compile = pytest.importorskip("test_compile")
+    from normlab.backends.gpu import ops
+
+    seen = []
+    original = ops.forward
+
+    def spy(*args, **kwargs):
+        seen.append(args[3].family)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "forward", spy)
+    with warnings.catch_warnings():
+        for message in test_compile.TORCH_INTERNAL_MESSAGES:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=DeprecationWarning)
+        test_compile._compare_compiled("inductor", device="cuda")
+    assert {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"} <= set(seen)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -481,6 +483,65 @@ def test_functional_half_precision_matches_torch_nn(on_cpu):
     expected = F.group_norm(x.float(), 3, w, b).bfloat16()
     assert y.is_contiguous(memory_format=CL)
     assert_close(y, expected, torch.bfloat16)
+
+
+_OP_CASES = [
+    ("bn-cl", batch_norm_spec((2, 3, 2, 3)), True),
+    ("gn-cl", group_norm_spec((2, 4, 2, 3), 2), True),
+    ("in", instance_norm_spec((2, 3, 2, 3)), False),
+    ("ln", layer_norm_spec((2, 3, 2, 3), (3,)), False),
+    ("rms", rms_norm_spec((2, 3, 2, 3), (2, 3)), False),
+]
+
+
+@pytest.mark.parametrize(("name", "spec", "channels_last"), _OP_CASES, ids=[c[0] for c in _OP_CASES])
+def test_custom_ops_pass_opcheck(on_cpu, name, spec, channels_last):
+    """normlab::triton_norm_forward/backward (what torch.compile sees): schema, fake
+    kernels, autograd registration, AOT dispatch -- run on the interpreter here, on CUDA
+    in test_gpu_cuda.py."""
+    from normlab.backends.custom_ops import spec_fields
+
+    fwd, bwd = torch.ops.normlab.triton_norm_forward.default, torch.ops.normlab.triton_norm_backward.default
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(spec.input_shape, generator=gen)
+    x = (x.contiguous(memory_format=CL) if channels_last else x).requires_grad_()
+    w = torch.randn(spec.param_shape, generator=gen, requires_grad=True)
+    b = torch.randn(spec.param_shape, generator=gen, requires_grad=True) if spec.center else None
+    args = (x, w, b, None, None, *spec_fields(spec), EPS)
+    result = torch.library.opcheck(fwd, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    y, mean, _, rstd = fwd(x.detach(), w.detach(), b, None, None, *spec_fields(spec), EPS)
+    ref = reference.forward(x.detach(), w.detach(), b.detach() if b is not None else None, spec, EPS)
+    assert_close(y, ref[0], what="op y")
+    dy = torch.randn(y.shape, generator=gen)
+    result = torch.library.opcheck(bwd, (dy, x.detach(), w.detach(), mean, rstd, *spec_fields(spec),
+                                         True, True, True, spec.center))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_every_layer_compiles_fullgraph_through_the_custom_ops(on_cpu, monkeypatch):
+    """A model with every normlab layer under torch.compile(fullgraph=True) on the
+    Triton backend matches eager (outputs, gradients, running statistics) and its graph
+    calls the custom ops. aot_eager: inductor's compile time buys nothing here."""
+    test_compile = pytest.importorskip("test_compile")
+    from normlab.backends.gpu import ops
+
+    monkeypatch.setenv("NORMLAB_BACKEND", gpu.NAME)
+    for field in dataclasses.fields(TUNING):  # default blocks: fewer interpreted programs
+        monkeypatch.setattr(TUNING, field.name, field.default)
+    seen = []
+    original = ops.forward
+
+    def spy(*args, **kwargs):
+        seen.append(args[3].family)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "forward", spy)
+    with warnings.catch_warnings():
+        for message in test_compile.TORCH_INTERNAL_MESSAGES:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=DeprecationWarning)
+        test_compile._compare_compiled("aot_eager")
+    assert {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"} <= set(seen)
 
 
 def test_register_does_not_import_triton():

@@ -23,7 +23,6 @@ What it takes (everything else goes to another backend or the reference):
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import sys
 
@@ -78,16 +77,36 @@ def _expected_spec(x: torch.Tensor, spec: NormSpec) -> NormSpec | None:
     return None
 
 
-@functools.cache
-def _device_supported(index: int) -> bool:
-    """Triton compiles for compute capability 7.0 and newer."""
-    return torch.cuda.get_device_capability(index)[0] >= 7
+# device index -> compute capability >= 7.0 (Triton's minimum). A plain dict rather
+# than functools.cache: torch.compile traces accepts(), and reads a dict lookup fine.
+_SUPPORTED: dict[int, bool] = {}
+
+
+def _device_supported(x: torch.Tensor) -> bool:
+    index = x.get_device()
+    supported = _SUPPORTED.get(index)
+    if supported is None:
+        supported = _SUPPORTED[index] = torch.cuda.get_device_capability(index)[0] >= 7
+    return supported
+
+
+def _spatial_dims_collapse(x: torch.Tensor) -> bool:
+    """Whether (N, C, *spatial) views as (N, C, S) through its strides -- the view the
+    channel/group kernels read -- without trying the view (traced code can't catch)."""
+    stride = None
+    for size, step in zip(reversed(x.shape[2:]), reversed(x.stride()[2:]), strict=True):
+        if size == 1:
+            continue
+        if stride is not None and step != stride:
+            return False
+        stride = step * size
+    return True
 
 
 def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
     """True when the Triton kernels compute ``spec`` on ``x`` (see the module docstring)."""
     if x.is_cuda:
-        if not _device_supported(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+        if not _device_supported(x):
             return False
     elif not (x.is_cpu and _cpu_allowed()):
         return False
@@ -97,13 +116,7 @@ def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
         return False
     if spec.family in ("layer_norm", "rms_norm"):
         return x.is_contiguous()
-    if x.shape[1] > _MAX_CHANNELS:
-        return False
-    try:  # the (N, C, S) strided view the channel/group kernels read through
-        x.view(x.shape[0], x.shape[1], -1)
-    except RuntimeError:
-        return False
-    return True
+    return x.shape[1] <= _MAX_CHANNELS and _spatial_dims_collapse(x)
 
 
 def available() -> bool:
@@ -112,14 +125,23 @@ def available() -> bool:
 
 
 def forward(x, weight, bias, spec, eps, fixed_mean=None, fixed_var=None):
-    """Same contract as :func:`normlab.backends.reference.forward`."""
+    """Same contract as :func:`normlab.backends.reference.forward`; traced calls go
+    through the custom op (:mod:`normlab.backends.gpu.ops`)."""
+    if torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
     from . import _ops
 
     return _ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
 
 
 def backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad=(True, True, True)):
-    """Same contract as :func:`normlab.backends.reference.backward`."""
+    """Same contract as :func:`normlab.backends.reference.backward` (traced: the custom op)."""
+    if torch.compiler.is_compiling():
+        from . import ops
+
+        return ops.backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
     from . import _ops
 
     return _ops.backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
@@ -131,6 +153,7 @@ def register() -> bool:
     if not available():
         return False
     from .. import register_backend
+    from . import ops  # noqa: F401  (the custom ops torch.compile sees; no triton import)
 
     register_backend(NAME, accepts, sys.modules[__name__])
     return True

@@ -376,7 +376,8 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
     need_sums = need_dwb or (dx3 is not None and batch_statistics)
     rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
     f32 = dict(device=x3.device, dtype=torch.float32)
-    sdy, sdyx = stats_buffers(2, c, x3) if need_sums else (None, None)
+    sums = torch.empty((2, c), **f32) if need_sums else None
+    sdy, sdyx = sums.unbind(0) if need_sums else (None, None)
     w = weight if weight is not None else dummy(rstd)
     dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
     with device_guard(x3):
@@ -391,15 +392,13 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
             )
             return sdy, sdyx
         if need_sums:
-            psdy = torch.empty((splits, c), **f32)
-            psdyx = torch.empty((splits, c), **f32)
+            partials = torch.empty((2, splits, c), **f32)  # sum(dy), sum(dy * xhat) per split
             _chan_partial_grad_kernel[(c_blocks, splits)](
-                x3, dy3, mean, rstd, psdy, psdyx, c, s, r, *x3.stride(), *dy3.stride(),
+                x3, dy3, mean, rstd, partials[0], partials[1], c, s, r, *x3.stride(), *dy3.stride(),
                 rows_per_split, BLOCK_R=block_r, BLOCK_C=block_c,
                 **LAUNCH,
             )
-            torch.sum(psdy, 0, out=sdy)
-            torch.sum(psdyx, 0, out=sdyx)
+            torch.sum(partials, 1, out=sums)
         if dx3 is not None:
             _chan_dx_kernel[(triton.cdiv(r, block_r), c_blocks)](
                 x3, dy3, dx3, mean, rstd, w,

@@ -508,8 +508,8 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
             )
             return (psdy.sum(0), psdyx.sum(0)) if need_dwb else (None, None)
-        psdy = torch.empty((splits, n, c), **f32)
-        psdyx = torch.empty((splits, n, c), **f32)
+        partials = torch.empty((2, splits, n, c), **f32)  # sum(dy), sum(dy * xhat) per split
+        psdy, psdyx = partials.unbind(0)
         if tiles:
             _cl_partial_grad_kernel[(c_blocks, splits, n)](
                 x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
@@ -520,7 +520,7 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
                 x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
                 s_per_split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
             )
-        sdy, sdyx = psdy.sum(0), psdyx.sum(0)  # (N, C)
+        sdy, sdyx = partials.sum(1).unbind(0)  # (N, C) each
         if dx3 is not None:
             # group means of g = w dy and g * xhat
             g1, g2 = (sdy, sdyx) if weight is None else (sdy * weight.float(), sdyx * weight.float())
