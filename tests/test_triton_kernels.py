@@ -80,6 +80,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(TUNING, "max_row_block", 8)
     monkeypatch.setattr(TUNING, "row_tile", 32)
     monkeypatch.setattr(TUNING, "tile", 16)
+    monkeypatch.setattr(TUNING, "channel_tile", 16)
     monkeypatch.setattr(TUNING, "interpreter_programs", 6)
 
 

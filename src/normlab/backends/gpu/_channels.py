@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, pow2, stats_buffers
+from ._common import TUNING, device_guard, dummy, fsum, num_programs, pow2, stats_buffers, tile_launch
 
 __all__ = ["channel_forward", "channel_apply", "channel_backward"]
 
@@ -297,7 +297,7 @@ def _tile(c: int, channel_stride: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): for channels_last (channel stride 1) put up to 64 adjacent
     channels in a tile so loads are coalesced along C; otherwise few channels and
     long runs along the contiguous spatial axis."""
-    tile = pow2(TUNING.tile)
+    tile = pow2(TUNING.channel_tile)
     block_c = min(pow2(c), 64 if channel_stride == 1 else 4, tile)
     return max(1, tile // block_c), block_c
 
@@ -329,7 +329,7 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
             _chan_fused_fwd_kernel[(c_blocks,)](
                 x3, y3, w, b, mean, var, rstd, c, s, r, *x3.stride(), *y3.stride(), eps,
                 HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-                **LAUNCH,
+                **tile_launch(),
             )
             return mean, var, rstd
         pmean = torch.empty((splits, c), **f32)
@@ -337,12 +337,12 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
         _chan_partial_stats_kernel[(c_blocks, splits)](
             x3, pmean, pm2, c, s, r, *x3.stride(), rows_per_split,
             BLOCK_R=block_r, BLOCK_C=block_c,
-            **LAUNCH,
+            **tile_launch(),
         )
         block_k, merge_c = merge_blocks(splits, c)
         _chan_merge_kernel[(triton.cdiv(c, merge_c),)](
             pmean, pm2, mean, var, rstd, c, r, rows_per_split, splits, eps, BLOCK_K=block_k, BLOCK_C=merge_c,
-            **LAUNCH,
+            **tile_launch(),
         )
     channel_apply(x3, y3, mean, rstd, weight, bias)
     return mean, var, rstd
@@ -359,7 +359,7 @@ def channel_apply(x3: torch.Tensor, y3: torch.Tensor, mean: torch.Tensor, rstd: 
             x3, y3, mean, rstd, weight if weight is not None else dummy(mean),
             bias if bias is not None else dummy(mean), c, s, n * s, *x3.stride(), *y3.stride(),
             HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            **LAUNCH,
+            **tile_launch(),
         )
 
 
@@ -388,7 +388,7 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
                 c, s, r, 1.0 / r, *x3.stride(), *dy3.stride(), *dx_strides,
                 HAS_W=weight is not None, BATCH_STATS=batch_statistics, NEED_DX=dx3 is not None,
                 NEED_SUMS=need_sums, BLOCK_R=block_r, BLOCK_C=block_c,
-                **LAUNCH,
+                **tile_launch(),
             )
             return sdy, sdyx
         if need_sums:
@@ -396,7 +396,7 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
             _chan_partial_grad_kernel[(c_blocks, splits)](
                 x3, dy3, mean, rstd, partials[0], partials[1], c, s, r, *x3.stride(), *dy3.stride(),
                 rows_per_split, BLOCK_R=block_r, BLOCK_C=block_c,
-                **LAUNCH,
+                **tile_launch(),
             )
             torch.sum(partials, 1, out=sums)
         if dx3 is not None:
@@ -406,6 +406,6 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
                 c, s, r, 1.0 / r, *x3.stride(), *dy3.stride(), *dx_strides,
                 HAS_W=weight is not None, BATCH_STATS=batch_statistics,
                 BLOCK_R=block_r, BLOCK_C=block_c,
-                **LAUNCH,
+                **tile_launch(),
             )
     return sdy, sdyx

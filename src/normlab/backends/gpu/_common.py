@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["LAUNCH", "TUNING", "Tuning", "device_guard", "dummy", "fsum", "num_programs", "num_warps", "pow2",
-           "stats_buffers"]
+           "stats_buffers", "tile_launch"]
 
 
 @dataclass
@@ -29,8 +29,12 @@ class Tuning:
     #: elements a LayerNorm/RMSNorm program handles at once: rows shorter than this are
     #: batched several to a program (a (rows, N) tile), so short rows don't waste threads.
     row_tile: int = 2048
-    #: elements in one 2D tile of the BatchNorm/GroupNorm/InstanceNorm kernels.
+    #: elements in one (channels x spatial) tile of the GroupNorm/InstanceNorm kernels.
     tile: int = 4096
+    #: elements and warps of a (rows x channels) tile (BatchNorm, the channels_last
+    #: group kernels).
+    channel_tile: int = 4096
+    tile_warps: int = 4
     #: programs launched per SM for grid-stride reductions (LN backward, BN splits).
     programs_per_sm: int = 4
     #: the same target when running under the interpreter (no SMs to fill).
@@ -57,6 +61,11 @@ def fsum(x, axis: tl.constexpr):
     """``tl.sum(x, axis)`` for float32 ``x``, runnable in the interpreter whatever
     the import order."""
     return tl.reduce(x, axis, _sum_combine)
+
+
+def tile_launch() -> dict[str, object]:
+    """Launch options of the (rows x channels) tile kernels."""
+    return {"num_warps": TUNING.tile_warps, **LAUNCH}
 
 
 def pow2(n: int) -> int:

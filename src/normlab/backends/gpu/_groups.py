@@ -35,7 +35,18 @@ import triton.language as tl
 from ._channels import _chan_merge_kernel, _grad_sums, _tile_offsets, _welford, merge_blocks
 from ._channels import _splits as _channel_splits
 from ._channels import _tile as _channel_tile
-from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2, stats_buffers
+from ._common import (
+    LAUNCH,
+    TUNING,
+    device_guard,
+    dummy,
+    fsum,
+    num_programs,
+    num_warps,
+    pow2,
+    stats_buffers,
+    tile_launch,
+)
 
 __all__ = ["group_forward", "group_backward"]
 
@@ -466,7 +477,7 @@ def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> Non
     with device_guard(x3):
         _cl_partial_stats_kernel[(c_blocks, splits, n)](
             x3, pmean, pm2, c, s, *x3.stride(), s_per_split, splits,
-            BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH,
+            BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
         )
         merge = min(pow2(ng), 256)
         _cl_merge_kernel[(triton.cdiv(ng, merge),)](
@@ -475,7 +486,7 @@ def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> Non
         )
         _cl_apply_kernel[(triton.cdiv(n * s, block_r), c_blocks)](
             x3, y3, w, b, mean, rstd, c, groups, c // groups, s, n * s, *x3.stride(), *y3.stride(),
-            HAS_W=has_w, HAS_B=has_b, BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH,
+            HAS_W=has_w, HAS_B=has_b, BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
         )
 
 
@@ -513,7 +524,7 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
         if tiles:
             _cl_partial_grad_kernel[(c_blocks, splits, n)](
                 x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
-                s_per_split, BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH,
+                s_per_split, BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
             )
         else:
             _group_partial_grad_kernel[(ng, splits)](
@@ -530,7 +541,7 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
                 _cl_dx_kernel[(triton.cdiv(n * s, block_r), c_blocks)](
                     x3, dy3, dx3, w, mean, rstd, c1, c2, c, groups, cg, s, n * s, *x3.stride(),
                     *dy3.stride(), *dx_strides, HAS_W=weight is not None, BLOCK_R=block_r,
-                    BLOCK_C=block_c, **LAUNCH,
+                    BLOCK_C=block_c, **tile_launch(),
                 )
                 return (sdy.sum(0), sdyx.sum(0)) if need_dwb else (None, None)
             _group_dx_kernel[(ng, splits)](
