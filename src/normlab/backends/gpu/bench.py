@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import math
 import statistics
 import sys
@@ -243,6 +244,12 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
         if mode not in MODES:
             raise ValueError(f"gpu bench: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu (interpreter)"
+    import triton
+
+    from ... import __version__
+
+    run_info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__, "triton": triton.__version__, "normlab": __version__}
     rows: list[dict[str, object]] = []
     for case in cases:
         gen = torch.Generator(device=device).manual_seed(0)
@@ -292,6 +299,7 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
                     "kernel_pct_of_copy": 100.0 * floor * k_copy / k_ms if k_ms and k_copy else None,
                     "kernel_speedup_vs_torch": k_torch / k_ms if k_ms and k_torch else None,
                     "peak_mb": peak[name], "calls_per_sample": calls[name], "device": device_name,
+                    **run_info,
                 })
     return rows
 
