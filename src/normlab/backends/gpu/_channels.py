@@ -313,9 +313,9 @@ def _splits(r: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[
 
 
 def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
-                    bias: torch.Tensor | None, eps: float):
+                    bias: torch.Tensor | None, eps: float, stat_shape: tuple[int, ...] | None = None):
     """BatchNorm of the (N, C, S) view x3 into y3; returns float32 per-channel
-    (mean, var, rstd) of shape (C,). One launch when one program per channel tile
+    (mean, var, rstd), contiguous, of ``stat_shape`` (default (C,)). One launch when one program per channel tile
     fills the device (small inputs), else partial statistics, merge and apply."""
     n, c, s = x3.shape
     r = n * s
@@ -323,7 +323,7 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
     c_blocks = triton.cdiv(c, block_c)
     rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
     f32 = dict(device=x3.device, dtype=torch.float32)
-    mean, var, rstd = stats_buffers(3, c, x3)
+    mean, var, rstd = stats_buffers(3, c if stat_shape is None else stat_shape, x3)
     w = weight if weight is not None else dummy(mean)
     b = bias if bias is not None else dummy(mean)
     with device_guard(x3):

@@ -113,10 +113,12 @@ def device_guard(x: torch.Tensor):
     return _NO_GUARD
 
 
-def stats_buffers(count: int, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``count`` float32 vectors of ``rows`` elements on ``like``'s device, carved out of
-    one allocation (each ``torch.empty`` costs ~4 us of CPU time on a GPU machine)."""
-    return torch.empty((count, rows), device=like.device, dtype=torch.float32).unbind(0)
+def stats_buffers(count: int, shape: int | tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``count`` contiguous float32 tensors of ``shape`` on ``like``'s device, carved out
+    of one allocation (each ``torch.empty`` costs ~4 us of CPU time on a GPU machine;
+    allocating them in their final shape saves a ``view`` each)."""
+    shape = (shape,) if isinstance(shape, int) else shape
+    return torch.empty((count, *shape), device=like.device, dtype=torch.float32).unbind(0)
 
 
 def dummy(x: torch.Tensor) -> torch.Tensor:

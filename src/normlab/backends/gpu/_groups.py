@@ -427,16 +427,17 @@ def _splits(groups_total: int, s: int, block_s: int, device: torch.device) -> tu
 
 
 def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
-                  bias: torch.Tensor | None, groups: int, eps: float):
+                  bias: torch.Tensor | None, groups: int, eps: float,
+                  stat_shape: tuple[int, ...] | None = None):
     """Normalize the (N, C, S) view x3 into y3 by (sample, group); returns float32
-    (mean, var, rstd) of shape (N * groups,)."""
+    (mean, var, rstd), contiguous, of ``stat_shape`` (default (N * groups,))."""
     n, c, s = x3.shape
     cg = c // groups
     ng = n * groups
     block_c, block_s = _tile(cg, s, x3.stride(1))
     s_per_split, splits = _splits(ng, s, block_s, x3.device)
     f32 = dict(device=x3.device, dtype=torch.float32)
-    mean, var, rstd = stats_buffers(3, ng, x3)
+    mean, var, rstd = stats_buffers(3, ng if stat_shape is None else stat_shape, x3)
     w = weight if weight is not None else dummy(mean)
     b = bias if bias is not None else dummy(mean)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,

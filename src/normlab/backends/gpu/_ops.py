@@ -64,17 +64,16 @@ def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_
         channel_apply(_view3(x, x), _view3(y, x), mean.reshape(-1).contiguous(),
                       rstd.reshape(-1).contiguous(), w, b)
         return y, mean, var, rstd
+    # the statistics are allocated in their final shape (no view per call)
     if family in _ROWS:
-        y, mean, var, rstd = rows_forward(x, w, b, spec.count, spec.center, eps)
-    elif family == "batch_norm":
-        y = _empty_out(x)
-        mean, var, rstd = channel_forward(_view3(x, x), _view3(y, x), w, b, eps)
+        return rows_forward(x, w, b, spec.count, spec.center, eps, spec.stat_shape)
+    y = _empty_out(x)
+    if family == "batch_norm":
+        mean, var, rstd = channel_forward(_view3(x, x), _view3(y, x), w, b, eps, spec.stat_shape)
     else:  # group_norm / instance_norm
-        groups = spec.group_shape[1]
-        y = _empty_out(x)
-        mean, var, rstd = group_forward(_view3(x, x), _view3(y, x), w, b, groups, eps)
-    shape = spec.stat_shape
-    return y, (mean.view(shape) if mean is not None else None), var.view(shape), rstd.view(shape)
+        mean, var, rstd = group_forward(_view3(x, x), _view3(y, x), w, b, spec.group_shape[1], eps,
+                                        spec.stat_shape)
+    return y, mean, var, rstd
 
 
 def backward(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,

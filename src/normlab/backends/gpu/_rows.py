@@ -27,11 +27,13 @@ atomics.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH, TUNING, device_guard, dummy, fsum, num_programs, num_warps, pow2, stats_buffers
+from ._common import LAUNCH, TUNING, device_guard, fsum, num_programs, num_warps, pow2, stats_buffers
 
 __all__ = ["rows_forward", "rows_backward"]
 
@@ -222,27 +224,33 @@ def _row_programs(m: int, block_m: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(m, rows_per_program), rows_per_program
 
 
-def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                 n: int, center: bool, eps: float):
-    """x contiguous, viewed as (M, n). Returns ``(y, mean | None, var, rstd)``, the
-    statistics float32 of shape (M,)."""
-    m = x.numel() // n
-    y = torch.empty_like(x)
-    if center:
-        mean, var, rstd = stats_buffers(3, m, x)
-    else:
-        mean, (var, rstd) = None, stats_buffers(2, m, x)
+@functools.lru_cache(maxsize=256)
+def _forward_plan(n: int, _tuning: tuple[int, int]) -> tuple[int, dict[str, object]]:
+    """(BLOCK_M, the block launch options) of the forward for rows of n elements (cached:
+    this runs on every call; ``_tuning`` keys the cache on the TUNING it read)."""
     block, single = _row_block(n)
     block_m = _rows_per_tile(block, single)
-    w = weight.contiguous() if weight is not None else None
-    b = bias.contiguous() if bias is not None else None
+    return block_m, {"BLOCK": block, "SINGLE": single, "BLOCK_M": block_m,
+                     "num_warps": num_warps(block * block_m), **LAUNCH}
+
+
+def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 n: int, center: bool, eps: float, stat_shape: int | tuple[int, ...] | None = None):
+    """x, weight, bias contiguous, x viewed as (M, n). Returns ``(y, mean | None, var,
+    rstd)``, the statistics float32 of ``stat_shape`` (default (M,))."""
+    m = x.numel() // n
+    y = torch.empty_like(x)
+    shape = m if stat_shape is None else stat_shape
+    if center:
+        mean, var, rstd = stats_buffers(3, shape, x)
+    else:
+        mean, (var, rstd) = None, stats_buffers(2, shape, x)
+    block_m, launch = _forward_plan(n, (TUNING.max_row_block, TUNING.row_tile))
     with device_guard(x):
         _rows_fwd_kernel[(triton.cdiv(m, block_m),)](
-            x, y, w if w is not None else dummy(x), b if b is not None else dummy(x),
-            mean if center else dummy(var), var, rstd, m, n, eps,
-            HAS_W=w is not None, HAS_B=b is not None, CENTER=center,
-            BLOCK=block, SINGLE=single, BLOCK_M=block_m, num_warps=num_warps(block * block_m),
-            **LAUNCH,
+            x, y, weight if weight is not None else x, bias if bias is not None else x,
+            mean if center else var, var, rstd, m, n, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None, CENTER=center, **launch,
         )
     return y, mean, var, rstd
 
@@ -250,29 +258,33 @@ def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
 def rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                   mean: torch.Tensor | None, rstd: torch.Tensor, n: int,
                   needs_input_grad: tuple[bool, bool, bool]):
-    """Gradients for :func:`rows_forward`; dweight/dbias float32 of n elements (flat)."""
+    """Gradients for :func:`rows_forward` (x, weight and the statistics contiguous, as
+    rows_forward makes them); dweight/dbias float32 of n elements (flat)."""
     need_dx, need_dw, need_db = needs_input_grad
     m = x.numel() // n
     dy = dy.contiguous()
     block, single = _row_block(n)
     block_m = _rows_per_tile(block, single)
     programs, rows_per_program = _row_programs(m, block_m, x.device)
-    alloc = torch.empty if single else torch.zeros
-    dwp = alloc((programs, n), device=x.device, dtype=torch.float32) if need_dw else None
-    dbp = alloc((programs, n), device=x.device, dtype=torch.float32) if need_db else None
+    # dW and dB partials in one buffer (one allocation, one sum); long rows accumulate
+    # into their program's row in place, so they start from zeros
+    parts = (torch.empty if single else torch.zeros)((need_dw + need_db, programs, n), device=x.device,
+                                                     dtype=torch.float32) if need_dw or need_db else None
+    dwp = parts[0] if need_dw else None
+    dbp = parts[int(need_dw)] if need_db else None
     dx = torch.empty_like(x) if need_dx else None
-    w = weight.contiguous() if weight is not None else None
     with device_guard(x):
         _rows_bwd_kernel[(programs,)](
-            x, dy, dx if dx is not None else dummy(x), w if w is not None else dummy(x),
-            mean.reshape(-1) if mean is not None else dummy(rstd), rstd.reshape(-1),
-            dwp if dwp is not None else dummy(rstd), dbp if dbp is not None else dummy(rstd),
+            x, dy, dx if dx is not None else x, weight if weight is not None else x,
+            mean if mean is not None else rstd, rstd,
+            dwp if dwp is not None else rstd, dbp if dbp is not None else rstd,
             m, n, rows_per_program,
-            HAS_W=w is not None, CENTER=mean is not None, NEED_DX=need_dx,
+            HAS_W=weight is not None, CENTER=mean is not None, NEED_DX=need_dx,
             NEED_DW=need_dw, NEED_DB=need_db, BLOCK=block, SINGLE=single, BLOCK_M=block_m,
             num_warps=num_warps(block * block_m),
             **LAUNCH,
         )
-    dweight = dwp.sum(0) if dwp is not None else None
-    dbias = dbp.sum(0) if dbp is not None else None
-    return dx, dweight, dbias
+    if parts is None:
+        return dx, None, None
+    sums = parts.sum(1)
+    return dx, sums[0] if need_dw else None, sums[int(need_dw)] if need_db else None
