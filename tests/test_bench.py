@@ -121,6 +121,19 @@ def test_cli_usage_errors(capsys):
     assert main(["bench", "--quick", "--repeats", "0"]) == 2
 
 
+def test_cli_device_cuda_usage_errors(capsys):
+    """--device cuda takes the GPU suite's options only, and says so; without a GPU it
+    says that instead of running."""
+    assert main(["bench", "--device", "cuda", "--case", "bn:2x3"]) == 2
+    assert "--case is not supported with --device cuda" in capsys.readouterr().err
+    assert main(["bench", "--device", "cuda", "--dtype", "float64"]) == 2
+    assert "expected one of float32, bfloat16, float16, got 'float64'" in capsys.readouterr().err
+    assert main(["bench", "--device", "cuda", "--norm", "xn"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--quick"]) == 2
+        assert "expected a CUDA GPU" in capsys.readouterr().err
+
+
 def test_summary_geomean():
     rows = [
         {"mode": "forward", "provider": "cpu-numba", "speedup_vs_torch": s, "pct_floor": p,

@@ -295,3 +295,21 @@ def test_every_layer_compiles_fullgraph_with_inductor_on_cuda(monkeypatch):
             warnings.filterwarnings("ignore", message=re.escape(message), category=DeprecationWarning)
         test_compile._compare_compiled("inductor", device="cuda")
     assert {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"} <= set(seen)
+
+
+def test_normlab_bench_device_cuda_writes_rows(tmp_path, capsys):
+    """``normlab bench --device cuda``: the GPU suite through the CLI, CSV and JSON out."""
+    import csv
+    import json
+
+    from normlab.cli import main
+
+    prefix = tmp_path / "gpu"
+    assert main(["bench", "--device", "cuda", "--norm", "ln", "--quick", "--mode", "forward",
+                 "--out", str(prefix)]) == 0
+    assert "gpu-triton" in capsys.readouterr().out
+    with open(f"{prefix}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"torch.nn", "gpu-triton", "copy"}
+    assert all(float(r["kernel_ms"]) > 0 and r["torch"] == torch.__version__ for r in rows)
+    assert len(json.loads((tmp_path / "gpu.json").read_text())["rows"]) == len(rows)

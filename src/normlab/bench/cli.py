@@ -6,11 +6,13 @@ Examples::
     normlab bench --quick                  # tiny cases, few repeats (smoke test)
     normlab bench --case gn:32x64x56x56:channels_last --mode forward+backward
     normlab bench --out benchmarks/results/cpu --plot
+    normlab bench --device cuda --dtype bfloat16 --out gpu   # on a GPU machine
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 __all__ = ["add_parser", "handler", "build_parser"]
@@ -36,6 +38,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="write PREFIX.csv and PREFIX.json (and PREFIX.png with --plot)")
     parser.add_argument("--plot", action="store_true", help="draw a PNG (needs --out or writes bench.png)")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU suite (torch.nn vs the Triton kernels vs a copy, eager and "
+                             "CUDA-graph times; see normlab.backends.gpu.bench). Takes --norm, --dtype, "
+                             "--mode, --repeats, --quick, --out, --note")
 
 
 def add_parser(subparsers) -> None:
@@ -59,6 +65,61 @@ def _usage_error(msg: str) -> Exception:
     return UsageError(msg)
 
 
+_GPU_NORMS = {"bn": "batch_norm", "in": "instance_norm", "gn": "group_norm", "ln": "layer_norm", "rms": "rms_norm"}
+
+
+def _gpu_handler(args: argparse.Namespace) -> int:
+    """``normlab bench --device cuda``: the GPU suite of :mod:`normlab.backends.gpu.bench`."""
+    import json
+
+    import torch
+
+    from ..backends import gpu
+
+    for option in ("case", "provider", "threads"):
+        if getattr(args, option) is not None:
+            raise _usage_error(f"--{option} is not supported with --device cuda (the GPU suite compares "
+                               "torch.nn, gpu-triton and a copy on its own cases; pick them with --norm)")
+    if args.plot:
+        raise _usage_error("--plot is not supported with --device cuda")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = args.dtype or "float32"
+    if dtype not in dtypes:
+        raise _usage_error(f"--dtype with --device cuda: expected one of {', '.join(dtypes)}, got {dtype!r}")
+    bad = [n for n in args.norm or () if n not in _GPU_NORMS]
+    if bad:
+        raise _usage_error(f"--norm: expected one of {', '.join(_GPU_NORMS)}, got {', '.join(bad)}")
+    if not torch.cuda.is_available():
+        raise _usage_error("--device cuda: expected a CUDA GPU, but torch.cuda.is_available() is False")
+    if not gpu.available():
+        raise _usage_error("--device cuda needs triton (pip install triton)")
+    from ..backends.gpu import bench as gpu_bench
+
+    norms = {_GPU_NORMS[n] for n in args.norm} if args.norm else None
+    cases = [c for c in gpu_bench.DEFAULT_CASES if norms is None or c.norm in norms]
+    if args.quick:
+        cases = [c for c in cases if math.prod(c.shape) < 2**20]
+    modes = args.mode or list(gpu_bench.MODES)
+    bad = [m for m in modes if m not in gpu_bench.MODES]
+    if bad:
+        raise _usage_error(f"--mode: expected one of {', '.join(gpu_bench.MODES)}, got {', '.join(bad)}")
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
+    if repeats < 1:
+        raise _usage_error(f"--repeats: expected a positive count, got {repeats}")
+    rows = gpu_bench.run(cases, dtype=dtypes[dtype], modes=modes, repeats=repeats)
+    print(gpu_bench.format_rows(rows))
+    if args.out:
+        from pathlib import Path
+
+        from . import report
+
+        report.write_csv(rows, f"{args.out}.csv")
+        Path(f"{args.out}.json").write_text(json.dumps(
+            {"note": args.note, "summary": gpu_bench.summary(rows), "rows": rows}, indent=1))
+        print(f"wrote {args.out}.csv and {args.out}.json", file=sys.stderr)
+    return 0
+
+
 def handler(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; print the table; write files."""
     import dataclasses
@@ -69,6 +130,8 @@ def handler(args: argparse.Namespace) -> int:
     from . import report
     from .run import MODES, available_providers, run_suite
 
+    if args.device == "cuda":
+        return _gpu_handler(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401

@@ -54,7 +54,7 @@ from ...core.spec import (
     rms_norm_spec,
 )
 
-__all__ = ["BenchCase", "DEFAULT_CASES", "MODES", "run", "main", "summary"]
+__all__ = ["BenchCase", "DEFAULT_CASES", "MODES", "format_rows", "run", "main", "summary"]
 
 MODES = ("forward", "backward", "forward+backward")
 _FLOOR_TRAFFIC = {"forward": 2, "backward": 3, "forward+backward": 5}  # multiples of |x| bytes
@@ -333,6 +333,21 @@ def summary(rows: Sequence[dict[str, object]], min_mb: float = 1.0) -> dict[str,
     return out
 
 
+def format_rows(rows: Sequence[dict[str, object]]) -> str:
+    """The rows as a table (eager and kernel-only columns), then the summary lines."""
+    lines = [f"{'case':34s} {'mode':17s} {'provider':11s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'vs torch':>8s}"
+             f" {'kern ms':>9s} {'k%copy':>6s} {'k vs t':>7s} {'peak MB':>8s}"]
+    for r in rows:
+        lines.append(f"{r['case']:34s} {r['mode']:17s} {r['provider']:11s} {r['ms']:9.4f} {r['gbps']:8.1f} "
+                     f"{r['pct_of_copy']:6.1f} {r['speedup_vs_torch']:7.2f}x {_fmt(r['kernel_ms'], '9.4f')} "
+                     f"{_fmt(r['kernel_pct_of_copy'], '6.1f')} {_fmt(r['kernel_speedup_vs_torch'], '6.2f')}x "
+                     f"{_fmt(r['peak_mb'], '8.1f')}")
+    for mode, entry in summary(rows).items():
+        lines.append(f"gpu-triton vs torch.nn, {mode}, cases >= 1 MB: " + ", ".join(
+            f"{key} {value:.2f}" for key, value in entry.items()))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Time the Triton kernels against torch.nn on a GPU.")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
@@ -350,16 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"{'case':34s} {'mode':17s} {'provider':11s} {'ms':>9s} {'GB/s':>8s} {'%copy':>6s} {'vs torch':>8s}"
-          f" {'kern ms':>9s} {'k%copy':>6s} {'k vs t':>7s} {'peak MB':>8s}")
-    for r in rows:
-        print(f"{r['case']:34s} {r['mode']:17s} {r['provider']:11s} {r['ms']:9.4f} {r['gbps']:8.1f} "
-              f"{r['pct_of_copy']:6.1f} {r['speedup_vs_torch']:7.2f}x {_fmt(r['kernel_ms'], '9.4f')} "
-              f"{_fmt(r['kernel_pct_of_copy'], '6.1f')} {_fmt(r['kernel_speedup_vs_torch'], '6.2f')}x "
-              f"{_fmt(r['peak_mb'], '8.1f')}")
-    for mode, entry in summary(rows).items():
-        print(f"gpu-triton vs torch.nn, {mode}, cases >= 1 MB: " + ", ".join(
-            f"{key} {value:.2f}" for key, value in entry.items()))
+    print(format_rows(rows))
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
