@@ -177,6 +177,30 @@ def test_large_offset_keeps_the_variance():
         assert err < 2e-3, f"{spec.family} {layout}: {err}"
 
 
+@pytest.mark.parametrize(("shape", "groups", "layout"), [
+    ((8, 64), 64, "nchw"),  # one channel, one element per group: ints specialized to 1
+    ((8, 64), 8, "nchw"),
+    ((70000, 16, 2, 2), 4, "cl"),  # more samples than a grid axis takes (65535)
+    ((70000, 64), 8, "nchw"),
+], ids=["2d-cg1", "2d", "cl-70000-samples", "2d-70000-samples"])
+def test_group_norm_edge_shapes(shape, groups, layout):
+    """GroupNorm on 2D inputs and on more samples than the channel-tile grid can hold."""
+    x = _input(shape, layout, torch.float32, seed=30)
+    spec = group_norm_spec(shape, groups)
+    gen = torch.Generator(device=CUDA).manual_seed(31)
+    w, b = (torch.randn(shape[1], generator=gen, device=CUDA) for _ in range(2))
+    y, mean, _, rstd = _ops.forward(x, w, b, spec, EPS)
+    dy = _input(shape, layout, torch.float32, seed=32)
+    dx, dw, db = _ops.backward(dy, x, w, mean, rstd, spec, True, (True, True, True))
+    x64, w64, b64 = (t.double().requires_grad_(True) for t in (x, w, b))
+    y64 = F.group_norm(x64, groups, w64, b64, EPS)
+    gx, gw, gb = torch.autograd.grad(y64, [x64, w64, b64], dy.double())
+    assert_close(y, y64.float(), torch.float32, what="y")
+    assert_close(dx, gx.float(), torch.float32, scale=2.0, what="dx")
+    _assert_sums_close(dw, gw, "dweight")
+    _assert_sums_close(db, gb, "dbias")
+
+
 def _fwd_bwd(module, x):
     x = x.detach().requires_grad_(True)
     y = module(x)

@@ -295,6 +295,14 @@ def test_channels_last_channel_tiles(monkeypatch, groups, programs, dtype):
         _compare(x, spec, *_run_both(x, w, b, spec, needs=needs))
 
 
+def test_channel_tiles_hold_at_most_65535_samples():
+    """The channel-tile kernels put samples on the grid's third axis (CUDA: <= 65535)."""
+    cl = torch.empty(65535, 8, 2, 2).contiguous(memory_format=CL)
+    assert _groups._channel_tiles(cl.view(65535, 8, 4), 2)
+    cl = torch.empty(65536, 8, 2, 2).contiguous(memory_format=CL)
+    assert not _groups._channel_tiles(cl.view(65536, 8, 4), 2)
+
+
 def test_channels_last_wide_groups_walk_one_group_at_a_time(monkeypatch):
     """Groups of >= CL_TILE_BELOW channels keep the per-group kernels (runs of adjacent
     channels are long enough to read whole)."""

@@ -116,7 +116,9 @@ def device_guard(x: torch.Tensor):
 def stats_buffers(count: int, shape: int | tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``count`` contiguous float32 tensors of ``shape`` on ``like``'s device, carved out
     of one allocation (each ``torch.empty`` costs ~4 us of CPU time on a GPU machine;
-    allocating them in their final shape saves a ``view`` each)."""
+    allocating them in their final shape saves a ``view`` each). Being views of one
+    tensor they share its autograd version counter: nothing may modify one in place
+    while another is saved for backward (normlab only reads them)."""
     shape = (shape,) if isinstance(shape, int) else shape
     return torch.empty((count, *shape), device=like.device, dtype=torch.float32).unbind(0)
 

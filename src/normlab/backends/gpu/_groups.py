@@ -296,7 +296,7 @@ def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, 
         nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)
         for j in range(0, Cg):
             offset += nb * (tl.load(PMean + base + k * C + j, mask=gmask, other=0.0) - shift)
-    count = (Cg * S).to(tl.float32)
+    count = Cg * S * 1.0  # (not .to(): Cg and S may be specialized to the constant 1)
     mean = shift + offset / count
     m2 = tl.full([BLOCK], 0.0, tl.float32)
     for k in range(0, splits):
@@ -392,7 +392,9 @@ CL_TILE_BELOW = 32
 
 
 def _channel_tiles(x3: torch.Tensor, cg: int) -> bool:
-    return x3.stride(1) == 1 and cg < CL_TILE_BELOW and x3.shape[1] > 1
+    """Whether the channel-tile kernels take this input: channel stride 1, narrow groups,
+    and at most 65535 samples (their grid's third axis, a CUDA limit)."""
+    return x3.stride(1) == 1 and cg < CL_TILE_BELOW and x3.shape[1] > 1 and x3.shape[0] <= 65535
 
 
 def _cl_plan(x3: torch.Tensor) -> tuple[int, int, int, int, int]:

@@ -263,6 +263,9 @@ def rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
     need_dx, need_dw, need_db = needs_input_grad
     m = x.numel() // n
     dy = dy.contiguous()
+    # the kernel indexes the statistics flat (callers of the public op may pass views)
+    mean = mean if mean is None or mean.is_contiguous() else mean.contiguous()
+    rstd = rstd if rstd.is_contiguous() else rstd.contiguous()
     block, single = _row_block(n)
     block_m = _rows_per_tile(block, single)
     programs, rows_per_program = _row_programs(m, block_m, x.device)

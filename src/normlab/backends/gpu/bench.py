@@ -33,6 +33,7 @@ On a CPU machine it runs only under the Triton interpreter (``device="cpu"``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -147,10 +148,12 @@ def _calls_for(fn: Callable[[], object], cuda: bool, target_ms: float) -> int:
     return max(1, min(1000, math.ceil(target_ms / max(once, 1e-6))))
 
 
-def _graphed(fn: Callable[[], object], calls: int) -> Callable[[], object] | None:
-    """``calls`` calls of ``fn`` captured in a CUDA graph; replaying it times the GPU
-    work alone (no Python, no launch latency). None when capture fails."""
-    stream = torch.cuda.Stream()
+def _graphed(fn: Callable[[], object], calls: int,
+             stream: torch.cuda.Stream | None = None) -> Callable[[], object] | None:
+    """``calls`` calls of ``fn`` captured in a CUDA graph on ``stream`` (a fresh side
+    stream by default); replaying it times the GPU work alone (no Python, no launch
+    latency). None when capture fails."""
+    stream = stream if stream is not None else torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     try:
         with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
@@ -158,7 +161,7 @@ def _graphed(fn: Callable[[], object], calls: int) -> Callable[[], object] | Non
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             for _ in range(calls):
                 fn()
     except RuntimeError as error:
@@ -205,10 +208,18 @@ def _providers(case: BenchCase, mode: str, x: torch.Tensor, dy: torch.Tensor,
     xg = x.detach().requires_grad_(True)
     for p in params:
         p.requires_grad_(True)
-    y_kept = torch_fn(xg, w, b)
+    # autograd runs backward kernels on the forward's stream: for torch.nn's backward to
+    # be capturable in a CUDA graph, its kept forward runs on the capture stream
+    capture_stream = torch.cuda.Stream() if x.is_cuda else None
+    with torch.cuda.stream(capture_stream) if capture_stream is not None else contextlib.nullcontext():
+        y_kept = torch_fn(xg, w, b)
+    if capture_stream is not None:
+        torch.cuda.current_stream().wait_stream(capture_stream)
 
     def torch_bwd():
         return torch.autograd.grad(y_kept, [xg, *params], dy, retain_graph=True)
+
+    torch_bwd.capture_stream = capture_stream  # read by run(): capture it there
 
     def torch_both():
         return torch.autograd.grad(torch_fn(xg, w, b), [xg, *params], dy)
@@ -270,8 +281,8 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
             _sync(cuda)
             calls = {name: _calls_for(fn, cuda, target_ms) for name, fn in providers.items()}
             peak = {name: _peak_mb(fn, cuda) for name, fn in providers.items()}
-            replays = {name: _graphed(fn, calls[name]) for name, fn in providers.items()} \
-                if cuda and graphs else {}
+            replays = {name: _graphed(fn, calls[name], getattr(fn, "capture_stream", None))
+                       for name, fn in providers.items()} if cuda and graphs else {}
             times: dict[str, list[float]] = {name: [] for name in providers}
             kernel: dict[str, list[float]] = {name: [] for name in replays if replays[name] is not None}
             for _ in range(repeats):  # interleaved, so drifts hit every provider alike
@@ -305,6 +316,7 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -317,7 +329,7 @@ def summary(rows: Sequence[dict[str, object]], min_mb: float = 1.0) -> dict[str,
     out: dict[str, dict[str, float]] = {}
     for mode in MODES:
         mine = [r for r in rows if r["mode"] == mode and r["provider"] == "gpu-triton"
-                and math.prod(map(int, str(r["shape"]).split("x"))) * 4 >= min_mb * 1e6]
+                and math.prod(map(int, str(r["shape"]).split("x"))) * _ITEMSIZE[str(r["dtype"])] >= min_mb * 1e6]
         if not mine:
             continue
         entry: dict[str, float] = {}
@@ -325,7 +337,7 @@ def summary(rows: Sequence[dict[str, object]], min_mb: float = 1.0) -> dict[str,
                                    ("kernel_", "kernel_speedup_vs_torch", "kernel_pct_of_copy")):
             speeds = [r[speed] for r in mine if r[speed] is not None]
             pcts = [r[pct] for r in mine if r[pct] is not None]
-            if speeds:
+            if speeds and pcts:
                 entry[prefix + "geomean_speedup"] = math.exp(statistics.fmean(map(math.log, speeds)))
                 entry[prefix + "min_speedup"] = min(speeds)
                 entry[prefix + "min_pct_of_copy"] = min(pcts)
