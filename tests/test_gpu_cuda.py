@@ -196,7 +196,11 @@ def test_group_norm_edge_shapes(shape, groups, layout):
     y64 = F.group_norm(x64, groups, w64, b64, EPS)
     gx, gw, gb = torch.autograd.grad(y64, [x64, w64, b64], dy.double())
     assert_close(y, y64.float(), torch.float32, what="y")
-    assert_close(dx, gx.float(), torch.float32, scale=2.0, what="dx")
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)): with one element per group the terms
+    # cancel exactly, and float32 rounding of them is amplified by rstd = eps^-1/2 = 316
+    err = (dx.double() - gx).abs().max().item()
+    bound = 4e-5 + 1e-6 * rstd.max().item() * (dy * w.view(-1, *([1] * (dy.dim() - 2)))).abs().max().item()
+    assert err <= bound, f"dx: max error {err:.3g} > {bound:.3g}"
     _assert_sums_close(dw, gw, "dweight")
     _assert_sums_close(db, gb, "dbias")
 
