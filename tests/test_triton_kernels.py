@@ -418,6 +418,18 @@ def test_accepts_and_declines(on_cpu):
     assert not gpu.accepts(x, batch_norm_spec((2, 6, 3, 4)))  # spec of another shape
     custom = dataclasses.replace(layer_norm_spec(x.shape, (5,)), family="my_norm")
     assert not gpu.accepts(x, custom)  # a family the kernels don't know
+    assert gpu._extent(torch.empty(0, device="meta").as_strided((2, 3), (2**31, 1))) == 2**31 + 3
+
+
+def test_declines_slices_reaching_past_32_bit_offsets(on_cpu, monkeypatch):
+    """The kernels' offsets are 32-bit: a slice is judged by how far it reaches, not by
+    its numel (here with the limit lowered to 64 elements)."""
+    monkeypatch.setattr(gpu, "_MAX_NUMEL", 64)
+    big = torch.randn(4, 10, 3)
+    near, far = big[:2, :2], big[::3, :2]  # 12 elements each, reaching 36 and 96 elements
+    assert gpu._extent(near) == 36 and gpu._extent(far) == 96
+    assert gpu.accepts(near, batch_norm_spec(near.shape))
+    assert not gpu.accepts(far, batch_norm_spec(far.shape))
 
 
 def test_cpu_needs_both_variables(monkeypatch):

@@ -14,7 +14,8 @@ What it takes (everything else goes to another backend or the reference):
   ``NORMLAB_TRITON_ON_CPU=1`` are both set (Triton's interpreter; for tests only,
   it is ~1000x slower than a kernel);
 * dtype float32, float16 or bfloat16 (float64 goes to the reference backend);
-* fewer than 2**31 elements (32-bit offsets), at most 262140 channels;
+* fewer than 2**31 elements, none further than 2**31 elements from the first (32-bit
+  offsets), at most 262140 channels;
 * LayerNorm/RMSNorm: contiguous input;
 * BatchNorm/InstanceNorm/GroupNorm: contiguous (NCHW) or channels_last input -- any
   layout whose spatial dims collapse to one stride -- read and written through its
@@ -103,6 +104,12 @@ def _spatial_dims_collapse(x: torch.Tensor) -> bool:
     return True
 
 
+def _extent(x: torch.Tensor) -> int:
+    """How many elements past x's first one its last one lies, plus one: the kernels'
+    offsets are 32-bit, and a strided slice can reach further than its numel."""
+    return 1 + sum((size - 1) * abs(step) for size, step in zip(x.shape, x.stride(), strict=True))
+
+
 def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
     """True when the Triton kernels compute ``spec`` on ``x`` (see the module docstring)."""
     if x.is_cuda:
@@ -110,7 +117,7 @@ def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
             return False
     elif not (x.is_cpu and _cpu_allowed()):
         return False
-    if x.dtype not in _DTYPES or not 0 < x.numel() < _MAX_NUMEL:
+    if x.dtype not in _DTYPES or not 0 < x.numel() < _MAX_NUMEL or _extent(x) >= _MAX_NUMEL:
         return False
     if spec != _expected_spec(x, spec):
         return False
