@@ -10,6 +10,9 @@ Compilation is slow on 2 cores, so there is one small model per backend.
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -148,21 +151,30 @@ def _compare_compiled(backend: str, device: str = "cpu"):
     assert_close(compiled(x), eager(x), torch.float32, scale=5, what=f"{backend} eval output")
 
 
-@TORCH_INTERNAL_WARNING
-def test_every_layer_compiles_fullgraph_on_numba_kernels(monkeypatch):
-    assert cpu.enable()
-    monkeypatch.setenv("NORMLAB_BACKEND", "cpu-numba")
+def check_compiled_through(monkeypatch, ops_module, backend: str, device: str = "cpu") -> None:
+    """:func:`_compare_compiled`, and every family went through ``ops_module.forward``
+    (a backend's custom-op entry, called only while tracing). Also used by
+    test_triton_kernels.py and test_gpu_cuda.py."""
     seen = []
-    original = ops.forward
+    original = ops_module.forward
 
     def spy(*args, **kwargs):
         seen.append(args[3].family)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "forward", spy)
-    _compare_compiled("inductor")
+    monkeypatch.setattr(ops_module, "forward", spy)
+    with warnings.catch_warnings():
+        for message in TORCH_INTERNAL_MESSAGES:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=DeprecationWarning)
+        _compare_compiled(backend, device)
     assert {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"} <= set(seen), \
         "the compiled graph did not go through the custom ops"
+
+
+def test_every_layer_compiles_fullgraph_on_numba_kernels(monkeypatch):
+    assert cpu.enable()
+    monkeypatch.setenv("NORMLAB_BACKEND", "cpu-numba")
+    check_compiled_through(monkeypatch, ops, "inductor")
 
 
 @TORCH_INTERNAL_WARNING

@@ -304,25 +304,10 @@ def test_custom_ops_pass_opcheck_on_cuda(case, shape, make_spec, layout):
 def test_every_layer_compiles_fullgraph_with_inductor_on_cuda(monkeypatch):
     """The model of test_compile.py with every normlab layer, on CUDA: compiled
     (inductor, fullgraph) matches eager, and the graph calls the Triton custom ops."""
-    import re
-    import warnings
-
     test_compile = pytest.importorskip("test_compile")
     from normlab.backends.gpu import ops
 
-    seen = []
-    original = ops.forward
-
-    def spy(*args, **kwargs):
-        seen.append(args[3].family)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "forward", spy)
-    with warnings.catch_warnings():
-        for message in test_compile.TORCH_INTERNAL_MESSAGES:
-            warnings.filterwarnings("ignore", message=re.escape(message), category=DeprecationWarning)
-        test_compile._compare_compiled("inductor", device="cuda")
-    assert {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"} <= set(seen)
+    test_compile.check_compiled_through(monkeypatch, ops, "inductor", device="cuda")
 
 
 def test_normlab_bench_device_cuda_writes_rows(tmp_path, capsys):

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -550,19 +548,7 @@ def test_every_layer_compiles_fullgraph_through_the_custom_ops(on_cpu, monkeypat
     monkeypatch.setenv("NORMLAB_BACKEND", gpu.NAME)
     for field in dataclasses.fields(TUNING):  # default blocks: fewer interpreted programs
         monkeypatch.setattr(TUNING, field.name, field.default)
-    seen = []
-    original = ops.forward
-
-    def spy(*args, **kwargs):
-        seen.append(args[3].family)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "forward", spy)
-    with warnings.catch_warnings():
-        for message in test_compile.TORCH_INTERNAL_MESSAGES:
-            warnings.filterwarnings("ignore", message=re.escape(message), category=DeprecationWarning)
-        test_compile._compare_compiled("aot_eager")
-    assert {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"} <= set(seen)
+    test_compile.check_compiled_through(monkeypatch, ops, "aot_eager")
 
 
 def test_register_does_not_import_triton():

@@ -311,9 +311,14 @@ def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, 
 
 
 @triton.jit
-def _cl_group_index(r, cols, S, G, Cg):
-    """Index n * G + g of the statistics of each element of a (rows r) x (cols) tile."""
-    return (r // S)[:, None] * G + (cols // Cg)[None, :]
+def _cl_tile(C, G, Cg, S, R, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (rows r) x (cols) tile: r, cols, the column and element masks, and
+    each element's statistics index n * G + g."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    return r, cols, cmask, mask, (r // S)[:, None] * G + (cols // Cg)[None, :]
 
 
 @triton.jit
@@ -321,11 +326,7 @@ def _cl_apply_kernel(X, Y, W, B, Mean, Rstd, C, G, Cg, S, R, sxn, sxc, sxs, syn,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """y = (x - mean[n, g]) * rstd[n, g] * w[c] + b[c] on a (rows x channels) tile."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (r < R)[:, None] & cmask[None, :]
-    gi = _cl_group_index(r, cols, S, G, Cg)
+    r, cols, cmask, mask, gi = _cl_tile(C, G, Cg, S, R, BLOCK_R, BLOCK_C)
     mean = tl.load(Mean + gi, mask=mask, other=0.0)
     scale = tl.load(Rstd + gi, mask=mask, other=0.0)
     if HAS_W:
@@ -367,11 +368,7 @@ def _cl_dx_kernel(X, DY, DX, W, Mean, Rstd, C1, C2, C, G, Cg, S, R,
                   HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = rstd * (w[c] dy - c1 - xhat * c2) on a (rows x channels) tile, with the
     group's mean, rstd and group means c1, c2 gathered per element."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (r < R)[:, None] & cmask[None, :]
-    gi = _cl_group_index(r, cols, S, G, Cg)
+    r, cols, cmask, mask, gi = _cl_tile(C, G, Cg, S, R, BLOCK_R, BLOCK_C)
     mean = tl.load(Mean + gi, mask=mask, other=0.0)
     rstd = tl.load(Rstd + gi, mask=mask, other=0.0)
     c1 = tl.load(C1 + gi, mask=mask, other=0.0)
