@@ -14,14 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close
+from conftest import assert_close, assert_layers_match_torch_nn
 
 pytest.importorskip("triton", reason="triton is not installed")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the Triton kernels are tested in the interpreter instead "
                 "(test_triton_kernels.py)", allow_module_level=True)
 
-import normlab as nl  # noqa: E402
 from normlab import backends  # noqa: E402
 from normlab.backends import gpu  # noqa: E402
 from normlab.backends.gpu import _ops  # noqa: E402
@@ -205,13 +204,6 @@ def test_group_norm_edge_shapes(shape, groups, layout):
     _assert_sums_close(db, gb, "dbias")
 
 
-def _fwd_bwd(module, x):
-    x = x.detach().requires_grad_(True)
-    y = module(x)
-    y.backward(torch.randn(y.shape, generator=torch.Generator(device=CUDA).manual_seed(9), device=CUDA))
-    return y.detach(), x.grad, [p.grad for p in module.parameters()]
-
-
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_modules_match_torch_nn_and_use_the_kernels(monkeypatch, layout):
     """Every normlab layer on CUDA against its torch.nn twin -- output, gradients,
@@ -222,41 +214,8 @@ def test_modules_match_torch_nn_and_use_the_kernels(monkeypatch, layout):
     assert any(name == gpu.NAME for name, _, _ in backends._BACKENDS)
     torch.manual_seed(10)
     x4 = torch.randn(8, 32, 14, 14, device=CUDA) * 3 + 1
-    x4 = x4.contiguous(memory_format=CL) if layout == "cl" else x4
-    both, train = ("train", "eval"), ("train",)
-    pairs = [
-        (nl.BatchNorm2d(32), torch.nn.BatchNorm2d(32), x4, both),
-        (nl.InstanceNorm2d(32, affine=True, track_running_stats=True),
-         torch.nn.InstanceNorm2d(32, affine=True, track_running_stats=True), x4, both),
-        (nl.GroupNorm(8, 32), torch.nn.GroupNorm(8, 32), x4, train),
-    ]
-    if layout == "nchw":
-        pairs += [
-            (nl.LayerNorm(14), torch.nn.LayerNorm(14), x4, train),
-            (nl.RMSNorm([14, 14]), torch.nn.RMSNorm([14, 14]), x4, train),
-            (nl.BatchNorm1d(32), torch.nn.BatchNorm1d(32), torch.randn(64, 32, device=CUDA), both),
-        ]
-    for ours, theirs, x, modes in pairs:
-        ours.to(CUDA)
-        theirs.to(CUDA)
-        with torch.no_grad():
-            for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
-                p.copy_(torch.randn(p.shape))
-                q.copy_(p)
-        for mode in modes:
-            ours.train(mode == "train")
-            theirs.train(mode == "train")
-            for p in [*ours.parameters(), *theirs.parameters()]:
-                p.grad = None
-            y, dx, dps = _fwd_bwd(ours, x)
-            ey, edx, edps = _fwd_bwd(theirs, x)
-            what = f"{type(ours).__name__} {layout} {mode}"
-            assert_close(y, ey, scale=2.0, what=f"{what} y")
-            assert_close(dx, edx, scale=5.0, what=f"{what} dx")
-            for dp, edp in zip(dps, edps, strict=True):
-                assert_close(dp, edp, scale=20.0, what=f"{what} dparam")
-            for buf, ebuf in zip(ours.buffers(), theirs.buffers(), strict=True):
-                assert_close(buf, ebuf, torch.float32, what=f"{what} buffer")
+    assert_layers_match_torch_nn(x4.contiguous(memory_format=CL) if layout == "cl" else x4, groups=8,
+                                 scales=(2.0, 5.0, 20.0))
     families = {"batch_norm", "instance_norm", "group_norm"}
     assert set(calls) == (families | {"layer_norm", "rms_norm"} if layout == "nchw" else families)
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close
+from conftest import assert_close, assert_layers_match_torch_nn
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton==3.9.0): "
                     "the GPU backend's kernels cannot be run in the interpreter")
@@ -442,13 +442,6 @@ def test_cpu_needs_both_variables(monkeypatch):
     assert not gpu.accepts(x, spec)
 
 
-def _fwd_bwd(module_or_fn, x, params):
-    x = x.detach().requires_grad_(True)
-    y = module_or_fn(x)
-    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(y.dtype))
-    return y.detach(), x.grad, [p.grad for p in params]
-
-
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_modules_match_torch_nn(on_cpu, monkeypatch, layout):
     """Every normlab layer with the Triton backend against its torch.nn twin: output,
@@ -457,39 +450,7 @@ def test_modules_match_torch_nn(on_cpu, monkeypatch, layout):
     real_forward = _ops.forward
     monkeypatch.setattr(_ops, "forward", lambda *a: calls.append(a[3].family) or real_forward(*a))
     torch.manual_seed(10)
-    x4 = _layout(torch.randn(3, 6, 3, 5) * 3 + 1, layout)
-    both, train = ("train", "eval"), ("train",)  # eval differs from train only with running stats
-    pairs = [
-        (nl.BatchNorm2d(6), torch.nn.BatchNorm2d(6), x4, both),
-        (nl.InstanceNorm2d(6, affine=True, track_running_stats=True),
-         torch.nn.InstanceNorm2d(6, affine=True, track_running_stats=True), x4, both),
-        (nl.GroupNorm(3, 6), torch.nn.GroupNorm(3, 6), x4, train),
-    ]
-    if layout == "nchw":  # LayerNorm/RMSNorm take contiguous rows only
-        pairs += [
-            (nl.LayerNorm(5), torch.nn.LayerNorm(5), x4, train),
-            (nl.RMSNorm([3, 5]), torch.nn.RMSNorm([3, 5]), x4, train),
-            (nl.BatchNorm1d(6), torch.nn.BatchNorm1d(6), torch.randn(7, 6), both),
-        ]
-    for ours, theirs, x, modes in pairs:
-        with torch.no_grad():
-            for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
-                p.copy_(torch.randn(p.shape))
-                q.copy_(p)
-        for mode in modes:
-            ours.train(mode == "train")
-            theirs.train(mode == "train")
-            for p in [*ours.parameters(), *theirs.parameters()]:
-                p.grad = None
-            y, dx, dps = _fwd_bwd(ours, x, list(ours.parameters()))
-            ey, edx, edps = _fwd_bwd(theirs, x, list(theirs.parameters()))
-            what = f"{type(ours).__name__} {layout} {mode}"
-            assert_close(y, ey, what=f"{what} y")
-            assert_close(dx, edx, scale=2.0, what=f"{what} dx")
-            for dp, edp in zip(dps, edps, strict=True):
-                assert_close(dp, edp, scale=5.0, what=f"{what} dparam")
-            for buf, ebuf in zip(ours.buffers(), theirs.buffers(), strict=True):
-                assert_close(buf, ebuf, torch.float32, what=f"{what} buffer")  # incl. num_batches_tracked
+    assert_layers_match_torch_nn(_layout(torch.randn(3, 6, 3, 5) * 3 + 1, layout), groups=3)
     families = {"batch_norm", "instance_norm", "group_norm"}
     assert set(calls) == (families | {"layer_norm", "rms_norm"} if layout == "nchw" else families)
 
