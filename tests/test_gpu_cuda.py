@@ -282,6 +282,6 @@ def test_normlab_bench_device_cuda_writes_rows(tmp_path, capsys):
     assert "gpu-triton" in capsys.readouterr().out
     with open(f"{prefix}.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["provider"] for r in rows} == {"torch.nn", "gpu-triton", "copy"}
+    assert {r["provider"] for r in rows} == {"torch.nn", "gpu-triton", "normlab", "naive", "copy"}
     assert all(float(r["kernel_ms"]) > 0 and r["torch"] == torch.__version__ for r in rows)
     assert len(json.loads((tmp_path / "gpu.json").read_text())["rows"]) == len(rows)

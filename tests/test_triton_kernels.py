@@ -544,9 +544,20 @@ def test_bench_stub_runs_under_the_interpreter(capsys):
 
     cases = [bench.BenchCase("batch_norm", (2, 3, 5), "nchw"), bench.BenchCase("rms_norm", (3, 6))]
     rows = bench.run(cases, modes=bench.MODES, repeats=1, warmup=0, device="cpu")
-    assert len(rows) == 2 * 3 * 3
-    assert {r["provider"] for r in rows} == {"torch.nn", "gpu-triton", "copy"}
+    assert len(rows) == 2 * 3 * len(bench.PROVIDERS)
+    assert {r["provider"] for r in rows} == {"torch.nn", "gpu-triton", "normlab", "naive", "copy"}
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)
+    # the autograd-level providers compute the same normalization
+    for case in [*cases, bench.BenchCase("group_norm", (2, 4, 3, 3), "channels_last", groups=2),
+                 bench.BenchCase("layer_norm", (3, 7)), bench.BenchCase("instance_norm", (2, 3, 5))]:
+        spec, calls = bench._functions(case)
+        x = _layout(torch.randn(case.shape, generator=torch.Generator().manual_seed(18)),
+                    "cl" if case.layout == "channels_last" else "nchw")
+        w = torch.randn(spec.param_shape, generator=torch.Generator().manual_seed(19))
+        b = w.flip(0) if spec.center else None
+        expected = calls["torch.nn"](x, w, b)
+        for name in ("normlab", "naive"):
+            assert_close(calls[name](x, w, b), expected, what=f"{case.name} {name}")
     if not torch.cuda.is_available():
         assert bench.main(["--repeats", "1"]) == 2
         assert "expected a CUDA device" in capsys.readouterr().err

@@ -15,6 +15,10 @@ the median of ``repeats`` samples, each sample a run of back-to-back calls lasti
 * ``gpu-triton``   -- the kernels called directly (``_ops.forward`` / ``_ops.backward``)
   with the backend's own output allocation (the CUDA caching allocator makes that
   cheap after the first call);
+* ``normlab``      -- normlab.functional: what normlab's layers run (argument checks,
+  the autograd Function, the backend choice -- the Triton kernels on CUDA);
+* ``naive``        -- the tutorial composite: mean, variance and normalization as
+  separate torch ops, backward through autograd;
 * ``copy``         -- ``dst.copy_(x)``: the machine's bandwidth on real data.
 
 Two times per row: ``ms``, eager calls as a training loop makes them (when Python
@@ -55,7 +59,7 @@ from ...core.spec import (
     rms_norm_spec,
 )
 
-__all__ = ["BenchCase", "DEFAULT_CASES", "MODES", "format_rows", "run", "main", "summary"]
+__all__ = ["BenchCase", "DEFAULT_CASES", "MODES", "PROVIDERS", "format_rows", "run", "main", "summary"]
 
 MODES = ("forward", "backward", "forward+backward")
 _FLOOR_TRAFFIC = {"forward": 2, "backward": 3, "forward+backward": 5}  # multiples of |x| bytes
@@ -101,22 +105,79 @@ DEFAULT_CASES = (
 )
 
 
-def _spec_and_torch(case: BenchCase) -> tuple[NormSpec, Callable]:
-    """The NormSpec and the torch.nn.functional call ``f(x, w, b)`` of a case."""
-    shape, norm = case.shape, case.norm
+def _functions(case: BenchCase) -> tuple[NormSpec, dict[str, Callable]]:
+    """The NormSpec of a case and its autograd-level calls ``f(x, w, b)``:
+    ``torch.nn`` (torch.nn.functional), ``normlab`` (normlab.functional -- what normlab's
+    layers run: argument checks, the autograd Function, the backend choice) and
+    ``naive`` (the tutorial composite of torch ops)."""
+    from ... import functional as NF
+
+    shape, norm, groups = case.shape, case.norm, case.groups
     if norm == "batch_norm":
-        return batch_norm_spec(shape), lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, EPS)
-    if norm == "instance_norm":
-        return instance_norm_spec(shape), lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS)
-    if norm == "group_norm":
-        return group_norm_spec(shape, case.groups), lambda x, w, b: F.group_norm(x, case.groups, w, b, EPS)
-    if norm == "layer_norm":
-        return (layer_norm_spec(shape, shape[-1:]),
-                lambda x, w, b: F.layer_norm(x, shape[-1:], w, b, EPS))
-    if norm == "rms_norm":
-        return rms_norm_spec(shape, shape[-1:]), lambda x, w, b: F.rms_norm(x, shape[-1:], w, EPS)
-    raise ValueError(f"gpu bench: unknown norm {norm!r}; expected one of batch_norm, instance_norm, "
-                     "group_norm, layer_norm, rms_norm")
+        spec = batch_norm_spec(shape)
+        calls = {lib: (lambda x, w, b, f=f: f.batch_norm(x, None, None, w, b, True, 0.1, EPS)) for lib, f in
+                 (("torch.nn", F), ("normlab", NF))}
+    elif norm == "instance_norm":
+        spec = instance_norm_spec(shape)
+        calls = {lib: (lambda x, w, b, f=f: f.instance_norm(x, weight=w, bias=b, eps=EPS)) for lib, f in
+                 (("torch.nn", F), ("normlab", NF))}
+    elif norm == "group_norm":
+        spec = group_norm_spec(shape, groups)
+        calls = {lib: (lambda x, w, b, f=f: f.group_norm(x, groups, w, b, EPS)) for lib, f in
+                 (("torch.nn", F), ("normlab", NF))}
+    elif norm == "layer_norm":
+        spec = layer_norm_spec(shape, shape[-1:])
+        calls = {lib: (lambda x, w, b, f=f: f.layer_norm(x, shape[-1:], w, b, EPS)) for lib, f in
+                 (("torch.nn", F), ("normlab", NF))}
+    elif norm == "rms_norm":
+        spec = rms_norm_spec(shape, shape[-1:])
+        calls = {lib: (lambda x, w, b, f=f: f.rms_norm(x, shape[-1:], w, EPS)) for lib, f in
+                 (("torch.nn", F), ("normlab", NF))}
+    else:
+        raise ValueError(f"gpu bench: unknown norm {norm!r}; expected one of batch_norm, instance_norm, "
+                         "group_norm, layer_norm, rms_norm")
+    calls["naive"] = lambda x, w, b: _naive(spec, x, w, b)
+    return spec, calls
+
+
+def _naive(spec: NormSpec, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """The tutorial way: statistics and normalization as separate torch ops, in x's dtype."""
+    g = x.reshape(spec.group_shape)
+    dims = spec.reduce_dims
+    d = g - g.mean(dims, keepdim=True) if spec.center else g
+    y = (d / torch.sqrt((d * d).mean(dims, keepdim=True) + EPS)).reshape(x.shape)
+    if w is not None:
+        y = y * w.reshape(spec.affine_shape)
+    if b is not None:
+        y = y + b.reshape(spec.affine_shape)
+    return y
+
+
+def _autograd_calls(fn: Callable, x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor],
+                    w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Callable[[], object]]:
+    """The three modes of an autograd-level call ``fn(x, w, b)``."""
+    xg = x.detach().requires_grad_(True)
+    # autograd runs backward kernels on the forward's stream: for the backward-only mode
+    # to be capturable in a CUDA graph, its kept forward runs on the capture stream
+    capture_stream = torch.cuda.Stream() if x.is_cuda else None
+    with torch.cuda.stream(capture_stream) if capture_stream is not None else contextlib.nullcontext():
+        y_kept = fn(xg, w, b)
+    if capture_stream is not None:
+        torch.cuda.current_stream().wait_stream(capture_stream)
+
+    def forward():
+        with torch.no_grad():
+            return fn(x, w, b)
+
+    def backward():
+        return torch.autograd.grad(y_kept, [xg, *params], dy, retain_graph=True)
+
+    backward.capture_stream = capture_stream  # read by run(): capture it there
+
+    def both():
+        return torch.autograd.grad(fn(xg, w, b), [xg, *params], dy)
+
+    return {"forward": forward, "backward": backward, "forward+backward": both}
 
 
 def _sync(cuda: bool) -> None:
@@ -185,11 +246,15 @@ def _peak_mb(fn: Callable[[], object], cuda: bool) -> float | None:
     return peak / 2**20
 
 
+#: The providers in the order they are timed (``copy`` is the bandwidth floor).
+PROVIDERS = ("torch.nn", "gpu-triton", "normlab", "naive", "copy")
+
+
 def _providers(case: BenchCase, mode: str, x: torch.Tensor, dy: torch.Tensor,
                w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Callable[[], object]]:
     from . import _ops
 
-    spec, torch_fn = _spec_and_torch(case)
+    spec, calls = _functions(case)
     needs = (True, True, b is not None)
 
     def triton_fwd():
@@ -205,37 +270,20 @@ def _providers(case: BenchCase, mode: str, x: torch.Tensor, dy: torch.Tensor,
         return triton_bwd(m, r)
 
     params = [p for p in (w, b) if p is not None]
-    xg = x.detach().requires_grad_(True)
     for p in params:
         p.requires_grad_(True)
-    # autograd runs backward kernels on the forward's stream: for torch.nn's backward to
-    # be capturable in a CUDA graph, its kept forward runs on the capture stream
-    capture_stream = torch.cuda.Stream() if x.is_cuda else None
-    with torch.cuda.stream(capture_stream) if capture_stream is not None else contextlib.nullcontext():
-        y_kept = torch_fn(xg, w, b)
-    if capture_stream is not None:
-        torch.cuda.current_stream().wait_stream(capture_stream)
-
-    def torch_bwd():
-        return torch.autograd.grad(y_kept, [xg, *params], dy, retain_graph=True)
-
-    torch_bwd.capture_stream = capture_stream  # read by run(): capture it there
-
-    def torch_both():
-        return torch.autograd.grad(torch_fn(xg, w, b), [xg, *params], dy)
-
-    def torch_fwd():
-        with torch.no_grad():
-            return torch_fn(x, w, b)
-
     dst = torch.empty_like(x)
-    return {
-        "torch.nn": {"forward": torch_fwd, "backward": torch_bwd, "forward+backward": torch_both}[mode],
+    providers = {
+        "torch.nn": _autograd_calls(calls["torch.nn"], x, dy, params, w, b)[mode],
+        # the kernels called directly, with the backend's own output allocation
         "gpu-triton": {"forward": triton_fwd, "backward": triton_bwd, "forward+backward": triton_both}[mode],
+        "normlab": _autograd_calls(calls["normlab"], x, dy, params, w, b)[mode],
+        "naive": _autograd_calls(calls["naive"], x, dy, params, w, b)[mode],
         # x into a preallocated tensor: 2|x| bytes of real data (a fresh torch.empty
         # source copied ~2x faster than HBM allows on an H100 -- never-written pages)
         "copy": lambda: dst.copy_(x),
     }
+    return {name: providers[name] for name in PROVIDERS}
 
 
 def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.float32,
@@ -269,7 +317,7 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
             x = x.contiguous(memory_format=torch.channels_last)
         dy = torch.randn(x.shape, generator=gen, device=device).to(dtype).contiguous(
             memory_format=torch.channels_last if case.layout == "channels_last" else torch.contiguous_format)
-        spec, _ = _spec_and_torch(case)
+        spec, _ = _functions(case)
         w = torch.randn(spec.param_shape, generator=gen, device=device).to(dtype)
         b = torch.randn(spec.param_shape, generator=gen, device=device).to(dtype) if spec.center else None
         floor_bytes = x.numel() * x.element_size()
@@ -323,12 +371,13 @@ def _fmt(value: object, spec: str) -> str:
     return format(value, spec) if isinstance(value, float) else format("-", ">" + spec.split(".")[0])
 
 
-def summary(rows: Sequence[dict[str, object]], min_mb: float = 1.0) -> dict[str, dict[str, float]]:
-    """Per mode, gpu-triton vs torch.nn over the cases of at least ``min_mb`` MB:
+def summary(rows: Sequence[dict[str, object]], min_mb: float = 1.0,
+            provider: str = "gpu-triton") -> dict[str, dict[str, float]]:
+    """Per mode, ``provider`` vs torch.nn over the cases of at least ``min_mb`` MB:
     geomean and worst speed-up, worst % of the copy bandwidth (eager and kernel-only)."""
     out: dict[str, dict[str, float]] = {}
     for mode in MODES:
-        mine = [r for r in rows if r["mode"] == mode and r["provider"] == "gpu-triton"
+        mine = [r for r in rows if r["mode"] == mode and r["provider"] == provider
                 and math.prod(map(int, str(r["shape"]).split("x"))) * _ITEMSIZE[str(r["dtype"])] >= min_mb * 1e6]
         if not mine:
             continue
@@ -354,9 +403,10 @@ def format_rows(rows: Sequence[dict[str, object]]) -> str:
                      f"{r['pct_of_copy']:6.1f} {r['speedup_vs_torch']:7.2f}x {_fmt(r['kernel_ms'], '9.4f')} "
                      f"{_fmt(r['kernel_pct_of_copy'], '6.1f')} {_fmt(r['kernel_speedup_vs_torch'], '6.2f')}x "
                      f"{_fmt(r['peak_mb'], '8.1f')}")
-    for mode, entry in summary(rows).items():
-        lines.append(f"gpu-triton vs torch.nn, {mode}, cases >= 1 MB: " + ", ".join(
-            f"{key} {value:.2f}" for key, value in entry.items()))
+    for provider in ("gpu-triton", "normlab"):
+        for mode, entry in summary(rows, provider=provider).items():
+            lines.append(f"{provider} vs torch.nn, {mode}, cases >= 1 MB: " + ", ".join(
+                f"{key} {value:.2f}" for key, value in entry.items()))
     return "\n".join(lines)
 
 
