@@ -433,17 +433,17 @@ def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | Non
     n, c, s = x3.shape
     cg = c // groups
     ng = n * groups
-    block_c, block_s = _tile(cg, s, x3.stride(1))
-    s_per_split, splits = _splits(ng, s, block_s, x3.device)
-    f32 = dict(device=x3.device, dtype=torch.float32)
     mean, var, rstd = stats_buffers(3, ng if stat_shape is None else stat_shape, x3)
     w = weight if weight is not None else dummy(mean)
     b = bias if bias is not None else dummy(mean)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-                 num_warps=num_warps(block_c * block_s), **LAUNCH)
     if _channel_tiles(x3, cg):
         _cl_forward(x3, y3, w, b, weight is not None, bias is not None, mean, var, rstd, groups, eps)
         return mean, var, rstd
+    block_c, block_s = _tile(cg, s, x3.stride(1))
+    s_per_split, splits = _splits(ng, s, block_s, x3.device)
+    f32 = dict(device=x3.device, dtype=torch.float32)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+                 num_warps=num_warps(block_c * block_s), **LAUNCH)
     with device_guard(x3):
         if splits == 1:
             _group_fwd_kernel[(ng,)](
@@ -498,15 +498,16 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
     n, c, s = x3.shape
     cg = c // groups
     ng = n * groups
-    block_c, block_s = _tile(cg, s, x3.stride(1))
-    s_per_split, splits = _splits(ng, s, block_s, x3.device)
-    f32 = dict(device=x3.device, dtype=torch.float32)
-    w = weight if weight is not None else dummy(rstd)
-    dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
-    warps = num_warps(block_c * block_s)
     tiles = _channel_tiles(x3, cg)
     if tiles:
         block_r, block_c, c_blocks, s_per_split, splits = _cl_plan(x3)
+    else:
+        block_c, block_s = _tile(cg, s, x3.stride(1))
+        s_per_split, splits = _splits(ng, s, block_s, x3.device)
+        warps = num_warps(block_c * block_s)
+    f32 = dict(device=x3.device, dtype=torch.float32)
+    w = weight if weight is not None else dummy(rstd)
+    dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
     with device_guard(x3):
         if splits == 1 and not tiles:
             psdy = torch.empty((n, c), **f32) if need_dwb else None
@@ -543,10 +544,10 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
                     *dy3.stride(), *dx_strides, HAS_W=weight is not None, BLOCK_R=block_r,
                     BLOCK_C=block_c, **tile_launch(),
                 )
-                return (sdy.sum(0), sdyx.sum(0)) if need_dwb else (None, None)
-            _group_dx_kernel[(ng, splits)](
-                x3, dy3, dx3, w, mean, rstd, c1, c2, groups, cg, s, *x3.stride(), *dy3.stride(),
-                *dx_strides, s_per_split, HAS_W=weight is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-                num_warps=warps, **LAUNCH,
-            )
+            else:
+                _group_dx_kernel[(ng, splits)](
+                    x3, dy3, dx3, w, mean, rstd, c1, c2, groups, cg, s, *x3.stride(), *dy3.stride(),
+                    *dx_strides, s_per_split, HAS_W=weight is not None, BLOCK_C=block_c,
+                    BLOCK_S=block_s, num_warps=warps, **LAUNCH,
+                )
     return (sdy.sum(0), sdyx.sum(0)) if need_dwb else (None, None)

@@ -15,6 +15,7 @@ import torch
 from ...core.spec import NormSpec
 from ...core.stats import memory_format_of
 from .. import reference
+from . import _MAX_NUMEL, _extent
 from ._channels import channel_apply, channel_backward, channel_forward
 from ._groups import group_backward, group_forward
 from ._rows import rows_backward, rows_forward
@@ -34,8 +35,7 @@ def _view3(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         view = t.view(n, c, s)
     except RuntimeError:
         return torch.empty_like(like).copy_(t).view(n, c, s)
-    if view.stride(0) * (n - 1) + view.stride(1) * (c - 1) + view.stride(2) * (s - 1) >= 2**31:
-        # a gradient reaching past 32-bit offsets (x is checked by accepts())
+    if _extent(view) >= _MAX_NUMEL:  # a gradient reaching past 32-bit offsets (accepts() checked x)
         return torch.empty_like(like).copy_(t).view(n, c, s)
     return view
 

@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import functools
 import math
 import statistics
 import sys
@@ -113,29 +114,21 @@ def _functions(case: BenchCase) -> tuple[NormSpec, dict[str, Callable]]:
     from ... import functional as NF
 
     shape, norm, groups = case.shape, case.norm, case.groups
+    # each call takes the functional module f: torch.nn.functional or normlab.functional
     if norm == "batch_norm":
-        spec = batch_norm_spec(shape)
-        calls = {lib: (lambda x, w, b, f=f: f.batch_norm(x, None, None, w, b, True, 0.1, EPS)) for lib, f in
-                 (("torch.nn", F), ("normlab", NF))}
+        spec, call = batch_norm_spec(shape), lambda f, x, w, b: f.batch_norm(x, None, None, w, b, True, 0.1, EPS)
     elif norm == "instance_norm":
-        spec = instance_norm_spec(shape)
-        calls = {lib: (lambda x, w, b, f=f: f.instance_norm(x, weight=w, bias=b, eps=EPS)) for lib, f in
-                 (("torch.nn", F), ("normlab", NF))}
+        spec, call = instance_norm_spec(shape), lambda f, x, w, b: f.instance_norm(x, weight=w, bias=b, eps=EPS)
     elif norm == "group_norm":
-        spec = group_norm_spec(shape, groups)
-        calls = {lib: (lambda x, w, b, f=f: f.group_norm(x, groups, w, b, EPS)) for lib, f in
-                 (("torch.nn", F), ("normlab", NF))}
+        spec, call = group_norm_spec(shape, groups), lambda f, x, w, b: f.group_norm(x, groups, w, b, EPS)
     elif norm == "layer_norm":
-        spec = layer_norm_spec(shape, shape[-1:])
-        calls = {lib: (lambda x, w, b, f=f: f.layer_norm(x, shape[-1:], w, b, EPS)) for lib, f in
-                 (("torch.nn", F), ("normlab", NF))}
+        spec, call = layer_norm_spec(shape, shape[-1:]), lambda f, x, w, b: f.layer_norm(x, shape[-1:], w, b, EPS)
     elif norm == "rms_norm":
-        spec = rms_norm_spec(shape, shape[-1:])
-        calls = {lib: (lambda x, w, b, f=f: f.rms_norm(x, shape[-1:], w, EPS)) for lib, f in
-                 (("torch.nn", F), ("normlab", NF))}
+        spec, call = rms_norm_spec(shape, shape[-1:]), lambda f, x, w, b: f.rms_norm(x, shape[-1:], w, EPS)
     else:
         raise ValueError(f"gpu bench: unknown norm {norm!r}; expected one of batch_norm, instance_norm, "
                          "group_norm, layer_norm, rms_norm")
+    calls = {"torch.nn": functools.partial(call, F), "normlab": functools.partial(call, NF)}
     calls["naive"] = lambda x, w, b: _naive(spec, x, w, b)
     return spec, calls
 
