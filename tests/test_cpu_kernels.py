@@ -841,6 +841,66 @@ def test_small_input_gradients_accumulate_over_steps_as_torch(make):
             assert torch.equal(mine, buf), name
 
 
+SMALL_PATH_LAYERS = {
+    "ln_no_bias": lambda m: (m.LayerNorm(40, bias=False), dict(normalized_shape=(40,))),
+    "gn_no_affine": lambda m: (m.GroupNorm(8, 32, affine=False), dict(num_groups=8)),
+    "rms": lambda m: (m.RMSNorm(40), dict(normalized_shape=(40,))),
+    "bn": lambda m: (m.BatchNorm1d(32), dict(num_features=32)),
+    "bn_float64": lambda m: (m.BatchNorm1d(32, dtype=torch.float64), dict(num_features=32, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("layer,gradient", [
+    (layer, gradient) for layer in sorted(SMALL_PATH_LAYERS) for gradient in ("expanded", "x_frozen", "transposed")
+    if not (layer == "gn_no_affine" and gradient == "x_frozen")  # nothing would need a gradient
+])
+def test_small_path_by_address_takes_any_gradient_layout(layer, gradient):
+    """The small-input kernels are entered with raw addresses: dy must first be made
+    dense in x's order (an expanded dy from ``y.sum()``, a transposed one), dx skipped
+    when x needs none, absent weight/bias/mean filled in -- all as torch.nn computes."""
+    import normlab
+
+    ours, kwargs = SMALL_PATH_LAYERS[layer](normlab)
+    theirs, _ = SMALL_PATH_LAYERS[layer](torch.nn)
+    theirs.load_state_dict(ours.state_dict())
+    dtype = kwargs.get("dtype", torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 32, 40, generator=gen, dtype=dtype) * 3 + 1
+    needs_dx = gradient != "x_frozen"
+    xs = [x.clone().requires_grad_(needs_dx) for _ in range(2)]
+    ys = [ours(xs[0]), theirs(xs[1])]
+    if gradient == "expanded":
+        for y in ys:
+            y.sum().backward()  # dy reaches the Function as ones expanded with stride 0
+    else:
+        dy = torch.randn(40, 32, 8, generator=gen, dtype=dtype).permute(2, 1, 0)  # dy not contiguous
+        for y in ys:
+            y.backward(dy)
+    assert_close(ys[0], ys[1], scale=8, what="y")
+    if needs_dx:
+        assert_close(xs[0].grad, xs[1].grad, scale=8, what="dx")
+    for (name, p_ours), p_theirs in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert_close(p_ours.grad, p_theirs.grad, scale=8, what=name)
+    for (name, mine), buf in zip(ours.named_buffers(), theirs.buffers(), strict=True):
+        if buf.is_floating_point():
+            assert_close(mine, buf, scale=8, what=name)
+
+
+def test_fused_running_stats_update_declines_strided_buffers():
+    """Running statistics that are strided views (not dense) are left to the torch ops,
+    which update them correctly in place."""
+    from normlab.core import stats
+
+    storage = torch.ones(8)
+    running_var = storage[::2]  # 4 channels, stride 2
+    mean, var = torch.zeros(1, 4, 1), torch.full((1, 4, 1), 3.0)
+    assert not numba_backend.update_running_stats(None, running_var, mean, var, 5, 0.5)
+    stats.update_running_stats(None, running_var, mean, var, 5, 0.5)
+    expected = 0.5 * 1.0 + 0.5 * 3.0 * 5 / 4
+    assert torch.allclose(running_var, torch.full((4,), expected))
+    assert torch.equal(storage[1::2], torch.ones(4))  # the other elements are untouched
+
+
 def nl_layer(name, *args):
     import normlab
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import llvmlite.ir as llvm_ir
 import numpy as np
-from numba import njit, types
+from numba import carray, njit, types
 from numba.extending import intrinsic, overload
 
 _FM = {"reassoc", "contract"}
@@ -896,6 +896,90 @@ def sum_partials(dwp, dbp, dw, db):
             sb += dbp[t, c]
         dw[c] = sw
         db[c] = sb
+
+
+# ------------------------------------------------------------ small inputs, by address
+#
+# A small layer's training step (e.g. (8, 32, 40): ~10 us of kernel work) is dominated by
+# what surrounds the kernels, and the largest item was handing tensors to numba: a
+# tensor's NumPy view costs ~0.6-0.9 us (``.numpy()`` and a reshape), a dozen of them per
+# step. These entry points take each tensor as its address instead (``data_ptr()``, 0.1
+# us) and build the arrays here, then run the same kernels on one thread. The caller
+# guarantees each address is the start of a dense buffer of the stated length that stays
+# alive during the call. ``like_x``/``like_c`` are empty arrays whose dtypes (x's, e.g.
+# uint16 for bfloat16 bits, and the compute dtype's) pick the compiled specialization.
+
+
+@intrinsic
+def _address(typingctx, addr):
+    """The integer ``addr`` as a void pointer."""
+    sig = types.voidptr(types.intp)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], llvm_ir.IntType(8).as_pointer())
+
+    return sig, codegen
+
+
+@njit(inline="always", **_OPTS)
+def _at(addr, n, like):
+    """The n elements of ``like``'s dtype at address ``addr``, as a 1-D array."""
+    return carray(_address(addr), n, like.dtype)
+
+
+@njit(**_OPTS)
+def grouped_forward_at(x_at, y_at, w_at, b_at, stats_at, like_x, like_c, A, P, K, S, G, eps, center,
+                       short_rows):
+    """:func:`grouped_forward` with batch statistics (:func:`short_rows_forward` for short
+    LayerNorm/RMSNorm rows), all P groups; stats (3, P): mean, var, rstd."""
+    n = A * P * K * S
+    x = _at(x_at, n, like_x)
+    y = _at(y_at, n, like_x)
+    w = _at(w_at, G * K, like_c)
+    b = _at(b_at, G * K, like_c)
+    stats = _at(stats_at, 3 * P, like_c)
+    mean, var, rstd = stats[:P], stats[P:2 * P], stats[2 * P:]
+    if short_rows:
+        short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, 0, P)
+    else:
+        grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, mean, var, rstd, 0, P)
+
+
+@njit(**_OPTS)
+def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, grads_at, like_x, like_c, A, P, K, S, G,
+                        center, batch, need_dx, T, short_rows):
+    """:func:`grouped_backward` (the row kernels for LayerNorm/RMSNorm) over T partial
+    chunks, summed into grads (2, G*K): dweight, dbias. dx is written when need_dx."""
+    n = A * P * K * S
+    C = G * K
+    dy = _at(dy_at, n, like_x)
+    x = _at(x_at, n, like_x)
+    dx = _at(dx_at, n if need_dx else 0, like_x)
+    w = _at(w_at, C, like_c)
+    mean = _at(mean_at, P, like_c)
+    rstd = _at(rstd_at, P, like_c)
+    grads = _at(grads_at, 2 * C, like_c)
+    dwp = np.zeros((T, C))
+    dbp = np.zeros((T, C))
+    if A == 1 and S == 1 and G == 1:
+        if short_rows:
+            short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
+        else:
+            rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
+    else:
+        grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
+    sum_partials(dwp, dbp, grads[:C], grads[C:])
+
+
+@njit(**_OPTS)
+def update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, rows, channels, momentum,
+                      correction):
+    """:func:`update_running` by address (``running_mean_at`` 0: absent)."""
+    running_mean = _at(running_mean_at, channels if running_mean_at else 0, like_c)
+    running_var = _at(running_var_at, channels, like_c)
+    mean = _at(mean_at, rows * channels, like_c).reshape(rows, channels)
+    var = _at(var_at, rows * channels, like_c).reshape(rows, channels)
+    update_running(running_mean, running_var, mean, var, momentum, correction)
 
 
 @njit(cache=True, nogil=True)

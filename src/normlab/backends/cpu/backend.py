@@ -218,16 +218,17 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
 def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float):
     """:func:`forward_impl` of a small input in the grouped view with batch statistics --
     every training step of a small layer -- in as few Python and torch calls as the
-    kernel allows: each one costs about as much as the kernel's own work at this size."""
+    kernel allows: each one costs about as much as the kernel's own work at this size,
+    so the kernel is entered with the tensors' addresses (see ``_kernels.grouped_forward_at``)."""
     y = torch.empty_like(x)
-    stats = np.empty((3, call.groups), call.npdt)
-    if x.dtype in _BITS:  # 16-bit floats: their raw bits, decoded in the kernel
-        xf, yf = _flat(x), _flat(y)
-    else:
-        xf, yf = x.numpy(force=True).reshape(-1), y.numpy().reshape(-1)
-    w, b = _param(weight, call, 1.0), _param(bias, call, 0.0)
-    _grouped_forward(runtime.kernels(), call, spec, xf, yf, w, b, eps, True, stats[0], stats[1], stats[2], 1)
-    mean, var, rstd = _rows_as_tensors(stats, call.stat_shape)
+    stats = torch.from_numpy(np.empty(call.stats_shape, call.npdt))  # mean, var, rstd (cheaper than torch.empty)
+    w, w_at = _param_at(weight, call, 1.0)
+    b, b_at = _param_at(bias, call, 0.0)
+    a, p, kk, s, g = call.plan.dims
+    runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, stats.data_ptr(),
+                                         _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, float(eps),
+                                         spec.center, call.short_rows)
+    mean, var, rstd = stats.unbind()
     return y, (mean if spec.center else None), var, rstd
 
 
@@ -259,12 +260,6 @@ def _grouped_backward(k, call: _Call, spec: NormSpec, dyf, xf, w, mean_np, rstd_
         team.run(k.grouped_backward, (dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center,
                                       batch_statistics, need_dx, t, dx_np, dwp, dbp), t, threads)
     return dwp, dbp
-
-
-def _rows_as_tensors(array: np.ndarray, shape: tuple[int, ...]) -> list[torch.Tensor]:
-    """Tensors of ``shape`` over the rows of a NumPy ``array`` we allocated: one torch
-    call per row, where ``torch.empty`` + ``.numpy()`` + ``unbind`` costs three."""
-    return [torch.from_numpy(row.reshape(shape)) for row in array]
 
 
 def _cl_forward_blocks(k, xf, yf, w, b, plan: Plan, eps, fixed, mean_np, var_np, rstd_np, threads):
@@ -357,28 +352,60 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     """:func:`backward_impl` of a small input in the grouped view (dy in x's dtype), in
     as few Python and torch calls as possible (see :func:`_serial_grouped_forward`)."""
     need_dx, need_dw, need_db = needs_input_grad
-    bits = _BITS.get(x.dtype)
-    if bits is None:
-        dyf = dy.numpy(force=True).reshape(-1)  # a C-order copy if dy has other strides
-        xf = x.numpy(force=True).reshape(-1)
-    else:  # 16-bit floats: their raw bits, decoded in the kernel
-        dyf, xf = _flat(dy.contiguous()), _flat(x)
-    w = _param(weight, call, 1.0)
-    mean_np, rstd_np = _stat_input(mean, call), _stat_input(rstd, call)
-    if need_dx:
-        dx_np = np.empty(x.shape, call.npdt if bits is None else bits)
-        dx = torch.from_numpy(dx_np)
-        if bits is not None:
-            dx = dx.view(x.dtype)  # the uint16/int16 bits as bfloat16/float16
-        dx_np = dx_np.reshape(-1)
-    else:
-        dx, dx_np = None, _filled(0, 0.0, call.npdt)
-    k = runtime.kernels()
-    dwp, dbp = _grouped_backward(k, call, spec, dyf, xf, w, mean_np, rstd_np, batch_statistics, need_dx, dx_np, 1)
-    grads = np.empty((2, call.plan.channels), call.npdt)  # dweight, dbias
-    k.sum_partials(dwp, dbp, grads[0], grads[1])
-    dw, db = _rows_as_tensors(grads, call.grads_shape[1:])
+    if not dy.is_contiguous():  # e.g. an expanded gradient: the kernel reads x's order
+        dy = dy.contiguous()
+    w, w_at = _param_at(weight, call, 1.0)
+    mean, mean_at = _stat_at(mean, call)
+    rstd, rstd_at = _stat_at(rstd, call)
+    dx = torch.empty_like(x) if need_dx else None
+    grads = torch.from_numpy(np.empty(call.grads_shape, call.npdt))  # dweight, dbias
+    a, p, kk, s, g = call.plan.dims
+    runtime.kernels().grouped_backward_at(dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at,
+                                          dx.data_ptr() if need_dx else 0, grads.data_ptr(),
+                                          _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, spec.center,
+                                          batch_statistics, need_dx, call.partials, call.short_rows)
+    dw, db = grads.unbind()
     return dx, (dw if need_dw else None), (db if need_db else None)
+
+
+#: Empty arrays whose dtype selects the ``*_at`` kernels' specialization: x's as the
+#: kernels see it (16-bit floats as their bits) and the compute dtype's.
+_LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64),
+         torch.bfloat16: np.empty(0, np.uint16), torch.float16: np.empty(0, np.int16)}
+
+_FILLED_TENSORS: dict[tuple[int, float, torch.dtype], torch.Tensor] = {}
+
+
+def _filled_tensor(n: int, fill: float, dtype: torch.dtype) -> torch.Tensor:
+    """A cached tensor of ``n`` copies of ``fill`` (absent weight/bias/mean; never written)."""
+    key = (n, fill, dtype)
+    t = _FILLED_TENSORS.get(key)
+    if t is None:
+        if len(_FILLED_TENSORS) > 256:
+            _FILLED_TENSORS.clear()
+        t = _FILLED_TENSORS[key] = torch.full((n,), fill, dtype=dtype)
+    return t
+
+
+def _param_at(p: torch.Tensor | None, call: _Call, fill: float) -> tuple[torch.Tensor, int]:
+    """(tensor, address) of a weight/bias as the ``*_at`` kernels read it: ``channels``
+    dense values in the compute dtype (``fill`` when absent). The caller keeps the
+    tensor alive during the kernel call."""
+    if p is None:
+        p = _filled_tensor(call.plan.channels, fill, call.cdt)
+    elif p.dtype != call.cdt or not p.is_contiguous():
+        p = p.detach().to(call.cdt).contiguous()
+    return p, p.data_ptr()
+
+
+def _stat_at(stat: torch.Tensor | None, call: _Call) -> tuple[torch.Tensor, int]:
+    """(tensor, address) of a per-group statistic for the ``*_at`` kernels: ``groups``
+    dense values in the compute dtype; see :func:`_stat_input` for what is accepted."""
+    if stat is None:  # RMSNorm's mean
+        stat = _filled_tensor(call.groups, 0.0, call.cdt)
+    elif stat.dtype != call.cdt or stat.numel() != call.groups or not stat.is_contiguous():
+        stat = torch.from_numpy(_stat_input(stat, call))
+    return stat, stat.data_ptr()
 
 
 def _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan: Plan, center, batch_statistics, need_dx,
@@ -430,17 +457,19 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     if forced and forced != "cpu-numba":  # another backend forced: its torch ops do it
         return False
     dtype = running_var.dtype
-    if dtype not in _RUNNING_DTYPES or mean.dtype != dtype or var.dtype != dtype or not mean.is_cpu:
+    if dtype not in _RUNNING_DTYPES or mean.dtype != dtype or var.dtype != dtype or not mean.is_cpu \
+            or not (mean.is_contiguous() and var.is_contiguous()):
         return False
     running = (running_var,) if running_mean is None else (running_mean, running_var)
     for t in running:
-        if type(t) is not torch.Tensor or t.dtype != dtype or not t.is_cpu or t.is_inference():
+        if type(t) is not torch.Tensor or t.dtype != dtype or not t.is_cpu or t.is_inference() \
+                or not t.is_contiguous():
             return False
     channels = running_var.shape[0]
-    rm = running_mean.numpy(force=True) if running_mean is not None else _filled(0, 0.0, _NUMPY_OF[dtype])
-    runtime.kernels().update_running(rm, running_var.numpy(force=True), mean.numpy(force=True).reshape(-1, channels),
-                                     var.numpy(force=True).reshape(-1, channels), float(momentum),
-                                     count / (count - 1))
+    # by address: a BatchNorm step's four NumPy views cost more than the update itself
+    runtime.kernels().update_running_at(running_mean.data_ptr() if running_mean is not None else 0,
+                                        running_var.data_ptr(), mean.data_ptr(), var.data_ptr(), _LIKE[dtype],
+                                        mean.numel() // channels, channels, float(momentum), count / (count - 1))
     for t in running:
         torch.autograd.graph.increment_version(t)
     return True
