@@ -22,12 +22,11 @@ whatever its size.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ...core.spec import NormSpec
 from ...core.stats import set_running_stats_kernel
+from .._env import getenv
 from .plan import layout_of, make_plan, plan_for
 
 __all__ = ["MIN_ELEMENTS", "accepts", "enable", "is_enabled"]
@@ -45,7 +44,7 @@ def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
     every call, so the cheap tests come first."""
     if not x.is_cpu or x.dtype not in _SUPPORTED or x.layout != torch.strided:
         return False
-    if x.numel() < MIN_ELEMENTS and os.environ.get("NORMLAB_BACKEND") != "cpu-numba":
+    if MIN_ELEMENTS and x.numel() < MIN_ELEMENTS and getenv("NORMLAB_BACKEND") != "cpu-numba":
         return False
     if torch.compiler.is_compiling():  # traced: plain Python, no cache
         layout = layout_of(x)

@@ -928,17 +928,18 @@ def _at(addr, n, like):
 
 
 @njit(**_OPTS)
-def grouped_forward_at(x_at, y_at, w_at, b_at, stats_at, like_x, like_c, A, P, K, S, G, eps, center,
-                       short_rows):
+def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, K, S, G, eps,
+                       center, short_rows):
     """:func:`grouped_forward` with batch statistics (:func:`short_rows_forward` for short
-    LayerNorm/RMSNorm rows), all P groups; stats (3, P): mean, var, rstd."""
+    LayerNorm/RMSNorm rows), all P groups; mean/var/rstd hold P values each."""
     n = A * P * K * S
     x = _at(x_at, n, like_x)
     y = _at(y_at, n, like_x)
     w = _at(w_at, G * K, like_c)
     b = _at(b_at, G * K, like_c)
-    stats = _at(stats_at, 3 * P, like_c)
-    mean, var, rstd = stats[:P], stats[P:2 * P], stats[2 * P:]
+    mean = _at(mean_at, P, like_c)
+    var = _at(var_at, P, like_c)
+    rstd = _at(rstd_at, P, like_c)
     if short_rows:
         short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, 0, P)
     else:
@@ -946,10 +947,10 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, stats_at, like_x, like_c, A, P, K
 
 
 @njit(**_OPTS)
-def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, grads_at, like_x, like_c, A, P, K, S, G,
-                        center, batch, need_dx, T, short_rows):
+def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, K, S,
+                        G, center, batch, need_dx, T, short_rows):
     """:func:`grouped_backward` (the row kernels for LayerNorm/RMSNorm) over T partial
-    chunks, summed into grads (2, G*K): dweight, dbias. dx is written when need_dx."""
+    chunks, summed into dweight/dbias (G*K values each). dx is written when need_dx."""
     n = A * P * K * S
     C = G * K
     dy = _at(dy_at, n, like_x)
@@ -958,7 +959,6 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, grads_at, li
     w = _at(w_at, C, like_c)
     mean = _at(mean_at, P, like_c)
     rstd = _at(rstd_at, P, like_c)
-    grads = _at(grads_at, 2 * C, like_c)
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
     if A == 1 and S == 1 and G == 1:
@@ -968,7 +968,7 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, grads_at, li
             rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
     else:
         grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
-    sum_partials(dwp, dbp, grads[:C], grads[C:])
+    sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
 
 @njit(**_OPTS)

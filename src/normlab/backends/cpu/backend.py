@@ -78,11 +78,16 @@ class _Call:
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
     flat_params: bool  # weight/bias are 1-D already (no reshape to view them flat)
+    by_address: bool  # grouped view, dtype the kernels read: the *_at kernels can run it
 
     @property
     def serial(self) -> bool:
         """Small input: the calling thread only (``SERIAL_BELOW`` read per call)."""
         return self.numel < SERIAL_BELOW
+
+
+#: 16-bit floats reach the kernels as their raw bits (see the module docstring).
+_BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
 
 
 #: NumPy scalar type of each compute dtype.
@@ -106,7 +111,8 @@ def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  numel=numel,
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_rows=rows and plan.dims[2] <= SHORT_ROW,
-                 flat_params=len(spec.param_shape) == 1)
+                 flat_params=len(spec.param_shape) == 1,
+                 by_address=plan.kind == "grouped" and (dtype == cdt or dtype in _BITS))
 
 
 def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
@@ -116,10 +122,6 @@ def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
         raise ValueError(f"cpu-numba: no kernel for {spec.family} on input of shape "
                          f"{tuple(x.shape)} and strides {x.stride()}")
     return call
-
-
-#: 16-bit floats reach the kernels as their raw bits (see the module docstring).
-_BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:
@@ -180,8 +182,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     """
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if call.serial and plan.kind == "grouped" and fixed_var is None and out is None \
-            and (x.dtype == cdt or x.dtype in _BITS):
+    if call.by_address and fixed_var is None and out is None and call.serial:
         return _serial_grouped_forward(call, x, weight, bias, spec, eps)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
@@ -221,14 +222,14 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     kernel allows: each one costs about as much as the kernel's own work at this size,
     so the kernel is entered with the tensors' addresses (see ``_kernels.grouped_forward_at``)."""
     y = torch.empty_like(x)
-    stats = torch.from_numpy(np.empty(call.stats_shape, call.npdt))  # mean, var, rstd (cheaper than torch.empty)
+    # one NumPy allocation and one from_numpy per statistic: cheaper than torch.empty + unbind
+    mean, var, rstd = (torch.from_numpy(np.empty(call.stat_shape, call.npdt)) for _ in range(3))
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
     a, p, kk, s, g = call.plan.dims
-    runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, stats.data_ptr(),
-                                         _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, float(eps),
-                                         spec.center, call.short_rows)
-    mean, var, rstd = stats.unbind()
+    runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(),
+                                         rstd.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g,
+                                         float(eps), spec.center, call.short_rows)
     return y, (mean if spec.center else None), var, rstd
 
 
@@ -306,7 +307,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     """:func:`normlab.backends.reference.backward` on the kernels."""
     call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if call.serial and plan.kind == "grouped" and dy.dtype == x.dtype and (x.dtype == cdt or x.dtype in _BITS):
+    if call.by_address and dy.dtype == x.dtype and call.serial:
         return _serial_grouped_backward(call, dy, x, weight, mean, rstd, spec, batch_statistics,
                                         needs_input_grad)
     need_dx, need_dw, need_db = needs_input_grad
@@ -358,13 +359,12 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     mean, mean_at = _stat_at(mean, call)
     rstd, rstd_at = _stat_at(rstd, call)
     dx = torch.empty_like(x) if need_dx else None
-    grads = torch.from_numpy(np.empty(call.grads_shape, call.npdt))  # dweight, dbias
+    dw, db = (torch.from_numpy(np.empty(call.grads_shape[1:], call.npdt)) for _ in range(2))
     a, p, kk, s, g = call.plan.dims
     runtime.kernels().grouped_backward_at(dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at,
-                                          dx.data_ptr() if need_dx else 0, grads.data_ptr(),
+                                          dx.data_ptr() if need_dx else 0, dw.data_ptr(), db.data_ptr(),
                                           _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, spec.center,
                                           batch_statistics, need_dx, call.partials, call.short_rows)
-    dw, db = grads.unbind()
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
@@ -470,8 +470,7 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     runtime.kernels().update_running_at(running_mean.data_ptr() if running_mean is not None else 0,
                                         running_var.data_ptr(), mean.data_ptr(), var.data_ptr(), _LIKE[dtype],
                                         mean.numel() // channels, channels, float(momentum), count / (count - 1))
-    for t in running:
-        torch.autograd.graph.increment_version(t)
+    torch.autograd.graph.increment_version(running)
     return True
 
 
