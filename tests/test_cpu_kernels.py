@@ -886,6 +886,16 @@ def test_small_path_by_address_takes_any_gradient_layout(layer, gradient):
             assert_close(mine, buf, scale=8, what=name)
 
 
+def test_small_path_refuses_a_weight_of_the_wrong_size():
+    """The small-input kernels read ``channels`` values from the weight's address: a
+    backend caller that skipped the functional checks gets an error, not a read past
+    the tensor."""
+    x = torch.randn(4, 6, 5)
+    spec = batch_norm_spec(x.shape)
+    with pytest.raises(ValueError, match="expected a weight/bias of 6 values, got shape \\(4,\\)"):
+        numba_backend.forward_impl(x, torch.ones(4), None, spec, 1e-5)
+
+
 def test_fused_running_stats_update_declines_strided_buffers():
     """Running statistics that are strided views (not dense) are left to the torch ops,
     which update them correctly in place."""

@@ -393,7 +393,11 @@ def _param_at(p: torch.Tensor | None, call: _Call, fill: float) -> tuple[torch.T
     tensor alive during the kernel call."""
     if p is None:
         p = _filled_tensor(call.plan.channels, fill, call.cdt)
-    elif p.dtype != call.cdt or not p.is_contiguous():
+        return p, p.data_ptr()
+    if p.numel() != call.plan.channels:  # the kernel reads that many values from the address
+        raise ValueError(f"cpu-numba: expected a weight/bias of {call.plan.channels} values, "
+                         f"got shape {tuple(p.shape)}")
+    if p.dtype != call.cdt or not p.is_contiguous():
         p = p.detach().to(call.cdt).contiguous()
     return p, p.data_ptr()
 
