@@ -138,19 +138,25 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return flat
 
 
-_FILLED: dict[tuple[int, float, type], np.ndarray] = {}
+#: (n, fill, NumPy dtype) -> the array and a tensor sharing its memory.
+_FILLED: dict[tuple[int, float, type], tuple[np.ndarray, torch.Tensor]] = {}
 
 
-def _filled(n: int, fill: float, npdt: type) -> np.ndarray:
-    """A cached array of ``n`` copies of ``fill`` (absent weight/bias/mean; never written)."""
+def _filled_pair(n: int, fill: float, npdt: type) -> tuple[np.ndarray, torch.Tensor]:
+    """A cached array of ``n`` copies of ``fill`` (absent weight/bias/mean; never
+    written), with a tensor over the same memory for the by-address kernels."""
     key = (n, fill, npdt)
-    arr = _FILLED.get(key)
-    if arr is None:
+    pair = _FILLED.get(key)
+    if pair is None:
         if len(_FILLED) > 256:
             _FILLED.clear()
         arr = np.full(n, fill, dtype=npdt)
-        _FILLED[key] = arr
-    return arr
+        pair = _FILLED[key] = (arr, torch.from_numpy(arr))
+    return pair
+
+
+def _filled(n: int, fill: float, npdt: type) -> np.ndarray:
+    return _filled_pair(n, fill, npdt)[0]
 
 
 def _param(p: torch.Tensor | None, call: _Call, fill: float) -> np.ndarray:
@@ -373,26 +379,12 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
 _LIKE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64),
          torch.bfloat16: np.empty(0, np.uint16), torch.float16: np.empty(0, np.int16)}
 
-_FILLED_TENSORS: dict[tuple[int, float, torch.dtype], torch.Tensor] = {}
-
-
-def _filled_tensor(n: int, fill: float, dtype: torch.dtype) -> torch.Tensor:
-    """A cached tensor of ``n`` copies of ``fill`` (absent weight/bias/mean; never written)."""
-    key = (n, fill, dtype)
-    t = _FILLED_TENSORS.get(key)
-    if t is None:
-        if len(_FILLED_TENSORS) > 256:
-            _FILLED_TENSORS.clear()
-        t = _FILLED_TENSORS[key] = torch.full((n,), fill, dtype=dtype)
-    return t
-
-
 def _param_at(p: torch.Tensor | None, call: _Call, fill: float) -> tuple[torch.Tensor, int]:
     """(tensor, address) of a weight/bias as the ``*_at`` kernels read it: ``channels``
     dense values in the compute dtype (``fill`` when absent). The caller keeps the
     tensor alive during the kernel call."""
     if p is None:
-        p = _filled_tensor(call.plan.channels, fill, call.cdt)
+        p = _filled_pair(call.plan.channels, fill, call.npdt)[1]
         return p, p.data_ptr()
     if p.numel() != call.plan.channels:  # the kernel reads that many values from the address
         raise ValueError(f"cpu-numba: expected a weight/bias of {call.plan.channels} values, "
@@ -406,7 +398,7 @@ def _stat_at(stat: torch.Tensor | None, call: _Call) -> tuple[torch.Tensor, int]
     """(tensor, address) of a per-group statistic for the ``*_at`` kernels: ``groups``
     dense values in the compute dtype; see :func:`_stat_input` for what is accepted."""
     if stat is None:  # RMSNorm's mean
-        stat = _filled_tensor(call.groups, 0.0, call.cdt)
+        stat = _filled_pair(call.groups, 0.0, call.npdt)[1]
     elif stat.dtype != call.cdt or stat.numel() != call.groups or not stat.is_contiguous():
         stat = torch.from_numpy(_stat_input(stat, call))
     return stat, stat.data_ptr()
