@@ -841,12 +841,12 @@ def test_small_input_gradients_accumulate_over_steps_as_torch(make):
             assert torch.equal(mine, buf), name
 
 
-SMALL_PATH_LAYERS = {
-    "ln_no_bias": lambda m: (m.LayerNorm(40, bias=False), dict(normalized_shape=(40,))),
-    "gn_no_affine": lambda m: (m.GroupNorm(8, 32, affine=False), dict(num_groups=8)),
-    "rms": lambda m: (m.RMSNorm(40), dict(normalized_shape=(40,))),
-    "bn": lambda m: (m.BatchNorm1d(32), dict(num_features=32)),
-    "bn_float64": lambda m: (m.BatchNorm1d(32, dtype=torch.float64), dict(num_features=32, dtype=torch.float64)),
+SMALL_PATH_LAYERS = {  # name -> (module of normlab or torch.nn -> layer, input dtype)
+    "ln_no_bias": (lambda m: m.LayerNorm(40, bias=False), torch.float32),
+    "gn_no_affine": (lambda m: m.GroupNorm(8, 32, affine=False), torch.float32),
+    "rms": (lambda m: m.RMSNorm(40), torch.float32),
+    "bn": (lambda m: m.BatchNorm1d(32), torch.float32),
+    "bn_float64": (lambda m: m.BatchNorm1d(32, dtype=torch.float64), torch.float64),
 }
 
 
@@ -860,10 +860,9 @@ def test_small_path_by_address_takes_any_gradient_layout(layer, gradient):
     when x needs none, absent weight/bias/mean filled in -- all as torch.nn computes."""
     import normlab
 
-    ours, kwargs = SMALL_PATH_LAYERS[layer](normlab)
-    theirs, _ = SMALL_PATH_LAYERS[layer](torch.nn)
+    make, dtype = SMALL_PATH_LAYERS[layer]
+    ours, theirs = make(normlab), make(torch.nn)
     theirs.load_state_dict(ours.state_dict())
-    dtype = kwargs.get("dtype", torch.float32)
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(8, 32, 40, generator=gen, dtype=dtype) * 3 + 1
     needs_dx = gradient != "x_frozen"
