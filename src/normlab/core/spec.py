@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,32 +68,29 @@ class NormSpec:
         state.pop("_hash", None)
         return state
 
-    @property
-    def stat_shape(self) -> tuple[int, ...]:
-        """Shape of mean/var with keepdim: ``group_shape`` with the reduced dims set to 1."""
-        return tuple(1 if d in self.reduce_dims else s for d, s in enumerate(self.group_shape))
+    # Derived shapes, read on every call (a small layer's step reads several): computed
+    # once in __post_init__. Not constructor arguments, and no part of equality or hash.
+    stat_shape: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    """Shape of mean/var with keepdim: ``group_shape`` with the reduced dims set to 1."""
+    count: int = field(init=False, compare=False, repr=False)
+    """Number of elements averaged into one statistic."""
+    affine_shape: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    """Shape that weight/bias are viewed as to broadcast against the input."""
+    param_shape: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    """Shape of weight and bias (e.g. (C,) or ``normalized_shape``)."""
+    param_reduce_dims: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    """Input dims summed over to get dweight and dbias."""
 
-    @property
-    def count(self) -> int:
-        """Number of elements averaged into one statistic."""
-        return math.prod([self.group_shape[d] for d in self.reduce_dims])  # a list: torch.compile traces it
-
-    @property
-    def affine_shape(self) -> tuple[int, ...]:
-        """Shape that weight/bias are viewed as to broadcast against the input."""
-        return tuple(
-            s if d in self.feature_dims else 1 for d, s in enumerate(self.input_shape)
-        )
-
-    @property
-    def param_shape(self) -> tuple[int, ...]:
-        """Shape of weight and bias (e.g. (C,) or ``normalized_shape``)."""
-        return tuple(self.input_shape[d] for d in self.feature_dims)
-
-    @property
-    def param_reduce_dims(self) -> tuple[int, ...]:
-        """Input dims summed over to get dweight and dbias."""
-        return tuple(d for d in range(len(self.input_shape)) if d not in self.feature_dims)
+    def __post_init__(self) -> None:
+        derived = {
+            "stat_shape": tuple(1 if d in self.reduce_dims else s for d, s in enumerate(self.group_shape)),
+            "count": math.prod([self.group_shape[d] for d in self.reduce_dims]),  # a list: torch.compile traces it
+            "affine_shape": tuple(s if d in self.feature_dims else 1 for d, s in enumerate(self.input_shape)),
+            "param_shape": tuple(self.input_shape[d] for d in self.feature_dims),
+            "param_reduce_dims": tuple(d for d in range(len(self.input_shape)) if d not in self.feature_dims),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 def _memoized(build: Callable[..., NormSpec]) -> Callable[..., NormSpec]:
