@@ -16,6 +16,8 @@ sharing the body of :class:`NormFunction`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..backends import reference, select_backend
@@ -131,13 +133,43 @@ def normalize(
         y, mean, var = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)
     elif _needs_graph(x, weight, bias):
         stats: list[torch.Tensor | None] = []
-        y = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var, stats)
+        if torch._C._are_functorch_transforms_active():  # vmap, grad, ...: torch's wrapper
+            y = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var, stats)
+        else:
+            y = _eager_apply(function)(
+                _live(x), weight if weight is None else _live(weight), bias if bias is None else _live(bias),
+                spec, eps, fixed_mean if fixed_mean is None else _live(fixed_mean),
+                fixed_var if fixed_var is None else _live(fixed_var), stats)
         mean, var = stats
     else:
         # inference: nothing to differentiate, so skip the autograd Function's own cost
         # (~8 us of a ~35 us call on a small input)
         y, mean, var, _ = select_backend(x, spec).forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
     return y, (mean if spec.center else None), var
+
+
+#: functorch's unwrapping of a tensor left over from a finished transform (what torch's
+#: ``Function.apply`` does to every argument before the C++ apply).
+_live = torch._C._functorch.unwrap_if_dead
+
+#: The C++ ``apply`` under torch's Python ``Function.apply``, if this torch has it there.
+_C_APPLY = torch._C._FunctionBase.__dict__.get("apply")
+
+
+@functools.cache
+def _eager_apply(function: type[torch.autograd.Function]):
+    """``function.apply`` for eager calls outside functorch transforms.
+
+    torch's ``Function.apply`` is a Python wrapper around the C++ apply: it binds
+    arguments for a ``setup_context`` (these Functions have none), routes calls under
+    functorch transforms elsewhere (the caller checks that) and unwraps dead functorch
+    wrappers (the caller does that with :data:`_live`). Calling the C++ apply directly
+    saves ~2.4 us of a ~75 us small-input training step. Falls back to the wrapper where
+    the Function defines ``setup_context`` or torch has no such C++ method."""
+    own_setup = function.setup_context is not torch.autograd.function._SingleLevelFunction.setup_context
+    if _C_APPLY is None or own_setup:
+        return function.apply
+    return _C_APPLY.__get__(None, function)
 
 
 def _needs_graph(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
