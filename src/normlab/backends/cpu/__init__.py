@@ -27,7 +27,8 @@ import torch
 from ...core.spec import NormSpec
 from ...core.stats import set_running_stats_kernel
 from .._env import getenv
-from .plan import layout_of, make_plan, plan_for
+from . import backend
+from .plan import layout_of, make_plan
 
 __all__ = ["MIN_ELEMENTS", "accepts", "enable", "is_enabled"]
 
@@ -39,9 +40,11 @@ _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _enabled = False
 
 
-def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
-    """Whether ``cpu-numba`` computes ``spec`` on ``x`` (see module docstring). Runs on
-    every call, so the cheap tests come first."""
+def accepts(x: torch.Tensor, spec: NormSpec) -> object:
+    """Whether ``cpu-numba`` computes ``spec`` on ``x`` (see module docstring): None or
+    False when not; else the kernels' call for x's configuration, which carries the
+    backend's ``forward``/``backward`` (see ``register_backend``), or True while traced.
+    Runs on every call, so the cheap tests come first."""
     if not x.is_cpu or x.dtype not in _SUPPORTED or x.layout != torch.strided:
         return False
     if MIN_ELEMENTS and x.numel() < MIN_ELEMENTS and getenv("NORMLAB_BACKEND") != "cpu-numba":
@@ -53,7 +56,7 @@ def accepts(x: torch.Tensor, spec: NormSpec) -> bool:
             torch._C._functorch.is_functorch_wrapped_tensor(x):
         return False  # tensor subclasses, vmap/grad transforms: no NumPy view of them
     layout = layout_of(x)
-    return layout is not None and plan_for(spec, layout) is not None
+    return None if layout is None else backend.call_for(spec, layout, x.dtype)
 
 
 def enable() -> bool:
@@ -64,7 +67,7 @@ def enable() -> bool:
     """
     global _enabled
     from .. import register_backend
-    from . import backend, runtime
+    from . import runtime
 
     if not runtime.numba_available():
         return False

@@ -31,7 +31,7 @@ from .._env import getenv
 from . import outputs, runtime, team
 from .plan import Plan, layout_of, plan_for
 
-__all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of"]
+__all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of", "call_for"]
 
 
 #: Inputs with fewer elements run the serial twins of the kernels (no thread hand-off).
@@ -85,6 +85,24 @@ class _Call:
         """Small input: the calling thread only (``SERIAL_BELOW`` read per call)."""
         return self.numel < SERIAL_BELOW
 
+    # The backend contract (:func:`forward`, :func:`backward`) for inputs of this
+    # configuration: ``cpu.accepts`` hands this object to ``select_backend``, so a call
+    # need not look it up again (on a small input each lookup costs about as much as a
+    # tenth of the kernels' work).
+
+    def forward(self, x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None):
+        """:func:`forward` of an input of this configuration."""
+        if torch.compiler.is_compiling():
+            return forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self)
+
+    def backward(self, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
+                 needs_input_grad=(True, True, True)):
+        """:func:`backward` of an input of this configuration."""
+        if torch.compiler.is_compiling():
+            return backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
+        return backward_impl(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad, call=self)
+
 
 #: 16-bit floats reach the kernels as their raw bits (see the module docstring).
 _BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
@@ -95,7 +113,10 @@ _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 @lru_cache(maxsize=512)
-def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
+def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
+    """The kernels' call for inputs of ``spec``, ``layout`` (see ``plan.layout_of``) and
+    ``dtype`` -- with this backend's ``forward``/``backward`` bound to them -- or None
+    when no kernel covers them. Cached per configuration."""
     plan = plan_for(spec, layout)
     if plan is None:
         return None
@@ -117,7 +138,7 @@ def _call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
 
 def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
     layout = layout_of(x)
-    call = None if layout is None else _call_for(spec, layout, x.dtype)
+    call = None if layout is None else call_for(spec, layout, x.dtype)
     if call is None:
         raise ValueError(f"cpu-numba: no kernel for {spec.family} on input of shape "
                          f"{tuple(x.shape)} and strides {x.stride()}")
@@ -180,13 +201,15 @@ def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
 
 
 def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None,
-                 out: torch.Tensor | None = None):
+                 out: torch.Tensor | None = None, call: _Call | None = None):
     """:func:`normlab.backends.reference.forward` on the kernels (eager, no dispatcher).
 
     ``out`` (float32/float64 inputs only): a preallocated output of x's shape, dtype
     and layout to write y into -- the benchmark's kernel-level timing uses it.
+    ``call``: x's configuration, when the caller has it already.
     """
-    call = _call_of(x, spec)
+    if call is None:
+        call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
     if call.by_address and fixed_var is None and out is None and call.serial:
         return _serial_grouped_forward(call, x, weight, bias, spec, eps)
@@ -309,9 +332,11 @@ def _merge(pcnt, pmu, pm2, n, nb, g):
 
 
 def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
-                  needs_input_grad=(True, True, True)):
-    """:func:`normlab.backends.reference.backward` on the kernels."""
-    call = _call_of(x, spec)
+                  needs_input_grad=(True, True, True), call: _Call | None = None):
+    """:func:`normlab.backends.reference.backward` on the kernels (``call``: see
+    :func:`forward_impl`)."""
+    if call is None:
+        call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
     if call.by_address and dy.dtype == x.dtype and call.serial:
         return _serial_grouped_backward(call, dy, x, weight, mean, rstd, spec, batch_statistics,
