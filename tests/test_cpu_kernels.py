@@ -911,10 +911,64 @@ def test_fused_running_stats_update_declines_strided_buffers():
     assert torch.equal(storage[1::2], torch.ones(4))  # the other elements are untouched
 
 
-def nl_layer(name, *args):
+FUSED_RUNNING_CASES = [
+    # (torch.nn layer, normlab layer, input shape, dtype)
+    ("BatchNorm1d", (32,), (8, 32, 40), torch.float32),
+    ("BatchNorm1d", (32,), (8, 32, 40), torch.float64),
+    ("BatchNorm2d", (6,), (4, 6, 5, 5), torch.float32),
+    ("InstanceNorm2d", (4,), (3, 4, 6, 6), torch.float32),
+]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("case", FUSED_RUNNING_CASES, ids=lambda c: f"{c[0]}-{c[3]}".replace("torch.", ""))
+def test_small_forward_kernel_updates_running_statistics(case, grad, momentum, monkeypatch):
+    """Small BatchNorm/InstanceNorm training steps update the running statistics inside
+    the forward kernel call: three steps (with and without autograd, torch.nn's
+    cumulative average for momentum=None) match torch.nn, each buffer's version counter
+    moves once per step, and the kernel did the update (not the torch ops after it)."""
+    name, args, shape, dtype = case
+    kwargs = {"momentum": momentum}
+    if name.startswith("Instance"):
+        kwargs["track_running_stats"] = True
+    ours, theirs = nl_layer(name, *args, **kwargs).to(dtype), getattr(torch.nn, name)(*args, **kwargs).to(dtype)
+    fused = []
+    running_at = numba_backend._running_at
+    monkeypatch.setattr(numba_backend, "_running_at", lambda r, c: fused.append(running_at(r, c)) or fused[-1])
+    gen = torch.Generator().manual_seed(13)
+    for step in range(3):
+        x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype).requires_grad_(grad)
+        versions = ours.running_mean._version, ours.running_var._version
+        ours(x), theirs(x)
+        assert (ours.running_mean._version, ours.running_var._version) == (versions[0] + 1, versions[1] + 1)
+        for buf in ("running_mean", "running_var"):
+            assert_close(getattr(ours, buf), getattr(theirs, buf), dtype, what=f"{buf} step {step}")
+    assert len(fused) == 3 and all(fused), "the forward kernel did not update the running statistics"
+
+
+def test_small_forward_kernel_leaves_other_running_buffers_to_torch_ops():
+    """Running statistics the kernel cannot write in place (another dtype than the
+    compute dtype, a strided view) are updated after it by the torch ops, correctly."""
+    x = torch.randn(8, 4, 10, generator=torch.Generator().manual_seed(14))
+    storage = torch.ones(8)
+    cases = {"float64 buffers": (torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)),
+             "strided buffers": (torch.zeros(8)[::2], storage[::2])}
+    x64 = x.double().transpose(0, 1).reshape(4, -1)
+    for what, (rm, rv) in cases.items():
+        # (torch.nn refuses float64 buffers for a float32 input: the rule written out)
+        rm_ref = 0.7 * rm.double() + 0.3 * x64.mean(1)
+        rv_ref = 0.7 * rv.double() + 0.3 * x64.var(1, unbiased=True)
+        NF.batch_norm(x, rm, rv, training=True, momentum=0.3)
+        assert_close(rm.double(), rm_ref, torch.float32, what=f"{what} mean")
+        assert_close(rv.double(), rv_ref, torch.float32, what=f"{what} var")
+    assert torch.equal(storage[1::2], torch.ones(4)), "a strided buffer's other elements were written"
+
+
+def nl_layer(name, *args, **kwargs):
     import normlab
 
-    return getattr(normlab, name)(*args)
+    return getattr(normlab, name)(*args, **kwargs)
 
 
 @pytest.mark.parametrize("case", ["gn", "bn", "ln_long", "ln_short"])

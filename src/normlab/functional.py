@@ -31,7 +31,7 @@ from .core.spec import (
     layer_norm_spec,
     rms_norm_spec,
 )
-from .core.stats import compute_dtype, update_running_stats
+from .core.stats import compute_dtype
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]
 
@@ -74,10 +74,10 @@ def _channel_stat_norm(input: Tensor, running_mean: Tensor | None, running_var: 
     if eps <= 0:
         # as torch.nn: a constant channel would divide by zero
         raise ValueError(f"{name}: expected eps > 0 when normalizing with batch statistics, got {eps!r}")
-    y, mean, var = normalize(input, weight, bias, spec, eps)
-    if running_mean is not None and not empty:
-        update_running_stats(running_mean, running_var, mean, var, spec.count, momentum)
-    return y
+    # the running statistics are updated once the batch statistics are computed (by the
+    # backend's forward, fused where it can): nothing is touched if the call fails before
+    running = (running_mean, running_var, momentum) if running_mean is not None and not empty else None
+    return normalize(input, weight, bias, spec, eps, running=running)[0]
 
 
 def _batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..core.spec import NormSpec
-from ..core.stats import batch_stats, center, compute_dtype, memory_format_of
+from ..core.stats import RunningStats, batch_stats, center, compute_dtype, fold_running_stats, memory_format_of
 
 __all__ = ["forward", "backward"]
 
@@ -60,11 +60,15 @@ def forward(
     eps: float,
     fixed_mean: torch.Tensor | None = None,
     fixed_var: torch.Tensor | None = None,
+    running: RunningStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Normalize ``x`` (shape ``spec.input_shape``).
 
     With ``fixed_mean``/``fixed_var`` None the statistics are the batch's own;
     otherwise they are given (running statistics), broadcastable to ``x``.
+    ``running`` (batch statistics only): ``(running_mean, running_var, momentum)`` to
+    update in place from this batch's statistics, after they are computed
+    (:func:`normlab.core.stats.update_running_stats`; a backend may fuse it).
 
     Returns ``(y, mean, var, rstd)``: y in x's dtype and memory format; var and
     rstd in the compute dtype and mean in float64 (see :mod:`normlab.core.stats`),
@@ -80,6 +84,7 @@ def forward(
     rstd = torch.rsqrt(var + eps)
     xhat = _normalize(x_grouped, mean, rstd).reshape(x.shape)
     y = _affine(xhat, weight, bias, spec)
+    fold_running_stats(running, mean, var, spec.count)
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x)), mean, var, rstd
 
 

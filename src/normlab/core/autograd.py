@@ -22,7 +22,7 @@ import torch
 
 from ..backends import reference, select_backend
 from .spec import NormSpec
-from .stats import batch_stats, compute_dtype
+from .stats import RunningStats, batch_stats, compute_dtype, fold_running_stats
 
 __all__ = ["NormFunction", "normalize"]
 
@@ -30,16 +30,17 @@ __all__ = ["NormFunction", "normalize"]
 class NormFunction(torch.autograd.Function):
     """``(x, weight, bias) -> (y, mean, var)`` for any :class:`NormSpec`.
 
-    ``mean`` and ``var`` are the (non-differentiable) statistics used, returned so
-    the caller can update running statistics; ``mean`` is None for RMSNorm. Given a
-    ``stats_out`` list (eager calls, see :func:`normalize`), the Function returns y
-    alone and appends ``(mean, var)`` to the list instead.
+    ``mean`` and ``var`` are the (non-differentiable) statistics used; ``mean`` is None
+    for RMSNorm. ``running`` (eager calls): running statistics the backend updates in
+    its forward (see :func:`normalize`). Given a ``stats_out`` list (eager calls), the
+    Function returns y alone and appends ``(mean, var)`` to the list instead.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: NormSpec, eps: float, fixed_mean, fixed_var, stats_out=None):
+    def forward(ctx, x, weight, bias, spec: NormSpec, eps: float, fixed_mean, fixed_var, running=None,
+                stats_out=None):
         backend = select_backend(x, spec)
-        y, mean, var, rstd = backend.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        y, mean, var, rstd = backend.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
         # one attribute (each one set or read costs on every small-input step)
         ctx.norm = (spec, eps, backend, fixed_var is None, bias.dtype if bias is not None else None)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -61,7 +62,7 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, *_stat_grads):
         if dy is None:  # y was not used (grads are not materialized, see forward)
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         spec, eps, backend, batch_statistics, bias_dtype = ctx.norm
         if torch.is_grad_enabled():
@@ -78,7 +79,7 @@ class NormFunction(torch.autograd.Function):
             dweight = dweight.to(weight.dtype)
         if dbias is not None and dbias.dtype != bias_dtype:
             dbias = dbias.to(bias_dtype)
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None
 
 
 class BatchNormFunction(NormFunction):
@@ -123,28 +124,34 @@ def normalize(
     eps: float,
     fixed_mean: torch.Tensor | None = None,
     fixed_var: torch.Tensor | None = None,
+    running: RunningStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Apply the normalization ``spec`` describes; returns ``(y, mean, var)``.
 
+    ``running``: ``(running_mean, running_var, momentum)`` to update in place from this
+    call's batch statistics (SPEC §2), once they are computed: inside the backend's
+    forward in eager calls (the CPU kernels fuse it), after the op when traced.
     Inputs are assumed validated (see ``normlab.functional``).
     """
     function = _FUNCTIONS.get(spec.family, NormFunction)
     if torch.compiler.is_compiling():  # traced: the compiler sees the Function as one op
         y, mean, var = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        fold_running_stats(running, mean, var, spec.count)
     elif _needs_graph(x, weight, bias):
         stats: list[torch.Tensor | None] = []
         if torch._C._are_functorch_transforms_active():  # vmap, grad, ...: torch's wrapper
-            y = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var, stats)
+            y = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var, running, stats)
         else:
             y = _eager_apply(function)(
                 _live(x), weight if weight is None else _live(weight), bias if bias is None else _live(bias),
                 spec, eps, fixed_mean if fixed_mean is None else _live(fixed_mean),
-                fixed_var if fixed_var is None else _live(fixed_var), stats)
+                fixed_var if fixed_var is None else _live(fixed_var), running, stats)
         mean, var = stats
     else:
         # inference: nothing to differentiate, so skip the autograd Function's own cost
         # (~8 us of a ~35 us call on a small input)
-        y, mean, var, _ = select_backend(x, spec).forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        y, mean, var, _ = select_backend(x, spec).forward(x, weight, bias, spec, eps, fixed_mean, fixed_var,
+                                                          running)
     return y, (mean if spec.center else None), var
 
 

@@ -28,6 +28,8 @@ __all__ = [
     "batch_stats",
     "center",
     "update_running_stats",
+    "fold_running_stats",
+    "RunningStats",
     "memory_format_of",
 ]
 
@@ -115,6 +117,20 @@ def update_running_stats(
         if running_var is not None:
             running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype
                               else unbiased.to(running_var.dtype), momentum)
+
+
+#: Running statistics to update in a training forward, as passed to the backends:
+#: ``(running_mean, running_var, momentum)`` (either tensor may be None).
+RunningStats = tuple[torch.Tensor | None, torch.Tensor | None, float]
+
+
+def fold_running_stats(running: RunningStats | None, mean: torch.Tensor, var: torch.Tensor,
+                       count: int) -> None:
+    """:func:`update_running_stats` for a backend's ``running`` argument (None: nothing
+    to update): what a backend does after its forward when it has no fused update."""
+    if running is not None:
+        running_mean, running_var, momentum = running
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:

@@ -929,9 +929,13 @@ def _at(addr, n, like):
 
 @njit(**_OPTS)
 def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, K, S, G, eps,
-                       center, short_rows):
+                       center, short_rows, running_mean_at, running_var_at, momentum, correction):
     """:func:`grouped_forward` with batch statistics (:func:`short_rows_forward` for short
-    LayerNorm/RMSNorm rows), all P groups; mean/var/rstd hold P values each."""
+    LayerNorm/RMSNorm rows), all P groups; mean/var/rstd hold P values each.
+
+    ``running_var_at`` not 0 (BatchNorm/InstanceNorm training, K = 1): the running
+    statistics of the G channels are then updated from the P = rows * G statistics, as
+    :func:`update_running` (``running_mean_at`` 0: absent)."""
     n = A * P * K * S
     x = _at(x_at, n, like_x)
     y = _at(y_at, n, like_x)
@@ -944,6 +948,9 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
         short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, 0, P)
     else:
         grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, mean, var, rstd, 0, P)
+    if running_var_at:
+        update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
+                       mean.reshape(P // G, G), var.reshape(P // G, G), momentum, correction)
 
 
 @njit(**_OPTS)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ...core.spec import NormSpec
-from ...core.stats import compute_dtype
+from ...core.stats import RunningStats, compute_dtype, fold_running_stats
 from .._env import getenv
 from . import outputs, runtime, team
 from .plan import Plan, layout_of, plan_for
@@ -78,6 +78,7 @@ class _Call:
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
     flat_params: bool  # weight/bias are 1-D already (no reshape to view them flat)
+    unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
     by_address: bool  # grouped view, dtype the kernels read: the *_at kernels can run it
 
     @property
@@ -90,11 +91,11 @@ class _Call:
     # need not look it up again (on a small input each lookup costs about as much as a
     # tenth of the kernels' work).
 
-    def forward(self, x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None):
+    def forward(self, x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None, running=None):
         """:func:`forward` of an input of this configuration."""
         if torch.compiler.is_compiling():
-            return forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
-        return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self)
+            return forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
+        return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self, running=running)
 
     def backward(self, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
                  needs_input_grad=(True, True, True)):
@@ -133,6 +134,7 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_rows=rows and plan.dims[2] <= SHORT_ROW,
                  flat_params=len(spec.param_shape) == 1,
+                 unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
                  by_address=plan.kind == "grouped" and (dtype == cdt or dtype in _BITS))
 
 
@@ -201,18 +203,19 @@ def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
 
 
 def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None,
-                 out: torch.Tensor | None = None, call: _Call | None = None):
+                 out: torch.Tensor | None = None, call: _Call | None = None, running: RunningStats | None = None):
     """:func:`normlab.backends.reference.forward` on the kernels (eager, no dispatcher).
 
     ``out`` (float32/float64 inputs only): a preallocated output of x's shape, dtype
     and layout to write y into -- the benchmark's kernel-level timing uses it.
-    ``call``: x's configuration, when the caller has it already.
+    ``call``: x's configuration, when the caller has it already. ``running``: see the
+    reference; small inputs update it inside the forward kernel.
     """
     if call is None:
         call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
     if call.by_address and fixed_var is None and out is None and call.serial:
-        return _serial_grouped_forward(call, x, weight, bias, spec, eps)
+        return _serial_grouped_forward(call, x, weight, bias, spec, eps, running)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     w = _param(weight, call, 1.0)
@@ -242,24 +245,50 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         _cl_forward_blocks(k, xf, yf, w, b, plan, eps, fixed, mean_np, var_np, rstd_np, threads)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
+    fold_running_stats(running, mean, var, spec.count)
     return y, (mean if spec.center else None), var, rstd
 
 
-def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float):
+def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float,
+                            running: RunningStats | None = None):
     """:func:`forward_impl` of a small input in the grouped view with batch statistics --
     every training step of a small layer -- in as few Python and torch calls as the
     kernel allows: each one costs about as much as the kernel's own work at this size,
-    so the kernel is entered with the tensors' addresses (see ``_kernels.grouped_forward_at``)."""
+    so the kernel is entered with the tensors' addresses (see ``_kernels.grouped_forward_at``),
+    and updates the running statistics too where it can (see :func:`_running_at`)."""
     y = torch.empty_like(x)
     # one NumPy allocation and one from_numpy per statistic: cheaper than torch.empty + unbind
     mean, var, rstd = (torch.from_numpy(np.empty(call.stat_shape, call.npdt)) for _ in range(3))
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
     a, p, kk, s, g = call.plan.dims
+    fused = running is not None and _running_at(running, call)
+    running_mean_at, running_var_at = fused or (0, 0)
     runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(),
                                          rstd.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g,
-                                         float(eps), spec.center, call.short_rows)
+                                         float(eps), spec.center, call.short_rows, running_mean_at, running_var_at,
+                                         float(running[2]) if fused else 0.0, call.unbias)
+    if fused:  # written in place: bump the version counters as an in-place torch op would
+        torch.autograd.graph.increment_version(tuple(t for t in running[:2] if t is not None))
+    else:
+        fold_running_stats(running, mean, var, spec.count)
     return y, (mean if spec.center else None), var, rstd
+
+
+def _running_at(running: RunningStats, call: _Call) -> tuple[int, int] | None:
+    """(running_mean's address or 0 if absent, running_var's address) when the forward
+    kernel can update the running statistics in place -- plain dense CPU tensors of the
+    compute dtype with one value per channel, a per-channel grouped view (K = 1), and no
+    functorch transform that could have batched them -- else None."""
+    running_mean, running_var, _ = running
+    if running_var is None or call.plan.dims[2] != 1 or torch._C._are_functorch_transforms_active():
+        return None
+    channels = call.plan.dims[4]
+    for t in (running_var,) if running_mean is None else (running_mean, running_var):
+        if type(t) is not torch.Tensor or t.dtype != call.cdt or not t.is_cpu or t.is_inference() \
+                or not t.is_contiguous() or t.numel() != channels:
+            return None
+    return (0 if running_mean is None else running_mean.data_ptr()), running_var.data_ptr()
 
 
 def _grouped_forward(k, call: _Call, spec: NormSpec, xf, yf, w, b, eps: float, compute: bool, mean_np,
@@ -498,13 +527,15 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
 _RUNNING_DTYPES = (torch.float32, torch.float64)
 
 
-def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None):
+def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None, running=None):
     """Backend entry (see :func:`normlab.backends.reference.forward`)."""
     if torch.compiler.is_compiling():
         from . import ops
 
-        return ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
-    return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        out = ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        fold_running_stats(running, out[1], out[2], spec.count)
+        return out
+    return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, running=running)
 
 
 def backward(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,

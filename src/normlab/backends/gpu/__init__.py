@@ -37,6 +37,7 @@ from ...core.spec import (
     layer_norm_spec,
     rms_norm_spec,
 )
+from ...core.stats import fold_running_stats
 from .._env import getenv
 
 __all__ = ["NAME", "accepts", "available", "backward", "forward", "register"]
@@ -131,16 +132,20 @@ def available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def forward(x, weight, bias, spec, eps, fixed_mean=None, fixed_var=None):
+def forward(x, weight, bias, spec, eps, fixed_mean=None, fixed_var=None, running=None):
     """Same contract as :func:`normlab.backends.reference.forward`; traced calls go
-    through the custom op (:mod:`normlab.backends.gpu.ops`)."""
+    through the custom op (:mod:`normlab.backends.gpu.ops`). The running statistics are
+    updated after the kernels (torch ops)."""
     if torch.compiler.is_compiling():
         from . import ops
 
-        return ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
-    from . import _ops
+        out = ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+    else:
+        from . import _ops
 
-    return _ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        out = _ops.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var)
+    fold_running_stats(running, out[1], out[2], spec.count)
+    return out
 
 
 def backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad=(True, True, True)):
