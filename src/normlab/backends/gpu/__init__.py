@@ -12,7 +12,8 @@ What it takes (everything else goes to another backend or the reference):
 
 * CUDA tensors on a GPU of compute capability >= 7.0 -- or CPU tensors when ``TRITON_INTERPRET=1`` and
   ``NORMLAB_TRITON_ON_CPU=1`` are both set (Triton's interpreter; for tests only,
-  it is ~1000x slower than a kernel);
+  it is ~1000x slower than a kernel; ``cpu-numba`` is registered first, so CPU tensors
+  it takes reach this backend only with ``NORMLAB_BACKEND=gpu-triton`` too);
 * dtype float32, float16 or bfloat16 (float64 goes to the reference backend);
 * fewer than 2**31 elements, none further than 2**31 elements from the first (32-bit
   offsets), at most 262140 channels;
