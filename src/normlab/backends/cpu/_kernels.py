@@ -187,6 +187,67 @@ def _rough_mean(xs):
     return dt(np.float64(acc) / xs.size)
 
 
+@njit(inline="always", **_OPTS)
+def _dev_sums(xs, mc):
+    """(sum(x - mc), sum((x - mc)^2)) over ``xs`` as float64: blocks of ``_BLK`` summed in
+    x's dtype, each flushed into the float64 totals. A row of at most one block skips the
+    block loop: on short rows (e.g. 40 elements) its slicing cost a third of the sums."""
+    dt = _ctype(xs)
+    z = dt(0.0)
+    n = xs.size
+    if n <= _BLK:
+        ad = z
+        aq = z
+        for i in range(n):
+            d = _ld(xs[i]) - mc
+            ad += d
+            aq += d * d
+        return np.float64(ad), np.float64(aq)
+    sd = 0.0
+    sq = 0.0
+    for lo in range(0, n, _BLK):
+        xb = xs[lo:lo + _BLK]
+        ad = z
+        aq = z
+        for i in range(xb.size):
+            d = _ld(xb[i]) - mc
+            ad += d
+            aq += d * d
+        sd += ad
+        sq += aq
+    return sd, sq
+
+
+@njit(inline="always", **_OPTS)
+def _grad_sums(xs, dys, mc):
+    """(sum(dy), sum(dy * (x - mc))) over a row as float64, blocked as :func:`_dev_sums`."""
+    dt = _ctype(xs)
+    z = dt(0.0)
+    n = xs.size
+    if n <= _BLK:
+        ady = z
+        adx = z
+        for s in range(n):
+            d = _ld(dys[s])
+            ady += d
+            adx += d * (_ld(xs[s]) - mc)
+        return np.float64(ady), np.float64(adx)
+    sdy = 0.0
+    sdyx = 0.0
+    for lo in range(0, n, _BLK):
+        xb = xs[lo:lo + _BLK]
+        db = dys[lo:lo + _BLK]
+        ady = z
+        adx = z
+        for s in range(xb.size):
+            d = _ld(db[s])
+            ady += d
+            adx += d * (_ld(xb[s]) - mc)
+        sdy += ady
+        sdyx += adx
+    return sdy, sdyx
+
+
 @njit(**_OPTS)
 def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd, lo, hi):
     """y = (x - mean_p) * rstd_p * w[c] + b[c] on the (A, P, K, S) view.
@@ -218,17 +279,9 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                 sd = 0.0
                 sq = 0.0
                 for a in range(A):
-                    xs = x[(a * P + p) * ks:(a * P + p + 1) * ks]
-                    for lo in range(0, ks, _BLK):
-                        xb = xs[lo:lo + _BLK]
-                        ad = z
-                        aq = z
-                        for i in range(xb.size):
-                            d = _ld(xb[i]) - mc
-                            ad += d
-                            aq += d * d
-                        sd += ad
-                        sq += aq
+                    ad, aq = _dev_sums(x[(a * P + p) * ks:(a * P + p + 1) * ks], mc)
+                    sd += ad
+                    sq += aq
                 # (an overflowed or NaN sq fails the test: summed again too)
                 if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * n * sq):
                     break
@@ -318,21 +371,8 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                         s2 += ws[k] * dxh
                 else:
                     for k in range(K):
-                        xs = x[base + k * S:base + (k + 1) * S]
-                        dys = dy[base + k * S:base + (k + 1) * S]
-                        sdy = 0.0
-                        sdyx = 0.0
-                        for lo in range(0, S, _BLK):
-                            xb = xs[lo:lo + _BLK]
-                            db = dys[lo:lo + _BLK]
-                            ady = z
-                            adx = z
-                            for s in range(xb.size):
-                                d = _ld(db[s])
-                                ady += d
-                                adx += d * (_ld(xb[s]) - mc)
-                            sdy += ady
-                            sdyx += adx
+                        sdy, sdyx = _grad_sums(x[base + k * S:base + (k + 1) * S],
+                                               dy[base + k * S:base + (k + 1) * S], mc)
                         sdyx *= r
                         wc = np.float64(ws[k])
                         dws[k] += sdyx
