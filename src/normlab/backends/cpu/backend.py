@@ -86,6 +86,11 @@ class _Call:
         """Small input: the calling thread only (``SERIAL_BELOW`` read per call)."""
         return self.numel < SERIAL_BELOW
 
+    @property
+    def small(self) -> bool:
+        """A small input the ``*_at`` kernels take (:func:`_serial_grouped_forward`)."""
+        return self.by_address and self.numel < SERIAL_BELOW
+
     # The backend contract (:func:`forward`, :func:`backward`) for inputs of this
     # configuration: ``cpu.accepts`` hands this object to ``select_backend``, so a call
     # need not look it up again (on a small input each lookup costs about as much as a
@@ -95,6 +100,8 @@ class _Call:
         """:func:`forward` of an input of this configuration."""
         if torch.compiler.is_compiling():
             return forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
+        if fixed_var is None and self.small:  # (as forward_impl; one call level less)
+            return _serial_grouped_forward(self, x, weight, bias, spec, eps, running)
         return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self, running=running)
 
     def backward(self, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
@@ -102,6 +109,9 @@ class _Call:
         """:func:`backward` of an input of this configuration."""
         if torch.compiler.is_compiling():
             return backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
+        if self.small and dy.dtype == x.dtype:  # (as backward_impl; one call level less)
+            return _serial_grouped_backward(self, dy, x, weight, mean, rstd, spec, batch_statistics,
+                                            needs_input_grad)
         return backward_impl(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad, call=self)
 
 
@@ -214,7 +224,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     if call is None:
         call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if call.by_address and fixed_var is None and out is None and call.serial:
+    if fixed_var is None and out is None and call.small:
         return _serial_grouped_forward(call, x, weight, bias, spec, eps, running)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
@@ -367,7 +377,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     if call is None:
         call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if call.by_address and dy.dtype == x.dtype and call.serial:
+    if call.small and dy.dtype == x.dtype:
         return _serial_grouped_backward(call, dy, x, weight, mean, rstd, spec, batch_statistics,
                                         needs_input_grad)
     need_dx, need_dw, need_db = needs_input_grad
