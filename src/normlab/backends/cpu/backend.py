@@ -72,6 +72,7 @@ class _Call:
     stat_shape: tuple[int, ...]
     stats_shape: tuple[int, ...]  # (3, *stat_shape): mean, var, rstd in one buffer
     grads_shape: tuple[int, ...]  # (2, *param_shape): dweight, dbias in one buffer
+    param_shape: tuple[int, ...]  # weight's (and each gradient's) shape
     groups: int  # number of statistics
     memory_format: torch.memory_format  # x's layout, for dy
     numel: int
@@ -139,7 +140,7 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
     rows = plan.kind == "grouped" and plan.dims[0] == plan.dims[3] == plan.dims[4] == 1
     groups = plan.dims[1] if plan.kind == "grouped" else plan.dims[0] * plan.dims[2]
     return _Call(plan, cdt, _NUMPY_OF[cdt],
-                 spec.stat_shape, (3, *spec.stat_shape), (2, *spec.param_shape), groups, fmt,
+                 spec.stat_shape, (3, *spec.stat_shape), (2, *spec.param_shape), spec.param_shape, groups, fmt,
                  numel=numel,
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_rows=rows and plan.dims[2] <= SHORT_ROW,
@@ -268,7 +269,9 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     and updates the running statistics too where it can (see :func:`_running_at`)."""
     y = torch.empty_like(x)
     # one NumPy allocation and one from_numpy per statistic: cheaper than torch.empty + unbind
-    mean, var, rstd = (torch.from_numpy(np.empty(call.stat_shape, call.npdt)) for _ in range(3))
+    mean = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
+    var = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
+    rstd = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
     a, p, kk, s, g = call.plan.dims
@@ -429,7 +432,8 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     mean, mean_at = _stat_at(mean, call)
     rstd, rstd_at = _stat_at(rstd, call)
     dx = torch.empty_like(x) if need_dx else None
-    dw, db = (torch.from_numpy(np.empty(call.grads_shape[1:], call.npdt)) for _ in range(2))
+    dw = torch.from_numpy(np.empty(call.param_shape, call.npdt))
+    db = torch.from_numpy(np.empty(call.param_shape, call.npdt))
     a, p, kk, s, g = call.plan.dims
     runtime.kernels().grouped_backward_at(dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at,
                                           dx.data_ptr() if need_dx else 0, dw.data_ptr(), db.data_ptr(),
