@@ -971,14 +971,16 @@ def nl_layer(name, *args, **kwargs):
     return getattr(normlab, name)(*args, **kwargs)
 
 
-@pytest.mark.parametrize("case", ["gn", "bn", "ln_long", "ln_short"])
+@pytest.mark.parametrize("case", ["gn", "bn", "gn_cl", "bn_cl", "ln_long", "ln_short"])
 def test_statistics_exact_when_a_groups_first_elements_are_unrepresentative(case):
     """The kernels center a group on the mean of its first 64 elements; when those lie
     far from the rest (a spike, an offset first row), the deviations are summed again
     about the mean found, so the variance keeps float32's precision (no cancellation).
     gn, bn and ln_long fail without that second sum; a short row (<= 256) needs none --
     its first 64 elements are a quarter of it, which bounds the cancellation to 2 bits --
-    and is checked for precision all the same."""
+    and is checked for precision all the same, as are the channels-last cases, whose
+    float32 lanes hold so few values that their sums stay exact enough without it (the
+    overflow test below needs it)."""
     gen = torch.Generator().manual_seed(11)
     if case == "gn":
         x = torch.randn(2, 8, 32, 32, generator=gen) * 0.01
@@ -987,6 +989,16 @@ def test_statistics_exact_when_a_groups_first_elements_are_unrepresentative(case
     elif case == "bn":
         x = torch.randn(16, 3, 16, 16, generator=gen) * 0.01
         x[0, :, :4] = -1e4  # the first 64 elements of every channel (4096 elements)
+        spec = batch_norm_spec(x.shape)
+    elif case == "gn_cl":  # channels-last: a group's shift is the mean of its first 64 values
+        x = torch.randn(2, 8, 32, 32, generator=gen) * 0.01
+        x[0, :2, 0, :] = 1e4  # the first 32 rows of sample 0's first group (2 channels)
+        x = x.contiguous(memory_format=CL)
+        spec = group_norm_spec(x.shape, 4)
+    elif case == "bn_cl":
+        x = torch.randn(16, 3, 16, 16, generator=gen) * 0.01
+        x[0, :, :4] = -1e4  # the first 64 rows of the first work item
+        x = x.contiguous(memory_format=CL)
         spec = batch_norm_spec(x.shape)
     else:
         k = 256 if case == "ln_short" else 4096
@@ -1002,13 +1014,22 @@ def test_statistics_exact_when_a_groups_first_elements_are_unrepresentative(case
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
 
 
-def test_rough_mean_far_off_does_not_overflow_the_deviation_sums():
+@pytest.mark.parametrize("case", ["ln", "gn_cl"])
+def test_rough_mean_far_off_does_not_overflow_the_deviation_sums(case):
     """A sample mean far from the rest can make the float32 sum of squared deviations
     overflow; that sum is then taken again about the mean found (no inf variance)."""
-    row = torch.zeros(2, 256)
-    row[:, 64:] = 2e18
-    _, _, var, _ = numba_backend.forward_impl(row, None, None, layer_norm_spec(row.shape, (256,)), 1e-5)
-    expected = row.double().var(-1, unbiased=False, keepdim=True)
+    if case == "ln":
+        x = torch.zeros(2, 256)
+        x[:, 64:] = 2e18
+        spec = layer_norm_spec(x.shape, (256,))
+    else:  # channels-last, one group of 2 channels: its first 32 rows are the sample
+        x = torch.zeros(1, 2, 64, 64)
+        x[:, :, 1:] = 2e19  # (2e19)^2 overflows float32
+        x = x.contiguous(memory_format=CL)
+        spec = group_norm_spec(x.shape, 1)
+    _, _, var, _ = numba_backend.forward_impl(x, None, None, spec, 1e-5)
+    x64 = x.double().reshape(spec.group_shape)
+    expected = x64.var(spec.reduce_dims, unbiased=False, keepdim=True)
     torch.testing.assert_close(var.double(), expected, rtol=1e-6, atol=0)
 
 
