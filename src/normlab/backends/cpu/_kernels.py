@@ -59,9 +59,6 @@ from numba.extending import intrinsic, overload
 _FM = {"reassoc", "contract"}
 _OPTS = {"cache": True, "fastmath": _FM, "nogil": True}
 
-# Elements per block of the channels-last statistics and gradient sums (16 KiB of
-# float32: the second pass over a block reads it from L1).
-_BLOCK = 4096
 # Elements summed in x's dtype before the partial sum is added to a float64 total:
 # LLVM vectorizes such a loop with several vector accumulators (32+ float32 lanes), so
 # each lane adds ~32 values -- relative error ~1e-7 -- and no element is converted to
@@ -812,46 +809,73 @@ def cl_apply(x, y, mc, sc, sh, N, S, C, B, lo, hi):
 
 
 @njit(**_OPTS)
-def _cl_grad_block(dy, x, mcn, base, s0, s1, C, sdy, sdyx, bdy, bdyx):
-    """Add sum dy and sum dy * (x - mcn) over rows [s0, s1) from ``base`` to the float64
-    sums, through per-block partials (bdy, bdyx: scratch in x's dtype)."""
-    rows_per = max(4, _BLOCK // C)
+def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
+    """Add sum dy and sum dy * (x - mcn) per channel over rows [s0, s1) from ``base`` to
+    the float64 sdy/sdyx (C,): per lane of a tile of rows, four tiles per sweep, float32
+    lanes flushed to float64 every ``_FLUSH`` sweeps (as :func:`_cl_tile_sums`)."""
+    dt = _ctype(x)
+    z = dt(0.0)
+    R = max(1, _TILE // C)
+    L = R * C
+    mT = _tiled(mcn, R)
+    accy = np.zeros(L, dt)
+    accx = np.zeros(L, dt)
+    ty = np.zeros(L)
+    tx = np.zeros(L)
+    pending = 0
     s = s0
-    while s < s1:
-        e = min(s1, s + rows_per)
+    while s + R <= s1:
+        o = base + s * C
+        if s + 4 * R <= s1:
+            x0 = x[o:o + L]
+            x1 = x[o + L:o + 2 * L]
+            x2 = x[o + 2 * L:o + 3 * L]
+            x3 = x[o + 3 * L:o + 4 * L]
+            d0 = dy[o:o + L]
+            d1 = dy[o + L:o + 2 * L]
+            d2 = dy[o + 2 * L:o + 3 * L]
+            d3 = dy[o + 3 * L:o + 4 * L]
+            for i in range(L):
+                m = mT[i]
+                g0 = _ld(d0[i])
+                g1 = _ld(d1[i])
+                g2 = _ld(d2[i])
+                g3 = _ld(d3[i])
+                accy[i] += (g0 + g1) + (g2 + g3)
+                accx[i] += (g0 * (_ld(x0[i]) - m) + g1 * (_ld(x1[i]) - m)) + \
+                    (g2 * (_ld(x2[i]) - m) + g3 * (_ld(x3[i]) - m))
+            s += 4 * R
+        else:
+            xs = x[o:o + L]
+            ds = dy[o:o + L]
+            for i in range(L):
+                g = _ld(ds[i])
+                accy[i] += g
+                accx[i] += g * (_ld(xs[i]) - mT[i])
+            s += R
+        pending += 1
+        if pending == _FLUSH:
+            for i in range(L):
+                ty[i] += accy[i]
+                tx[i] += accx[i]
+                accy[i] = z
+                accx[i] = z
+            pending = 0
+    for r in range(s, s1):
+        o = base + r * C
+        xs = x[o:o + C]
+        ds = dy[o:o + C]
         for c in range(C):
-            bdy[c] = 0.0
-            bdyx[c] = 0.0
-        r = s
-        while r + 4 <= e:
-            o = base + r * C
-            x0 = x[o:o + C]
-            x1 = x[o + C:o + 2 * C]
-            x2 = x[o + 2 * C:o + 3 * C]
-            x3 = x[o + 3 * C:o + 4 * C]
-            d0 = dy[o:o + C]
-            d1 = dy[o + C:o + 2 * C]
-            d2 = dy[o + 2 * C:o + 3 * C]
-            d3 = dy[o + 3 * C:o + 4 * C]
-            for c in range(C):
-                m = mcn[c]
-                bdy[c] += (_ld(d0[c]) + _ld(d1[c])) + (_ld(d2[c]) + _ld(d3[c]))
-                bdyx[c] += (_ld(d0[c]) * (_ld(x0[c]) - m) + _ld(d1[c]) * (_ld(x1[c]) - m)) + \
-                    (_ld(d2[c]) * (_ld(x2[c]) - m) + _ld(d3[c]) * (_ld(x3[c]) - m))
-            r += 4
-        while r < e:
-            o = base + r * C
-            xs = x[o:o + C]
-            dys = dy[o:o + C]
-            for c in range(C):
-                d = _ld(dys[c])
-                bdy[c] += d
-                bdyx[c] += d * (_ld(xs[c]) - mcn[c])
-            r += 1
+            g = _ld(ds[c])
+            accy[c] += g
+            accx[c] += g * (_ld(xs[c]) - mcn[c])
+    for i in range(L):
+        ty[i] += accy[i]
+        tx[i] += accx[i]
+    for r in range(R):
         for c in range(C):
-            sdy[c] += bdy[c]
-            sdyx[c] += bdyx[c]
-        s = e
+            sdy[c] += ty[r * C + c]
+            sdyx[c] += tx[r * C + c]
 
 
 @njit(**_OPTS)
@@ -867,9 +891,7 @@ def cl_grad_sums(dy, x, mc, rc, N, S, C, B, psdy, psdyx, lo, hi):
         for c in range(C):
             sdy[c] = 0.0
             sdyx[c] = 0.0
-        bdy = np.empty(C, _ctype(x))
-        bdyx = np.empty(C, _ctype(x))
-        _cl_grad_block(dy, x, mc[n], n * S * C, s0, s1, C, sdy, sdyx, bdy, bdyx)
+        _cl_grad_rows(dy, x, mc[n], n * S * C, s0, s1, C, sdy, sdyx)
         rcn = rc[n]
         for c in range(C):
             sdyx[c] *= rcn[c]
@@ -952,9 +974,7 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
         for c in range(C):
             sdy[c] = 0.0
             sdyx[c] = 0.0
-        bdy = np.empty(C, _ctype(x))
-        bdyx = np.empty(C, _ctype(x))
-        _cl_grad_block(dy, x, mcn, n * S * C, 0, S, C, sdy, sdyx, bdy, bdyx)
+        _cl_grad_rows(dy, x, mcn, n * S * C, 0, S, C, sdy, sdyx)
         ca = np.empty(C, _ctype(x))
         cb = np.empty(C, _ctype(x))
         cc = np.empty(C, _ctype(x))
