@@ -405,8 +405,8 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
 
 @njit(**_OPTS)
 def _flush_partials(bdw, bdb, dws, dbs):
-    """Add the row block's dweight/dbias partials (x's dtype) to the float64 totals of its
-    chunk and clear them."""
+    """Add two arrays of partial sums in x's dtype (a row block's dweight/dbias partials,
+    a tile's lanes) to their float64 totals and clear them."""
     for k in range(bdw.size):
         dws[k] += bdw[k]
         dbs[k] += bdb[k]
@@ -641,9 +641,8 @@ _FLUSH = 8
 def _cl_tile_sums(x, base, rows, C, shT, accd, accq, sd, sq):
     """Per tile lane, float64 ``sd += sum(x - shT)`` and ``sq += sum((x - shT)^2)`` over
     ``rows`` channels-last rows from ``base``: four tiles (of ``shT.size // C`` rows) per
-    sweep, then single tiles, then the rows left over one at a time into the first C
-    lanes. accd/accq: scratch in x's dtype, like shT, flushed every ``_FLUSH`` sweeps
-    (each lane then holds at most ``4 * _FLUSH`` values)."""
+    sweep, then single tiles. accd/accq: scratch in x's dtype, like shT, flushed every
+    ``_FLUSH`` sweeps (each lane then holds at most ``4 * _FLUSH`` values)."""
     L = shT.size
     R = L // C
     z = accd.dtype.type(0.0)
@@ -652,7 +651,7 @@ def _cl_tile_sums(x, base, rows, C, shT, accd, accq, sd, sq):
         accq[i] = z
     pending = 0
     s = 0
-    while s + R <= rows:
+    while s < rows:
         o = base + s * C
         if s + 4 * R <= rows:
             x0 = x[o:o + L]
@@ -668,30 +667,19 @@ def _cl_tile_sums(x, base, rows, C, shT, accd, accq, sd, sq):
                 accd[i] += (d0 + d1) + (d2 + d3)
                 accq[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             s += 4 * R
-        else:
-            xs = x[o:o + L]
-            for i in range(L):
+        else:  # a single tile, the last one possibly shorter (the lanes' prefix)
+            n = min(R, rows - s) * C
+            xs = x[o:o + n]
+            for i in range(n):
                 d = _ld(xs[i]) - shT[i]
                 accd[i] += d
                 accq[i] += d * d
             s += R
         pending += 1
         if pending == _FLUSH:
-            for i in range(L):
-                sd[i] += accd[i]
-                sq[i] += accq[i]
-                accd[i] = z
-                accq[i] = z
+            _flush_partials(accd, accq, sd, sq)
             pending = 0
-    for r in range(s, rows):
-        xs = x[base + r * C:base + (r + 1) * C]
-        for c in range(C):
-            d = _ld(xs[c]) - shT[c]
-            accd[c] += d
-            accq[c] += d * d
-    for i in range(L):
-        sd[i] += accd[i]
-        sq[i] += accq[i]
+    _flush_partials(accd, accq, sd, sq)
 
 
 @njit(**_OPTS)
@@ -771,31 +759,23 @@ def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2, lo, hi):
 @njit(**_OPTS)
 def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C):
     """y = (x - mc[c]) * sc[c] + sh[c] for channels-last rows [s0, s1) from ``base``,
-    in tiles of rows (see ``_TILE``), the rows left over one at a time.
+    in tiles of rows (see ``_TILE``).
 
     ``mc`` is the mean rounded to x's dtype (``x - mc`` is exact near the mean) and
     ``sh = b - (mean - mc) * sc`` carries the rounding remainder: an input offset by
     1e4 in float32 loses nothing beyond its own rounding."""
-    R = _TILE // C
+    R = max(1, _TILE // C)
+    mt = _tiled(mc, R)
+    st = _tiled(sc, R)
+    ht = _tiled(sh, R)
     s = s0
-    if R >= 2:
-        L = R * C
-        mt = _tiled(mc, R)
-        st = _tiled(sc, R)
-        ht = _tiled(sh, R)
-        while s + R <= s1:
-            o = base + s * C
-            xs = x[o:o + L]
-            ys = y[o:o + L]
-            for i in range(L):
-                ys[i] = _enc((_ld(xs[i]) - mt[i]) * st[i] + ht[i], ys)
-            s += R
-    for r in range(s, s1):
-        o = base + r * C
-        xs = x[o:o + C]
-        ys = y[o:o + C]
-        for c in range(C):
-            ys[c] = _enc((_ld(xs[c]) - mc[c]) * sc[c] + sh[c], ys)
+    while s < s1:
+        n = min(R, s1 - s) * C  # (a last, shorter tile uses the coefficients' prefix)
+        xs = x[base + s * C:base + s * C + n]
+        ys = y[base + s * C:base + s * C + n]
+        for i in range(n):
+            ys[i] = _enc((_ld(xs[i]) - mt[i]) * st[i] + ht[i], ys)
+        s += R
 
 
 @njit(**_OPTS)
@@ -814,7 +794,6 @@ def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
     the float64 sdy/sdyx (C,): per lane of a tile of rows, four tiles per sweep, float32
     lanes flushed to float64 every ``_FLUSH`` sweeps (as :func:`_cl_tile_sums`)."""
     dt = _ctype(x)
-    z = dt(0.0)
     R = max(1, _TILE // C)
     L = R * C
     mT = _tiled(mcn, R)
@@ -824,7 +803,7 @@ def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
     tx = np.zeros(L)
     pending = 0
     s = s0
-    while s + R <= s1:
+    while s < s1:
         o = base + s * C
         if s + 4 * R <= s1:
             x0 = x[o:o + L]
@@ -845,33 +824,20 @@ def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
                 accx[i] += (g0 * (_ld(x0[i]) - m) + g1 * (_ld(x1[i]) - m)) + \
                     (g2 * (_ld(x2[i]) - m) + g3 * (_ld(x3[i]) - m))
             s += 4 * R
-        else:
-            xs = x[o:o + L]
-            ds = dy[o:o + L]
-            for i in range(L):
+        else:  # a single tile, the last one possibly shorter (the lanes' prefix)
+            n = min(R, s1 - s) * C
+            xs = x[o:o + n]
+            ds = dy[o:o + n]
+            for i in range(n):
                 g = _ld(ds[i])
                 accy[i] += g
                 accx[i] += g * (_ld(xs[i]) - mT[i])
             s += R
         pending += 1
         if pending == _FLUSH:
-            for i in range(L):
-                ty[i] += accy[i]
-                tx[i] += accx[i]
-                accy[i] = z
-                accx[i] = z
+            _flush_partials(accy, accx, ty, tx)
             pending = 0
-    for r in range(s, s1):
-        o = base + r * C
-        xs = x[o:o + C]
-        ds = dy[o:o + C]
-        for c in range(C):
-            g = _ld(ds[c])
-            accy[c] += g
-            accx[c] += g * (_ld(xs[c]) - mcn[c])
-    for i in range(L):
-        ty[i] += accy[i]
-        tx[i] += accx[i]
+    _flush_partials(accy, accx, ty, tx)
     for r in range(R):
         for c in range(C):
             sdy[c] += ty[r * C + c]
@@ -932,29 +898,20 @@ def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
 def _cl_dx_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx):
     """dx = ca[c] * dy + cb[c] * (x - mc[c]) + cc[c] for channels-last rows [s0, s1)
     (in tiles of rows, as :func:`_cl_affine_rows`)."""
-    R = _TILE // C
+    R = max(1, _TILE // C)
+    mt = _tiled(mc, R)
+    at = _tiled(ca, R)
+    bt = _tiled(cb, R)
+    ct = _tiled(cc, R)
     s = s0
-    if R >= 2:
-        L = R * C
-        mt = _tiled(mc, R)
-        at = _tiled(ca, R)
-        bt = _tiled(cb, R)
-        ct = _tiled(cc, R)
-        while s + R <= s1:
-            o = base + s * C
-            xs = x[o:o + L]
-            dys = dy[o:o + L]
-            dxs = dx[o:o + L]
-            for i in range(L):
-                dxs[i] = _enc(at[i] * _ld(dys[i]) + bt[i] * (_ld(xs[i]) - mt[i]) + ct[i], dxs)
-            s += R
-    for r in range(s, s1):
-        o = base + r * C
-        xs = x[o:o + C]
-        dys = dy[o:o + C]
-        dxs = dx[o:o + C]
-        for c in range(C):
-            dxs[c] = _enc(ca[c] * _ld(dys[c]) + cb[c] * (_ld(xs[c]) - mc[c]) + cc[c], dxs)
+    while s < s1:
+        n = min(R, s1 - s) * C  # (as in _cl_affine_rows)
+        xs = x[base + s * C:base + s * C + n]
+        dys = dy[base + s * C:base + s * C + n]
+        dxs = dx[base + s * C:base + s * C + n]
+        for i in range(n):
+            dxs[i] = _enc(at[i] * _ld(dys[i]) + bt[i] * (_ld(xs[i]) - mt[i]) + ct[i], dxs)
+        s += R
 
 
 @njit(**_OPTS)
