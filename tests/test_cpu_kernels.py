@@ -1014,6 +1014,32 @@ def test_statistics_exact_when_a_groups_first_elements_are_unrepresentative(case
     torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["gn_cl_per_sample", "gn_cl_row_blocks", "bn_cl", "gn"])
+def test_nan_and_inf_inputs_give_nan_statistics(case):
+    """A group holding a NaN or an Inf gets a NaN variance, as torch computes it
+    (Inf - Inf), and a mean that is not finite (an Inf group's may come out NaN rather
+    than Inf: it is summed again about the mean found): never finite statistics that
+    would pass into InstanceNorm's running statistics. Channels-last GroupNorm runs per
+    sample from 8 samples on, in row blocks below that."""
+    n = 2 if case == "gn_cl_row_blocks" else 8
+    x = torch.randn(n, 8, 6, 6, generator=torch.Generator().manual_seed(15))
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 5, 0, 0] = float("inf")
+    if case != "gn":
+        x = x.contiguous(memory_format=CL)
+    spec = batch_norm_spec(x.shape) if case == "bn_cl" else group_norm_spec(x.shape, 4)
+    _, mean, var, _ = numba_backend.forward_impl(x, None, None, spec, 1e-5)
+    x64 = x.double().reshape(spec.group_shape)
+    want_var = x64.var(spec.reduce_dims, unbiased=False, keepdim=True)
+    want_mean = x64.mean(spec.reduce_dims, keepdim=True)
+    assert want_var.isnan().any()
+    assert torch.equal(var.isnan(), want_var.isnan()), "var: NaN where torch's is NaN, nowhere else"
+    assert torch.equal(mean.isfinite(), want_mean.isfinite()), "mean: not finite where torch's is not"
+    torch.testing.assert_close(var.double().nan_to_num(), want_var.nan_to_num(), rtol=1e-5, atol=1e-6)
+    finite = want_mean.isfinite()
+    torch.testing.assert_close(mean.double()[finite], want_mean[finite], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["ln", "gn_cl"])
 def test_rough_mean_far_off_does_not_overflow_the_deviation_sums(case):
     """A sample mean far from the rest can make the float32 sum of squared deviations

@@ -64,3 +64,24 @@ def test_channels_last_gradcheck():
     x.requires_grad_()
     w, b = _inputs((3,), (3,))
     assert gradgradcheck(lambda x, w, b: NF.batch_norm(x, None, None, w, b, training=True), (x, w, b))
+
+
+def test_eager_calls_keep_a_functions_own_apply_or_setup_context():
+    """Eager calls skip torch's Python Function.apply wrapper for normlab's Functions,
+    but a Function that defines its own ``apply`` or ``setup_context`` (one given to
+    ``register_function``) is called through its own."""
+    from normlab.core.autograd import GroupNormFunction, NormFunction, _eager_apply
+
+    class OwnApply(NormFunction):
+        @classmethod
+        def apply(cls, *args):
+            return super().apply(*args)
+
+    class OwnSetup(NormFunction):
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+    assert _eager_apply(OwnApply) == OwnApply.apply
+    assert _eager_apply(OwnSetup) == OwnSetup.apply
+    assert _eager_apply(GroupNormFunction) != GroupNormFunction.apply

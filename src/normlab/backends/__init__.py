@@ -20,8 +20,9 @@ from ._env import getenv
 
 __all__ = ["reference", "register_backend", "select_backend"]
 
-# (name, predicate, backend), tried in order; the first whose predicate accepts wins.
-_BACKENDS: list[tuple[str, Callable[[torch.Tensor, NormSpec], bool], ModuleType]] = []
+# (name, predicate, backend), tried in order; the first whose predicate accepts wins
+# (a predicate returns a false value, True, or a specialized backend: see register_backend).
+_BACKENDS: list[tuple[str, Callable[[torch.Tensor, NormSpec], object], ModuleType]] = []
 
 
 def register_backend(name: str, accepts: Callable[[torch.Tensor, NormSpec], object],

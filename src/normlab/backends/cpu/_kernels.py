@@ -24,11 +24,12 @@ or chunks of partial sums) and :func:`normlab.backends.cpu.team.run` spreads the
 over threads; items write disjoint outputs, so any split gives the same result.
 
 Numerics (the precision policy of :mod:`normlab.core.stats`): totals accumulate in
-float64, but each reduction first adds a block (``_BLK`` elements, or one channels-last
-row block) in the input's dtype -- a loop LLVM vectorizes with several accumulators --
-and flushes that partial sum into the float64 total: no element is converted to
-float64 in an inner loop, and each float32 lane adds only a few dozen values (relative
-error ~1e-7). Elementwise steps run in the input's dtype (float32 or float64).
+float64, but each reduction first adds a block (``_BLK`` elements; channels-last: a
+lane of a tile of rows, at most ``4 * _FLUSH`` values) in the input's dtype -- a loop
+LLVM vectorizes with several accumulators -- and flushes that partial sum into the
+float64 total: no element is converted to float64 in an inner loop, and each float32
+lane adds only a few dozen values (relative error ~1e-7). Elementwise steps run in the
+input's dtype (float32 or float64).
 
 Variances are two-pass, never ``E[x^2] - E[x]^2``. Grouped view: a rough mean ``mc``
 (rounded to x's dtype) from the group's first ``_SAMPLE`` elements, then one pass sums
@@ -629,11 +630,12 @@ def _tiled(v, R):
 
 
 # Statistics: one pass over a work item's rows sums ``d = x - shift_g`` and ``d^2`` per
-# lane of a tile (float32 lanes flushed into float64 every ``_FLUSH`` tiles), with each
-# group's shift the mean of its first values; mean and M2 follow as in the grouped kernels (corrected
-# two-pass), and an item whose shift lay far from its mean (``_RECENTER``) is summed
-# again about the mean found. (Before: two passes per block of rows, four rows per sweep,
-# and a Chan merge per block: a 64-channel sample in L2 took 38 us, now ~15 us.)
+# lane of a tile (float32 lanes flushed into float64 every ``_FLUSH`` sweeps of up to
+# four tiles), with each group's shift the mean of its first values; mean and M2 follow
+# as in the grouped kernels (corrected two-pass), and an item whose shift lay far from
+# its mean (``_RECENTER``) is summed again about the mean found. (Before: two passes
+# per block of rows, four rows per sweep, and a Chan merge per block: the statistics of
+# a 64-channel sample in L2 took 38 us, now ~20 us.)
 _FLUSH = 8
 
 
@@ -727,7 +729,9 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
             dm = a / n
             mean[g] = shift[g] + dm
             v = q - a * dm
-            m2[g] = v if v > 0.0 else 0.0  # rounding of a constant group; NaN stays
+            if v < 0.0:  # rounding of a constant group; a NaN (NaN or Inf input) stays
+                v = 0.0
+            m2[g] = v
             # (an overflowed or NaN sum fails the test: summed again too)
             if attempt == 0 and not (q < np.inf and a * a <= _RECENTER * n * q):
                 again = True
