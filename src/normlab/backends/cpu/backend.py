@@ -282,7 +282,9 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
                                          float(eps), spec.center, call.short_rows, running_mean_at, running_var_at,
                                          float(running[2]) if fused else 0.0, call.unbias)
     if fused:  # written in place: bump the version counters as an in-place torch op would
-        torch.autograd.graph.increment_version(tuple(t for t in running[:2] if t is not None))
+        running_mean, running_var, _ = running
+        torch.autograd.graph.increment_version((running_var,) if running_mean is None else
+                                               (running_mean, running_var))
     else:
         fold_running_stats(running, mean, var, spec.count)
     return y, (mean if spec.center else None), var, rstd
