@@ -283,8 +283,7 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
                                          float(running[2]) if fused else 0.0, call.unbias)
     if fused:  # written in place: bump the version counters as an in-place torch op would
         running_mean, running_var, _ = running
-        torch.autograd.graph.increment_version((running_var,) if running_mean is None else
-                                               (running_mean, running_var))
+        torch.autograd.graph.increment_version((running_var,) if running_mean is None else (running_mean, running_var))
     else:
         fold_running_stats(running, mean, var, spec.count)
     return y, (mean if spec.center else None), var, rstd
@@ -292,18 +291,27 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
 
 def _running_at(running: RunningStats, call: _Call) -> tuple[int, int] | None:
     """(running_mean's address or 0 if absent, running_var's address) when the forward
-    kernel can update the running statistics in place -- plain dense CPU tensors of the
-    compute dtype with one value per channel, a per-channel grouped view (K = 1), and no
-    functorch transform that could have batched them -- else None."""
+    kernel can update the running statistics in place (:func:`_in_place_buffers`, and a
+    per-channel grouped view: K = 1), else None."""
     running_mean, running_var, _ = running
-    if running_var is None or call.plan.dims[2] != 1 or torch._C._are_functorch_transforms_active():
+    if call.plan.dims[2] != 1 or _in_place_buffers(running_mean, running_var, call.cdt, call.plan.dims[4]) is None:
         return None
-    channels = call.plan.dims[4]
-    for t in (running_var,) if running_mean is None else (running_mean, running_var):
-        if type(t) is not torch.Tensor or t.dtype != call.cdt or not t.is_cpu or t.is_inference() \
+    return (0 if running_mean is None else running_mean.data_ptr()), running_var.data_ptr()
+
+
+def _in_place_buffers(running_mean, running_var, dtype: torch.dtype, channels: int) -> tuple[torch.Tensor, ...] | None:
+    """The running-statistics buffers given -- ``(running_var,)`` or ``(running_mean,
+    running_var)`` -- when a kernel may write them by address: plain dense CPU tensors of
+    ``dtype`` with ``channels`` values each, outside functorch transforms (which may have
+    batched them into wrappers without storage); else None."""
+    if running_var is None or torch._C._are_functorch_transforms_active():
+        return None
+    buffers = (running_var,) if running_mean is None else (running_mean, running_var)
+    for t in buffers:
+        if type(t) is not torch.Tensor or t.dtype != dtype or not t.is_cpu or t.is_inference() \
                 or not t.is_contiguous() or t.numel() != channels:
             return None
-    return (0 if running_mean is None else running_mean.data_ptr()), running_var.data_ptr()
+    return buffers
 
 
 def _grouped_forward(k, call: _Call, spec: NormSpec, xf, yf, w, b, eps: float, compute: bool, mean_np,
@@ -526,12 +534,10 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     if dtype not in _RUNNING_DTYPES or mean.dtype != dtype or var.dtype != dtype or not mean.is_cpu \
             or not (mean.is_contiguous() and var.is_contiguous()):
         return False
-    running = (running_var,) if running_mean is None else (running_mean, running_var)
-    for t in running:
-        if type(t) is not torch.Tensor or t.dtype != dtype or not t.is_cpu or t.is_inference() \
-                or not t.is_contiguous():
-            return False
     channels = running_var.shape[0]
+    running = _in_place_buffers(running_mean, running_var, dtype, channels)
+    if running is None:
+        return False
     # by address: a BatchNorm step's four NumPy views cost more than the update itself
     runtime.kernels().update_running_at(running_mean.data_ptr() if running_mean is not None else 0,
                                         running_var.data_ptr(), mean.data_ptr(), var.data_ptr(), _LIKE[dtype],
