@@ -608,6 +608,34 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
                     dxs[k] = _enc((rc * w[k]) * _ld(dys[k]) + cb * (_ld(xs[k]) - mc) + cc, dxs)
 
 
+@njit(**_OPTS)
+def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, short_rows, mean, var, rstd, lo,
+                             hi):
+    """The grouped-view forward over groups [lo, hi): the tile-phased kernel for short
+    LayerNorm/RMSNorm rows (``short_rows``) with batch statistics, else
+    :func:`grouped_forward`. The one place that choice is made, for the threaded calls
+    and the by-address ones alike."""
+    if compute and short_rows:
+        short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, lo, hi)
+    else:
+        grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd, lo, hi)
+
+
+@njit(**_OPTS)
+def dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx,
+                              dwp, dbp, lo, hi):
+    """The grouped-view backward over partial chunks [lo, hi) (see
+    :func:`dispatch_grouped_forward`): the row kernels for LayerNorm/RMSNorm rows (the
+    tile-phased one for short rows), else :func:`grouped_backward`."""
+    if A == 1 and S == 1 and G == 1:
+        if short_rows:
+            short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, lo, hi)
+        else:
+            rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, lo, hi)
+    else:
+        grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, dx, dwp, dbp, lo, hi)
+
+
 # ---------------------------------------------------------------------- channels-last
 #
 # A channels-last row is C contiguous channels, a short loop (e.g. 64): per row, LLVM's
@@ -1017,8 +1045,8 @@ def _at(addr, n, like):
 @njit(**_OPTS)
 def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, K, S, G, eps,
                        center, short_rows, running_mean_at, running_var_at, momentum, correction):
-    """:func:`grouped_forward` with batch statistics (:func:`short_rows_forward` for short
-    LayerNorm/RMSNorm rows), all P groups; mean/var/rstd hold P values each.
+    """:func:`dispatch_grouped_forward` with batch statistics on all P groups;
+    mean/var/rstd hold P values each.
 
     ``running_var_at`` not 0 (BatchNorm/InstanceNorm training, K = 1): the running
     statistics of the G channels are then updated from the P = rows * G statistics, as
@@ -1031,10 +1059,7 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
     mean = _at(mean_at, P, like_c)
     var = _at(var_at, P, like_c)
     rstd = _at(rstd_at, P, like_c)
-    if short_rows:
-        short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, 0, P)
-    else:
-        grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, mean, var, rstd, 0, P)
+    dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_rows, mean, var, rstd, 0, P)
     if running_var_at:
         update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
                        mean.reshape(P // G, G), var.reshape(P // G, G), momentum, correction)
@@ -1043,8 +1068,8 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
 @njit(**_OPTS)
 def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, K, S,
                         G, center, batch, need_dx, T, short_rows):
-    """:func:`grouped_backward` (the row kernels for LayerNorm/RMSNorm) over T partial
-    chunks, summed into dweight/dbias (G*K values each). dx is written when need_dx."""
+    """:func:`dispatch_grouped_backward` over all T partial chunks, summed into
+    dweight/dbias (G*K values each). dx is written when need_dx."""
     n = A * P * K * S
     C = G * K
     dy = _at(dy_at, n, like_x)
@@ -1055,13 +1080,8 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at
     rstd = _at(rstd_at, P, like_c)
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
-    if A == 1 and S == 1 and G == 1:
-        if short_rows:
-            short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
-        else:
-            rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
-    else:
-        grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, dx, dwp, dbp, 0, T)
+    dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx, dwp,
+                              dbp, 0, T)
     sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
 

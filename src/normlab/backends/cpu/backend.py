@@ -246,7 +246,9 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     threads = 1 if call.serial else torch.get_num_threads()
     xf, yf = _flat(xc), _flat(y)
     if plan.kind == "grouped":
-        _grouped_forward(k, call, spec, xf, yf, w, b, eps, not fixed, mean_np, var_np, rstd_np, threads)
+        a, p, kk, s, g = plan.dims
+        team.run(k.dispatch_grouped_forward, (xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed,
+                                              call.short_rows, mean_np, var_np, rstd_np), p, threads)
     elif not fixed and plan.blocks == 1:
         # one work item per sample: statistics and output in one sweep
         n, s, g, kk = plan.dims
@@ -312,36 +314,6 @@ def _in_place_buffers(running_mean, running_var, dtype: torch.dtype, channels: i
                 or not t.is_contiguous() or t.numel() != channels:
             return None
     return buffers
-
-
-def _grouped_forward(k, call: _Call, spec: NormSpec, xf, yf, w, b, eps: float, compute: bool, mean_np,
-                     var_np, rstd_np, threads: int) -> None:
-    """The grouped-view forward kernel on ``threads`` threads: the tile-phased one for
-    short LayerNorm/RMSNorm rows with batch statistics, else ``grouped_forward``."""
-    a, p, kk, s, g = call.plan.dims
-    if compute and call.short_rows:
-        team.run(k.short_rows_forward, (xf, yf, w, b, p, kk, float(eps), spec.center, mean_np, var_np, rstd_np),
-                 p, threads)
-    else:
-        team.run(k.grouped_forward, (xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, compute, mean_np,
-                                     var_np, rstd_np), p, threads)
-
-
-def _grouped_backward(k, call: _Call, spec: NormSpec, dyf, xf, w, mean_np, rstd_np, batch_statistics: bool,
-                      need_dx: bool, dx_np, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """The grouped-view backward kernel on ``threads`` threads (the row kernels for
-    LayerNorm/RMSNorm); returns its (partials, C) float64 dweight/dbias partial sums."""
-    a, p, kk, s, g = call.plan.dims
-    t = call.partials
-    dwp, dbp = np.zeros((2, t, call.plan.channels))
-    if a == s == g == 1:  # LayerNorm/RMSNorm rows
-        rows = k.short_rows_backward if call.short_rows else k.rows_backward
-        team.run(rows, (dyf, xf, w, mean_np, rstd_np, p, kk, spec.center, batch_statistics, need_dx, t, dx_np,
-                        dwp, dbp), t, threads)
-    else:
-        team.run(k.grouped_backward, (dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center,
-                                      batch_statistics, need_dx, t, dx_np, dwp, dbp), t, threads)
-    return dwp, dbp
 
 
 def _cl_forward_blocks(k, xf, yf, w, b, plan: Plan, eps, fixed, mean_np, var_np, rstd_np, threads):
@@ -412,8 +384,12 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     dyf, xf = _flat(dy), _flat(xc)
     channels = plan.channels
     if plan.kind == "grouped":
-        dwp, dbp = _grouped_backward(k, call, spec, dyf, xf, w, mean_np, rstd_np, batch_statistics, need_dx,
-                                     dx_np, threads)
+        a, p, kk, s, g = plan.dims
+        t = call.partials
+        dwp, dbp = np.zeros((2, t, channels))
+        team.run(k.dispatch_grouped_backward, (dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center,
+                                               batch_statistics, need_dx, t, call.short_rows, dx_np, dwp, dbp),
+                 t, threads)
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
         dwp = np.empty((n, channels))
