@@ -668,17 +668,17 @@ _FLUSH = 8
 
 
 @njit(**_OPTS)
-def _cl_tile_sums(x, base, rows, C, shT, accd, accq, sd, sq):
-    """Per tile lane, float64 ``sd += sum(x - shT)`` and ``sq += sum((x - shT)^2)`` over
-    ``rows`` channels-last rows from ``base``: four tiles (of ``shT.size // C`` rows) per
-    sweep, then single tiles. accd/accq: scratch in x's dtype, like shT, flushed every
-    ``_FLUSH`` sweeps (each lane then holds at most ``4 * _FLUSH`` values)."""
+def _cl_tile_sums(x, base, rows, C, shT):
+    """Per tile lane, float64 ``(sum(x - shT), sum((x - shT)^2))`` over ``rows``
+    channels-last rows from ``base``: four tiles (of ``shT.size // C`` rows) per sweep,
+    then single tiles, into lanes in x's dtype flushed every ``_FLUSH`` sweeps (each lane
+    then holds at most ``4 * _FLUSH`` values)."""
     L = shT.size
     R = L // C
-    z = accd.dtype.type(0.0)
-    for i in range(L):
-        accd[i] = z
-        accq[i] = z
+    accd = np.zeros(L, shT.dtype)
+    accq = np.zeros(L, shT.dtype)
+    sd = np.zeros(L)
+    sq = np.zeros(L)
     pending = 0
     s = 0
     while s < rows:
@@ -710,6 +710,7 @@ def _cl_tile_sums(x, base, rows, C, shT, accd, accq, sd, sq):
             _flush_partials(accd, accq, sd, sq)
             pending = 0
     _flush_partials(accd, accq, sd, sq)
+    return sd, sq
 
 
 @njit(**_OPTS)
@@ -719,7 +720,6 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
     C = G * K
     dt = _ctype(x)
     R = max(1, _TILE // C)
-    L = R * C
     n = rows * K
     # each group's shift: the mean of its first _SAMPLE values (rows x K channels), so
     # that the test below rarely asks for a second pass
@@ -730,22 +730,11 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
         for g in range(G):
             for k in range(K):
                 first[g] += _ld(xs[g * K + k])
-    shift = np.empty(G, dt)
+    shift = np.empty(C, dt)  # per channel: each group's shift on its K channels
     for g in range(G):
-        shift[g] = dt(first[g] / (ns * K))
-    shT = np.empty(L, dt)
-    accd = np.empty(L, dt)
-    accq = np.empty(L, dt)
-    sd = np.empty(L)
-    sq = np.empty(L)
+        shift[g * K:(g + 1) * K] = dt(first[g] / (ns * K))
     for attempt in range(2):
-        for r in range(R):
-            for g in range(G):
-                for k in range(K):
-                    shT[r * C + g * K + k] = shift[g]
-        sd[:] = 0.0
-        sq[:] = 0.0
-        _cl_tile_sums(x, base, rows, C, shT, accd, accq, sd, sq)
+        sd, sq = _cl_tile_sums(x, base, rows, C, _tiled(shift, R))
         again = False
         for g in range(G):
             a = 0.0
@@ -755,7 +744,7 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
                     a += sd[r * C + g * K + k]
                     q += sq[r * C + g * K + k]
             dm = a / n
-            mean[g] = shift[g] + dm
+            mean[g] = shift[g * K] + dm
             v = q - a * dm
             if v < 0.0:  # rounding of a constant group; a NaN (NaN or Inf input) stays
                 v = 0.0
@@ -766,7 +755,7 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
         if not again:
             break
         for g in range(G):  # a shift far from its group's mean: again, about the mean
-            shift[g] = dt(mean[g])
+            shift[g * K:(g + 1) * K] = dt(mean[g])
 
 
 @njit(**_OPTS)
