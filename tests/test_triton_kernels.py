@@ -219,7 +219,9 @@ def test_tiny_shapes_split_every_reduction():
     # BatchNorm (3, 5, 3, 3) NCHW: 4x4 tiles, 2 channel blocks x 3 splits of 12 rows.
     nchw = torch.empty(3, 5, 3, 3)
     assert _channels._tile(5, nchw.stride(1)) == (4, 4)
-    assert _channels._splits(27, 2, 4, cpu) == (12, 3)  # (a single split takes the fused path)
+    assert _channels._splits(27, 2, 4, 6) == (12, 3)  # 6 programs (a single split takes the fused path)
+    plan = _channels._plan(nchw.view(3, 5, 9))
+    assert (plan.block_r, plan.block_c, plan.c_blocks, plan.rows_per_split, plan.splits) == (4, 4, 2, 12, 3)
     # channels_last: 8 channels (the contiguous axis) x 2 rows per tile.
     assert _channels._tile(5, nchw.contiguous(memory_format=CL).stride(1)) == (2, 8)
     # GroupNorm (2, 6, 3, 5), G=3 NCHW: tiles of 1 channel x 16; G=2 channels_last: 4 x 4.
@@ -239,9 +241,7 @@ def test_batch_norm_single_launch_path(monkeypatch, case, shape, make_spec, layo
     each run as one fused launch instead of partials + merge + elementwise."""
     monkeypatch.setattr(TUNING, "interpreter_programs", 1)
     x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(13)), layout).to(dtype)
-    block_r, block_c = _channels._tile(shape[1], x.view(shape[0], shape[1], -1).stride(1))
-    r = x.numel() // shape[1]
-    assert _channels._splits(r, -(-shape[1] // block_c), block_r, x.device)[1] == 1
+    assert _channels._plan(x.view(shape[0], shape[1], -1)).splits == 1
     spec = make_spec(shape)
     w, b = _params(spec, "wb")
     _compare(x, spec, *_run_both(x, w, b, spec))
@@ -531,8 +531,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         [sys.executable, "-W", "error", "-m", "normlab.backends.gpu.compile_check", "--dtypes", "bf16"],
         capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    kernels = {name for module in (_rows, _channels, _groups) for name in dir(module) if name.endswith("_kernel")}
-    assert len(kernels) == 20
+    kernels = {name for module in (_common, _rows, _channels, _groups) for name in dir(module)
+               if name.endswith("_kernel")}
+    assert len(kernels) == 22
     compiled = {line.split()[3] for line in result.stdout.splitlines() if line.startswith("ok  sm_90 bf16")}
     assert compiled == kernels, result.stdout
 

@@ -33,11 +33,28 @@ Backward (likewise fused into one launch when there is a single split)::
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TUNING, device_guard, dummy, fsum, num_programs, pow2, stats_buffers, tile_launch
+from ._common import (
+    LAUNCH,
+    TUNING,
+    cdiv,
+    device_guard,
+    dummy,
+    fsum,
+    num_programs,
+    num_warps,
+    pow2,
+    split_blocks,
+    split_sum,
+    stats_buffers,
+    tile_launch,
+)
 
 __all__ = ["channel_forward", "channel_apply", "channel_backward"]
 
@@ -226,12 +243,6 @@ def _chan_merge_kernel(PMean, PM2, Mean, Var, Rstd, C, R, rows_per_split, splits
     tl.store(Rstd + cols, tl.rsqrt(var + eps), mask=cmask)
 
 
-def merge_blocks(splits: int, columns: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_C) of :func:`_chan_merge_kernel`: up to 2048 partials a step."""
-    block_c = min(pow2(columns), 256)
-    return max(1, min(pow2(splits), 2048 // block_c)), block_c
-
-
 @triton.jit
 def _chan_apply_kernel(X, Y, Mean, Rstd, W, B, C, S, R, sxn, sxc, sxs, syn, syc, sys,
                        HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -304,12 +315,47 @@ def _tile(c: int, channel_stride: int, itemsize: int = 4) -> tuple[int, int]:
     return max(1, tile // block_c), block_c
 
 
-def _splits(r: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[int, int]:
-    """(rows_per_split, splits): enough programs to fill the device, each at least
-    one tile of rows; rows_per_split a multiple of block_r."""
-    want = max(1, num_programs(device) // c_blocks)
-    rows_per_split = triton.cdiv(triton.cdiv(r, want), block_r) * block_r
-    return rows_per_split, triton.cdiv(r, rows_per_split)
+def _splits(r: int, c_blocks: int, block_r: int, programs: int) -> tuple[int, int]:
+    """(rows_per_split, splits): about ``programs`` programs over all channel tiles,
+    each at least one tile of rows; rows_per_split a multiple of block_r."""
+    want = max(1, programs // c_blocks)
+    rows_per_split = cdiv(cdiv(r, want), block_r) * block_r
+    return rows_per_split, cdiv(r, rows_per_split)
+
+
+class _Plan(NamedTuple):
+    """Launch shape of the per-channel kernels for one input shape and layout."""
+
+    block_r: int
+    block_c: int
+    c_blocks: int
+    rows_per_split: int
+    splits: int
+    apply_grid: tuple[int, int]
+    merge_grid: tuple[int]
+    merge_block_k: int
+    merge_block_c: int
+    merge_warps: int
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_plan(n: int, c: int, s: int, channels_last: bool, itemsize: int, programs: int,
+                 _tuning: int) -> _Plan:
+    block_r, block_c = _tile(c, 1 if channels_last else 0, itemsize)
+    c_blocks = cdiv(c, block_c)
+    rows_per_split, splits = _splits(n * s, c_blocks, block_r, programs)
+    block_k, merge_c = split_blocks(splits, c)
+    return _Plan(block_r, block_c, c_blocks, rows_per_split, splits, (cdiv(n * s, block_r), c_blocks),
+                 (cdiv(c, merge_c),), block_k, merge_c, num_warps(block_k * merge_c))
+
+
+def _plan(x3: torch.Tensor) -> _Plan:
+    """The launch plan of (N, C, S) view x3, computed once per shape, layout, dtype
+    size and device size (every call pays for host-side arithmetic: ~2 us per
+    helper call on the H100 machine's CPU; keyed on the TUNING it reads)."""
+    n, c, s = x3.shape
+    return _cached_plan(n, c, s, x3.stride(1) == 1, x3.element_size(), num_programs(x3.device),
+                        TUNING.channel_tile)
 
 
 def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
@@ -319,50 +365,47 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
     fills the device (small inputs), else partial statistics, merge and apply."""
     n, c, s = x3.shape
     r = n * s
-    block_r, block_c = _tile(c, x3.stride(1), x3.element_size())
-    c_blocks = triton.cdiv(c, block_c)
-    rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
-    f32 = dict(device=x3.device, dtype=torch.float32)
+    plan = _plan(x3)
     mean, var, rstd = stats_buffers(3, c if stat_shape is None else stat_shape, x3)
     w = weight if weight is not None else dummy(mean)
     b = bias if bias is not None else dummy(mean)
     with device_guard(x3):
-        if splits == 1:
-            _chan_fused_fwd_kernel[(c_blocks,)](
+        if plan.splits == 1:
+            _chan_fused_fwd_kernel[(plan.c_blocks,)](
                 x3, y3, w, b, mean, var, rstd, c, s, r, *x3.stride(), *y3.stride(), eps,
-                HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
                 **tile_launch(),
             )
             return mean, var, rstd
-        pmean = torch.empty((splits, c), **f32)
-        pm2 = torch.empty((splits, c), **f32)
-        _chan_partial_stats_kernel[(c_blocks, splits)](
-            x3, pmean, pm2, c, s, r, *x3.stride(), rows_per_split,
-            BLOCK_R=block_r, BLOCK_C=block_c,
+        pmean, pm2 = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32).unbind(0)
+        _chan_partial_stats_kernel[(plan.c_blocks, plan.splits)](
+            x3, pmean, pm2, c, s, r, *x3.stride(), plan.rows_per_split,
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
             **tile_launch(),
         )
-        block_k, merge_c = merge_blocks(splits, c)
-        _chan_merge_kernel[(triton.cdiv(c, merge_c),)](
-            pmean, pm2, mean, var, rstd, c, r, rows_per_split, splits, eps, BLOCK_K=block_k, BLOCK_C=merge_c,
-            **tile_launch(),
+        _chan_merge_kernel[plan.merge_grid](
+            pmean, pm2, mean, var, rstd, c, r, plan.rows_per_split, plan.splits, eps,
+            BLOCK_K=plan.merge_block_k, BLOCK_C=plan.merge_block_c, num_warps=plan.merge_warps, **LAUNCH,
         )
-    channel_apply(x3, y3, mean, rstd, weight, bias)
+        _apply(x3, y3, mean, rstd, weight, bias, plan)
     return mean, var, rstd
 
 
 def channel_apply(x3: torch.Tensor, y3: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                   weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     """y3 = (x3 - mean[c]) * rstd[c] * w[c] + b[c] for (N, C, S) views; mean/rstd (C,) float32."""
-    n, c, s = x3.shape
-    block_r, block_c = _tile(c, x3.stride(1), x3.element_size())
-    grid = (triton.cdiv(n * s, block_r), triton.cdiv(c, block_c))
     with device_guard(x3):
-        _chan_apply_kernel[grid](
-            x3, y3, mean, rstd, weight if weight is not None else dummy(mean),
-            bias if bias is not None else dummy(mean), c, s, n * s, *x3.stride(), *y3.stride(),
-            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            **tile_launch(),
-        )
+        _apply(x3, y3, mean, rstd, weight, bias, _plan(x3))
+
+
+def _apply(x3, y3, mean, rstd, weight, bias, plan: _Plan) -> None:
+    n, c, s = x3.shape
+    _chan_apply_kernel[plan.apply_grid](
+        x3, y3, mean, rstd, weight if weight is not None else dummy(mean),
+        bias if bias is not None else dummy(mean), c, s, n * s, *x3.stride(), *y3.stride(),
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+        **tile_launch(),
+    )
 
 
 def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None,
@@ -373,17 +416,16 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
     (for dbias, dweight, or dx with batch statistics), else (None, None)."""
     n, c, s = x3.shape
     r = n * s
-    block_r, block_c = _tile(c, x3.stride(1), x3.element_size())
-    c_blocks = triton.cdiv(c, block_c)
+    plan = _plan(x3)
+    block_r, block_c, c_blocks = plan.block_r, plan.block_c, plan.c_blocks
     need_sums = need_dwb or (dx3 is not None and batch_statistics)
-    rows_per_split, splits = _splits(r, c_blocks, block_r, x3.device)
-    f32 = dict(device=x3.device, dtype=torch.float32)
-    sums = torch.empty((2, c), **f32) if need_sums else None
-    sdy, sdyx = sums.unbind(0) if need_sums else (None, None)
+    sdy = sdyx = None
     w = weight if weight is not None else dummy(rstd)
     dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
     with device_guard(x3):
-        if splits == 1:
+        if plan.splits == 1:
+            if need_sums:
+                sdy, sdyx = stats_buffers(2, c, x3)
             _chan_fused_bwd_kernel[(c_blocks,)](
                 x3, dy3, dx3 if dx3 is not None else dummy(x3), mean, rstd, w,
                 sdy if need_sums else dummy(rstd), sdyx if need_sums else dummy(rstd),
@@ -394,15 +436,16 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
             )
             return sdy, sdyx
         if need_sums:
-            partials = torch.empty((2, splits, c), **f32)  # sum(dy), sum(dy * xhat) per split
-            _chan_partial_grad_kernel[(c_blocks, splits)](
-                x3, dy3, mean, rstd, partials[0], partials[1], c, s, r, *x3.stride(), *dy3.stride(),
-                rows_per_split, BLOCK_R=block_r, BLOCK_C=block_c,
+            # sum(dy), sum(dy * xhat) per split
+            partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32)
+            _chan_partial_grad_kernel[(c_blocks, plan.splits)](
+                x3, dy3, mean, rstd, *partials.unbind(0), c, s, r, *x3.stride(), *dy3.stride(),
+                plan.rows_per_split, BLOCK_R=block_r, BLOCK_C=block_c,
                 **tile_launch(),
             )
-            torch.sum(partials, 1, out=sums)
+            sdy, sdyx = split_sum(partials).unbind(0)
         if dx3 is not None:
-            _chan_dx_kernel[(triton.cdiv(r, block_r), c_blocks)](
+            _chan_dx_kernel[plan.apply_grid](
                 x3, dy3, dx3, mean, rstd, w,
                 sdy if need_sums else dummy(rstd), sdyx if need_sums else dummy(rstd),
                 c, s, r, 1.0 / r, *x3.stride(), *dy3.stride(), *dx_strides,

@@ -32,18 +32,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._channels import _chan_merge_kernel, _grad_sums, _tile_offsets, _welford, merge_blocks
+from ._channels import _chan_merge_kernel, _grad_sums, _tile_offsets, _welford
 from ._channels import _splits as _channel_splits
 from ._channels import _tile as _channel_tile
 from ._common import (
     LAUNCH,
     TUNING,
+    cdiv,
     device_guard,
     dummy,
     fsum,
     num_programs,
     num_warps,
     pow2,
+    split_blocks,
+    split_sum,
     stats_buffers,
     tile_launch,
 )
@@ -282,29 +285,38 @@ def _cl_partial_stats_kernel(X, PMean, PM2, C, S, sxn, sxc, sxs, s_per_split, sp
 
 @triton.jit
 def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, splits, eps,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, BLOCK_KJ: tl.constexpr):
     """Per (n, g): fold the splits x Cg channel partials, about the first one's mean
     (accurate for a large offset): mean = m_0 + sum n_k (m_k - m_0) / m, then
-    M2 = sum M2_k + sum n_k (m_k - mean)^2."""
+    M2 = sum M2_k + sum n_k (m_k - mean)^2. The (split, channel) pairs of a group are
+    walked BLOCK_KJ at a time (a loop of single loads was latency-bound: 10 us at
+    (32, 64, 56, 56) on an H100)."""
     grp = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     gmask = grp < NG
     n = grp // G
     base = n * splits * C + (grp - n * G) * Cg
     shift = tl.load(PMean + base, mask=gmask, other=0.0)
-    offset = tl.full([BLOCK], 0.0, tl.float32)
-    for k in range(0, splits):
-        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)
-        for j in range(0, Cg):
-            offset += nb * (tl.load(PMean + base + k * C + j, mask=gmask, other=0.0) - shift)
+    pairs = splits * Cg
+    offset = tl.full([BLOCK, BLOCK_KJ], 0.0, tl.float32)
+    for kj0 in range(0, pairs, BLOCK_KJ):
+        kj = kj0 + tl.arange(0, BLOCK_KJ)
+        k = kj // Cg
+        mask = gmask[:, None] & (kj < pairs)[None, :]
+        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)[None, :]
+        pm = tl.load(PMean + base[:, None] + (k * C + kj - k * Cg)[None, :], mask=mask, other=0.0)
+        offset += tl.where(mask, nb * (pm - shift[:, None]), 0.0)
     count = Cg * S * 1.0  # (not .to(): Cg and S may be specialized to the constant 1)
-    mean = shift + offset / count
-    m2 = tl.full([BLOCK], 0.0, tl.float32)
-    for k in range(0, splits):
-        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)
-        for j in range(0, Cg):
-            d = tl.load(PMean + base + k * C + j, mask=gmask, other=0.0) - mean
-            m2 += tl.load(PM2 + base + k * C + j, mask=gmask, other=0.0) + nb * d * d
-    var = m2 / count
+    mean = shift + fsum(offset, axis=1) / count
+    m2 = tl.full([BLOCK, BLOCK_KJ], 0.0, tl.float32)
+    for kj0 in range(0, pairs, BLOCK_KJ):
+        kj = kj0 + tl.arange(0, BLOCK_KJ)
+        k = kj // Cg
+        mask = gmask[:, None] & (kj < pairs)[None, :]
+        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)[None, :]
+        at = base[:, None] + (k * C + kj - k * Cg)[None, :]
+        d = tl.load(PMean + at, mask=mask, other=0.0) - mean[:, None]
+        m2 += tl.where(mask, tl.load(PM2 + at, mask=mask, other=0.0) + nb * d * d, 0.0)
+    var = fsum(m2, axis=1) / count
     tl.store(Mean + grp, mean, mask=gmask)
     tl.store(Var + grp, var, mask=gmask)
     tl.store(Rstd + grp, tl.rsqrt(var + eps), mask=gmask)
@@ -384,6 +396,35 @@ def _cl_dx_kernel(X, DY, DX, W, Mean, Rstd, C1, C2, C, G, Cg, S, R,
              dx.to(DX.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _group_grad_means_kernel(P, W, C1, C2, K, NC, C, G, Cg, inv_m,
+                             HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (n, g), from per-(split, n, c) partial sums P[0] = sum(dy), P[1] =
+    sum(dy * xhat) (a (2, K, N, C) buffer, NC = N * C): the group means of g = w dy
+    and of g * xhat over the group's m = Cg * S elements, c1 and c2 of the dx formula."""
+    ng = tl.program_id(0)
+    n = ng // G
+    j = tl.arange(0, BLOCK_C)
+    cols = (ng - n * G) * Cg + j
+    cmask = j < Cg
+    s1 = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
+    s2 = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (k < K)[:, None] & cmask[None, :]
+        offsets = k[:, None] * NC + n * C + cols[None, :]
+        s1 += tl.load(P + offsets, mask=mask, other=0.0)
+        s2 += tl.load(P + K * NC + offsets, mask=mask, other=0.0)
+    g1 = fsum(s1, axis=0)
+    g2 = fsum(s2, axis=0)
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        g1 = g1 * w
+        g2 = g2 * w
+    tl.store(C1 + ng, fsum(g1, axis=0) * inv_m)
+    tl.store(C2 + ng, fsum(g2, axis=0) * inv_m)
+
+
 #: channels_last groups narrower than this go through the channel-tile kernels above.
 CL_TILE_BELOW = 32
 
@@ -399,8 +440,8 @@ def _cl_plan(x3: torch.Tensor) -> tuple[int, int, int, int, int]:
     enough (tile, split, sample) programs to fill the device."""
     n, c, s = x3.shape
     block_r, block_c = _channel_tile(c, 1)
-    c_blocks = triton.cdiv(c, block_c)
-    s_per_split, splits = _channel_splits(s, c_blocks * n, block_r, x3.device)
+    c_blocks = cdiv(c, block_c)
+    s_per_split, splits = _channel_splits(s, c_blocks * n, block_r, num_programs(x3.device))
     return block_r, block_c, c_blocks, s_per_split, splits
 
 
@@ -421,8 +462,8 @@ def _splits(groups_total: int, s: int, block_s: int, device: torch.device) -> tu
     target = num_programs(device)
     if 2 * groups_total >= target:
         return s, 1
-    s_per_split = triton.cdiv(triton.cdiv(s, triton.cdiv(target, groups_total)), block_s) * block_s
-    return s_per_split, triton.cdiv(s, s_per_split)
+    s_per_split = cdiv(cdiv(s, cdiv(target, groups_total)), block_s) * block_s
+    return s_per_split, cdiv(s, s_per_split)
 
 
 def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
@@ -456,10 +497,10 @@ def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | Non
             x3, pmean, pm2, ng, groups, cg, s, *x3.stride(), s_per_split,
             BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps(block_c * block_s), **LAUNCH,
         )
-        block_k, merge = merge_blocks(splits, ng)
-        _chan_merge_kernel[(triton.cdiv(ng, merge),)](
+        block_k, merge = split_blocks(splits, ng)
+        _chan_merge_kernel[(cdiv(ng, merge),)](
             pmean, pm2, mean, var, rstd, ng, cg * s, cg * s_per_split, splits, eps, BLOCK_K=block_k,
-            BLOCK_C=merge, **LAUNCH,
+            BLOCK_C=merge, num_warps=num_warps(block_k * merge), **LAUNCH,
         )
         _group_apply_kernel[(ng, splits)](
             x3, y3, w, b, mean, rstd, groups, cg, s, *x3.stride(), *y3.stride(), s_per_split, **flags,
@@ -479,12 +520,13 @@ def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> Non
             x3, pmean, pm2, c, s, *x3.stride(), s_per_split, splits,
             BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
         )
-        merge = min(pow2(ng), 256)
-        _cl_merge_kernel[(triton.cdiv(ng, merge),)](
+        block_kj = min(pow2(splits * (c // groups)), 64)
+        merge = max(1, min(pow2(ng), 2048 // block_kj))
+        _cl_merge_kernel[(cdiv(ng, merge),)](
             pmean, pm2, mean, var, rstd, ng, groups, c // groups, c, s, s_per_split, splits, eps,
-            BLOCK=merge, **LAUNCH,
+            BLOCK=merge, BLOCK_KJ=block_kj, num_warps=num_warps(merge * block_kj), **LAUNCH,
         )
-        _cl_apply_kernel[(triton.cdiv(n * s, block_r), c_blocks)](
+        _cl_apply_kernel[(cdiv(n * s, block_r), c_blocks)](
             x3, y3, w, b, mean, rstd, c, groups, c // groups, s, n * s, *x3.stride(), *y3.stride(),
             HAS_W=has_w, HAS_B=has_b, BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
         )
@@ -510,17 +552,16 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
     dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
     with device_guard(x3):
         if splits == 1 and not tiles:
-            psdy = torch.empty((n, c), **f32) if need_dwb else None
-            psdyx = torch.empty((n, c), **f32) if need_dwb else None
+            partials = torch.empty((2, n, c), **f32) if need_dwb else None  # per (n, c)
+            psdy, psdyx = partials.unbind(0) if need_dwb else (dummy(rstd), dummy(rstd))
             _group_bwd_kernel[(ng,)](
-                x3, dy3, dx3 if dx3 is not None else dummy(x3), w, mean, rstd,
-                psdy if need_dwb else dummy(rstd), psdyx if need_dwb else dummy(rstd),
+                x3, dy3, dx3 if dx3 is not None else dummy(x3), w, mean, rstd, psdy, psdyx,
                 c, groups, cg, s, *x3.stride(), *dy3.stride(), *dx_strides,
                 HAS_W=weight is not None, NEED_DX=dx3 is not None, NEED_DWB=need_dwb,
                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
             )
-            return (psdy.sum(0), psdyx.sum(0)) if need_dwb else (None, None)
-        partials = torch.empty((2, splits, n, c), **f32)  # sum(dy), sum(dy * xhat) per split
+            return split_sum(partials).unbind(0) if need_dwb else (None, None)
+        partials = torch.empty((2, splits, n, c), **f32)  # sum(dy), sum(dy * xhat) per (split, n, c)
         psdy, psdyx = partials.unbind(0)
         if tiles:
             _cl_partial_grad_kernel[(c_blocks, splits, n)](
@@ -532,14 +573,17 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
                 x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
                 s_per_split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
             )
-        sdy, sdyx = partials.sum(1).unbind(0)  # (N, C) each
         if dx3 is not None:
-            # group means of g = w dy and g * xhat
-            g1, g2 = (sdy, sdyx) if weight is None else (sdy * weight.float(), sdyx * weight.float())
-            c1 = (g1.view(n, groups, cg).sum(-1) / (cg * s)).reshape(-1)
-            c2 = (g2.view(n, groups, cg).sum(-1) / (cg * s)).reshape(-1)
+            c1, c2 = stats_buffers(2, ng, x3)  # group means of g = w dy and g * xhat
+            block_g = pow2(cg)
+            block_k = max(1, min(pow2(splits), 4096 // block_g))
+            _group_grad_means_kernel[(ng,)](
+                partials, w, c1, c2, splits, n * c, c, groups, cg, 1.0 / (cg * s),
+                HAS_W=weight is not None, BLOCK_K=block_k, BLOCK_C=block_g,
+                num_warps=num_warps(block_k * block_g), **LAUNCH,
+            )
             if tiles:
-                _cl_dx_kernel[(triton.cdiv(n * s, block_r), c_blocks)](
+                _cl_dx_kernel[(cdiv(n * s, block_r), c_blocks)](
                     x3, dy3, dx3, w, mean, rstd, c1, c2, c, groups, cg, s, n * s, *x3.stride(),
                     *dy3.stride(), *dx_strides, HAS_W=weight is not None, BLOCK_R=block_r,
                     BLOCK_C=block_c, **tile_launch(),
@@ -550,4 +594,5 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
                     *dx_strides, s_per_split, HAS_W=weight is not None, BLOCK_C=block_c,
                     BLOCK_S=block_s, num_warps=warps, **LAUNCH,
                 )
-    return (sdy.sum(0), sdyx.sum(0)) if need_dwb else (None, None)
+        # dbias, dweight: the partials summed over splits and samples
+        return split_sum(partials.view(2, splits * n, c)).unbind(0) if need_dwb else (None, None)

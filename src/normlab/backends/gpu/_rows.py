@@ -33,7 +33,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH, TUNING, device_guard, fsum, num_programs, num_warps, pow2, stats_buffers
+from ._common import (
+    LAUNCH,
+    TUNING,
+    cdiv,
+    device_guard,
+    fsum,
+    num_programs,
+    num_warps,
+    pow2,
+    split_sum,
+    stats_buffers,
+)
 
 __all__ = ["rows_forward", "rows_backward"]
 
@@ -219,9 +230,9 @@ def _row_programs(m: int, block_m: int, device: torch.device) -> tuple[int, int]
     """(programs, rows_per_program) for the backward: enough programs to fill the
     device, each a contiguous range of whole (BLOCK_M, N) tiles of rows (and one row
     of the partial buffers)."""
-    programs = max(1, min(triton.cdiv(m, block_m), num_programs(device)))
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    return triton.cdiv(m, rows_per_program), rows_per_program
+    programs = max(1, min(cdiv(m, block_m), num_programs(device)))
+    rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m
+    return cdiv(m, rows_per_program), rows_per_program
 
 
 @functools.lru_cache(maxsize=256)
@@ -247,7 +258,7 @@ def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
         mean, (var, rstd) = None, stats_buffers(2, shape, x)
     block_m, launch = _forward_plan(n, (TUNING.max_row_block, TUNING.row_tile))
     with device_guard(x):
-        _rows_fwd_kernel[(triton.cdiv(m, block_m),)](
+        _rows_fwd_kernel[(cdiv(m, block_m),)](
             x, y, weight if weight is not None else x, bias if bias is not None else x,
             mean if center else var, var, rstd, m, n, eps,
             HAS_W=weight is not None, HAS_B=bias is not None, CENTER=center, **launch,
@@ -289,5 +300,6 @@ def rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
         )
     if parts is None:
         return dx, None, None
-    sums = parts.sum(1)
+    with device_guard(x):
+        sums = split_sum(parts)
     return dx, sums[0] if need_dw else None, sums[int(need_dw)] if need_db else None

@@ -24,13 +24,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import _channels, _groups, _rows
+from . import _channels, _common, _groups, _rows
 from ._common import LAUNCH
 
 __all__ = ["KERNELS", "compile_kernel", "variants", "main"]
 
 #: kernel -> {constexpr block size: value}; boolean flags are found by name.
 KERNELS = {
+    _common._split_sum_kernel: {"BLOCK_K": 256, "BLOCK_C": 32},
     _rows._rows_fwd_kernel: {"BLOCK": 1024, "BLOCK_M": 2},
     _rows._rows_bwd_kernel: {"BLOCK": 1024, "BLOCK_M": 2},
     _channels._chan_fused_fwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
@@ -47,16 +48,17 @@ KERNELS = {
     _groups._group_partial_grad_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._group_dx_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._cl_partial_stats_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
-    _groups._cl_merge_kernel: {"BLOCK": 256},
+    _groups._cl_merge_kernel: {"BLOCK": 64, "BLOCK_KJ": 32},
     _groups._cl_apply_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
     _groups._cl_partial_grad_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
     _groups._cl_dx_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _groups._group_grad_means_kernel: {"BLOCK_K": 64, "BLOCK_C": 4},
 }
 
 _DATA = {"X", "Y", "DX", "DY"}  # pointers to the input's dtype
 _POINTERS = _DATA | {"W", "B", "Mean", "Var", "Rstd", "DWp", "DBp", "PMean", "PM2", "PSdy", "PSdyx",
-                     "Sdy", "Sdyx", "C1", "C2"}  # the others point to float32
-_FLOATS = {"eps", "inv_count"}
+                     "Sdy", "Sdyx", "C1", "C2", "P", "Out"}  # the others point to float32
+_FLOATS = {"eps", "inv_count", "inv_m"}
 
 
 def _flags(fn) -> list[str]:
