@@ -74,12 +74,16 @@ CL = torch.channels_last
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Blocks of 8 row elements / 16-element tiles and 6 programs per reduction."""
+    """Blocks of 8 row elements / 16-element tiles and 6 programs per reduction; passes
+    over per-split partials in steps of 8 partials, 2 columns a program (so their loops
+    over splits and channels take several steps)."""
     monkeypatch.setattr(TUNING, "max_row_block", 8)
     monkeypatch.setattr(TUNING, "row_tile", 32)
     monkeypatch.setattr(TUNING, "tile", 16)
     monkeypatch.setattr(TUNING, "channel_tile", 16)
     monkeypatch.setattr(TUNING, "interpreter_programs", 6)
+    monkeypatch.setattr(TUNING, "split_tile", 8)
+    monkeypatch.setattr(TUNING, "split_columns", 2)
 
 
 @pytest.fixture
@@ -262,8 +266,11 @@ def test_few_groups_split_the_spatial_range(monkeypatch, shape, groups, layout, 
     _, block_s = _groups._tile(cg, 35, x.view(2, shape[1], 35).stride(1))
     assert _groups._splits(2 * groups, 35, block_s, x.device)[1] >= 3
     spec = group_norm_spec(shape, groups) if cg > 1 else instance_norm_spec(shape)
-    for affine, needs in [("wb", (True, True, True)), ("none", (True, False, False))]:
-        w, b = _params(spec, affine)
+    settings = [("wb", (True, True, True), torch.float32), ("none", (True, False, False), torch.float32)]
+    if dtype == torch.bfloat16:  # 16-bit weights, read by the group-means kernel
+        settings.append(("wb", (True, True, True), torch.bfloat16))
+    for affine, needs, param_dtype in settings:
+        w, b = _params(spec, affine, param_dtype)
         _compare(x, spec, *_run_both(x, w, b, spec, needs=needs))
 
 
@@ -285,11 +292,13 @@ def test_channels_last_channel_tiles(monkeypatch, groups, programs, dtype):
     _, _, c_blocks, _, splits = _groups._cl_plan(x3)
     assert c_blocks == 2 and (splits > 1) == (programs > 1)
     spec = group_norm_spec(shape, groups) if groups < 20 else instance_norm_spec(shape)
-    settings = [("wb", (True, True, True))]
+    settings = [("wb", (True, True, True), torch.float32)]
     if programs > 1 and dtype == torch.float32:
-        settings += [("w", (True, False, False)), ("none", (True, False, False))]
-    for affine, needs in settings:
-        w, b = _params(spec, affine)
+        settings += [("w", (True, False, False), torch.float32), ("none", (True, False, False), torch.float32)]
+    if dtype == torch.bfloat16:  # 16-bit weights, read by the group-means kernel
+        settings.append(("wb", (True, True, True), torch.bfloat16))
+    for affine, needs, param_dtype in settings:
+        w, b = _params(spec, affine, param_dtype)
         _compare(x, spec, *_run_both(x, w, b, spec, needs=needs))
 
 

@@ -37,6 +37,12 @@ class Tuning:
     tile_warps: int = 4
     #: programs launched per SM for grid-stride reductions (LN backward, BN splits).
     programs_per_sm: int = 4
+    #: elements a program reads per step of a pass over per-split partials (the merges
+    #: of split statistics, :func:`split_sum`, the GroupNorm group means) and columns a
+    #: program owns there: these passes are latency-bound, so they take wide steps
+    #: over many programs (see :func:`split_blocks`).
+    split_tile: int = 8192
+    split_columns: int = 16
     #: the same target when running under the interpreter (no SMs to fill).
     interpreter_programs: int = 4
 
@@ -104,14 +110,16 @@ def num_programs(device: torch.device) -> int:
 
 
 def split_blocks(splits: int, columns: int) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_C) of the passes over per-split partials (:func:`split_sum`, the
-    statistics merges): up to 8192 partials a step, 16 columns a program. These passes
-    are latency-bound -- a few dependent steps over partials in L2 -- so they take wide
+    """(BLOCK_K, BLOCK_C) of a pass over (splits, columns) partials (:func:`split_sum`,
+    the statistics merges, the group means): up to ``TUNING.split_tile`` partials a
+    step, at most ``TUNING.split_columns`` columns a program. These passes are
+    latency-bound -- a few dependent steps over partials in L2 -- so they take wide
     steps over many programs: channels_last BatchNorm (32, 64, 56, 56) has 523 splits
     of 64 channels; one program walking them 32 splits a step took 23 us on an H100,
-    as long as the statistics pass itself (two programs of 256 x 32: 6 us)."""
-    block_c = min(pow2(columns), 16)
-    return max(1, min(pow2(splits), 8192 // block_c)), block_c
+    as long as the statistics pass itself (two programs of 256 x 32: 6 us; four of
+    512 x 16: 5 us)."""
+    block_c = min(pow2(columns), pow2(TUNING.split_columns))
+    return max(1, min(pow2(splits), pow2(TUNING.split_tile) // block_c)), block_c
 
 
 @triton.jit

@@ -401,28 +401,34 @@ def _group_grad_means_kernel(P, W, C1, C2, K, NC, C, G, Cg, inv_m,
                              HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (n, g), from per-(split, n, c) partial sums P[0] = sum(dy), P[1] =
     sum(dy * xhat) (a (2, K, N, C) buffer, NC = N * C): the group means of g = w dy
-    and of g * xhat over the group's m = Cg * S elements, c1 and c2 of the dx formula."""
+    and of g * xhat over the group's m = Cg * S elements, c1 and c2 of the dx formula.
+    The group's channels are walked BLOCK_C at a time, its splits BLOCK_K at a time."""
     ng = tl.program_id(0)
     n = ng // G
-    j = tl.arange(0, BLOCK_C)
-    cols = (ng - n * G) * Cg + j
-    cmask = j < Cg
-    s1 = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
-    s2 = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = (k < K)[:, None] & cmask[None, :]
-        offsets = k[:, None] * NC + n * C + cols[None, :]
-        s1 += tl.load(P + offsets, mask=mask, other=0.0)
-        s2 += tl.load(P + K * NC + offsets, mask=mask, other=0.0)
-    g1 = fsum(s1, axis=0)
-    g2 = fsum(s2, axis=0)
-    if HAS_W:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        g1 = g1 * w
-        g2 = g2 * w
-    tl.store(C1 + ng, fsum(g1, axis=0) * inv_m)
-    tl.store(C2 + ng, fsum(g2, axis=0) * inv_m)
+    first = (ng - n * G) * Cg
+    g1 = 0.0
+    g2 = 0.0
+    for c0 in range(0, Cg, BLOCK_C):
+        j = c0 + tl.arange(0, BLOCK_C)
+        cmask = j < Cg
+        s1 = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
+        s2 = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mask = (k < K)[:, None] & cmask[None, :]
+            offsets = k[:, None] * NC + n * C + first + j[None, :]
+            s1 += tl.load(P + offsets, mask=mask, other=0.0)
+            s2 += tl.load(P + K * NC + offsets, mask=mask, other=0.0)
+        t1 = fsum(s1, axis=0)
+        t2 = fsum(s2, axis=0)
+        if HAS_W:
+            w = tl.load(W + first + j, mask=cmask, other=0.0).to(tl.float32)
+            t1 = t1 * w
+            t2 = t2 * w
+        g1 += fsum(t1, axis=0)
+        g2 += fsum(t2, axis=0)
+    tl.store(C1 + ng, g1 * inv_m)
+    tl.store(C2 + ng, g2 * inv_m)
 
 
 #: channels_last groups narrower than this go through the channel-tile kernels above.
@@ -520,8 +526,7 @@ def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> Non
             x3, pmean, pm2, c, s, *x3.stride(), s_per_split, splits,
             BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
         )
-        block_kj = min(pow2(splits * (c // groups)), 64)
-        merge = max(1, min(pow2(ng), 2048 // block_kj))
+        block_kj, merge = split_blocks(splits * (c // groups), ng)  # pairs x groups
         _cl_merge_kernel[(cdiv(ng, merge),)](
             pmean, pm2, mean, var, rstd, ng, groups, c // groups, c, s, s_per_split, splits, eps,
             BLOCK=merge, BLOCK_KJ=block_kj, num_warps=num_warps(merge * block_kj), **LAUNCH,
@@ -575,8 +580,7 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
             )
         if dx3 is not None:
             c1, c2 = stats_buffers(2, ng, x3)  # group means of g = w dy and g * xhat
-            block_g = pow2(cg)
-            block_k = max(1, min(pow2(splits), 4096 // block_g))
+            block_k, block_g = split_blocks(splits, cg)
             _group_grad_means_kernel[(ng,)](
                 partials, w, c1, c2, splits, n * c, c, groups, cg, 1.0 / (cg * s),
                 HAS_W=weight is not None, BLOCK_K=block_k, BLOCK_C=block_g,
