@@ -146,31 +146,38 @@ def _naive(spec: NormSpec, x: torch.Tensor, w: torch.Tensor | None, b: torch.Ten
     return y
 
 
-def _autograd_calls(fn: Callable, x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor],
-                    w: torch.Tensor, b: torch.Tensor | None) -> dict[str, Callable[[], object]]:
-    """The three modes of an autograd-level call ``fn(x, w, b)``."""
-    xg = x.detach().requires_grad_(True)
-    # autograd runs backward kernels on the forward's stream: for the backward-only mode
-    # to be capturable in a CUDA graph, its kept forward runs on the capture stream
-    capture_stream = torch.cuda.Stream() if x.is_cuda else None
-    with torch.cuda.stream(capture_stream) if capture_stream is not None else contextlib.nullcontext():
-        y_kept = fn(xg, w, b)
-    if capture_stream is not None:
-        torch.cuda.current_stream().wait_stream(capture_stream)
+def _autograd_call(fn: Callable, mode: str, x: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor],
+                   w: torch.Tensor, b: torch.Tensor | None,
+                   stream: torch.cuda.Stream | None) -> Callable[[], object]:
+    """An autograd-level call ``fn(x, w, b)`` in ``mode``.
 
-    def forward():
-        with torch.no_grad():
-            return fn(x, w, b)
+    The backward-only mode differentiates one kept forward, made on ``stream``: autograd
+    runs backward kernels on the forward's stream, so for a CUDA-graph capture the
+    forward runs on a side stream, and every call of the backward -- warm-up, timed or
+    captured -- runs there too (``capture_stream``, read by :func:`run`). Called from
+    another stream, or with the parameters' gradient-accumulator nodes made on another
+    one (every provider's kept forward shares ``w`` and ``b``, hence one stream for
+    all), autograd synchronizes the streams on each call ("AccumulateGrad node's stream
+    does not match") and the eager time includes that wait. The other modes build no
+    graph ahead of their calls."""
+    if mode == "forward":
+        def forward():
+            with torch.no_grad():
+                return fn(x, w, b)
+        return forward
+    xg = x.detach().requires_grad_(True)
+    if mode == "forward+backward":
+        return lambda: torch.autograd.grad(fn(xg, w, b), [xg, *params], dy)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        y_kept = fn(xg, w, b)
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
 
     def backward():
         return torch.autograd.grad(y_kept, [xg, *params], dy, retain_graph=True)
 
-    backward.capture_stream = capture_stream  # read by run(): capture it there
-
-    def both():
-        return torch.autograd.grad(fn(xg, w, b), [xg, *params], dy)
-
-    return {"forward": forward, "backward": backward, "forward+backward": both}
+    backward.capture_stream = stream
+    return backward
 
 
 def _sync(cuda: bool) -> None:
@@ -194,6 +201,12 @@ def _time_calls(fn: Callable[[], object], calls: int, cuda: bool) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def _on_its_stream(fn: Callable[[], object]) -> contextlib.AbstractContextManager:
+    """The stream a provider must be called on (its ``capture_stream``, if any)."""
+    stream = getattr(fn, "capture_stream", None)
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _calls_for(fn: Callable[[], object], cuda: bool, target_ms: float) -> int:
@@ -266,12 +279,13 @@ def _providers(case: BenchCase, mode: str, x: torch.Tensor, dy: torch.Tensor,
     for p in params:
         p.requires_grad_(True)
     dst = torch.empty_like(x)
+    stream = torch.cuda.Stream() if x.is_cuda and mode == "backward" else None
     providers = {
-        "torch.nn": _autograd_calls(calls["torch.nn"], x, dy, params, w, b)[mode],
+        "torch.nn": _autograd_call(calls["torch.nn"], mode, x, dy, params, w, b, stream),
         # the kernels called directly, with the backend's own output allocation
         "gpu-triton": {"forward": triton_fwd, "backward": triton_bwd, "forward+backward": triton_both}[mode],
-        "normlab": _autograd_calls(calls["normlab"], x, dy, params, w, b)[mode],
-        "naive": _autograd_calls(calls["naive"], x, dy, params, w, b)[mode],
+        "normlab": _autograd_call(calls["normlab"], mode, x, dy, params, w, b, stream),
+        "naive": _autograd_call(calls["naive"], mode, x, dy, params, w, b, stream),
         # x into a preallocated tensor: 2|x| bytes of real data (a fresh torch.empty
         # source copied ~2x faster than HBM allows on an H100 -- never-written pages)
         "copy": lambda: dst.copy_(x),
@@ -316,19 +330,23 @@ def run(cases: Sequence[BenchCase] = DEFAULT_CASES, dtype: torch.dtype = torch.f
         floor_bytes = x.numel() * x.element_size()
         for mode in modes:
             providers = _providers(case, mode, x, dy, w, b)
-            for fn in providers.values():
-                for _ in range(warmup):
-                    fn()
-            _sync(cuda)
-            calls = {name: _calls_for(fn, cuda, target_ms) for name, fn in providers.items()}
-            peak = {name: _peak_mb(fn, cuda) for name, fn in providers.items()}
+            calls: dict[str, int] = {}
+            peak: dict[str, float | None] = {}
+            for name, fn in providers.items():
+                with _on_its_stream(fn):
+                    for _ in range(warmup):
+                        fn()
+                    _sync(cuda)
+                    calls[name] = _calls_for(fn, cuda, target_ms)
+                    peak[name] = _peak_mb(fn, cuda)
             replays = {name: _graphed(fn, calls[name], getattr(fn, "capture_stream", None))
                        for name, fn in providers.items()} if cuda and graphs else {}
             times: dict[str, list[float]] = {name: [] for name in providers}
             kernel: dict[str, list[float]] = {name: [] for name in replays if replays[name] is not None}
             for _ in range(repeats):  # interleaved, so drifts hit every provider alike
                 for name, fn in providers.items():
-                    times[name].append(_time_calls(fn, calls[name], cuda))
+                    with _on_its_stream(fn):  # events recorded on the stream the calls run on
+                        times[name].append(_time_calls(fn, calls[name], cuda))
                 for name in kernel:
                     kernel[name].append(_time_calls(replays[name], 1, cuda) / calls[name])
             median = {name: statistics.median(t) for name, t in times.items()}
