@@ -284,6 +284,17 @@ def _cl_partial_stats_kernel(X, PMean, PM2, C, S, sxn, sxc, sxs, s_per_split, sp
 
 
 @triton.jit
+def _pair_block(kj0, pairs, base, gmask, Cg, C, S, s_per_split, BLOCK_KJ: tl.constexpr):
+    """Offsets, mask and row counts of (split k, channel j) pairs kj0 .. kj0+BLOCK_KJ-1
+    (kj = k * Cg + j) of each group in ``base``, in a (splits, C) partials layout."""
+    kj = kj0 + tl.arange(0, BLOCK_KJ)
+    k = kj // Cg
+    mask = gmask[:, None] & (kj < pairs)[None, :]
+    nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)[None, :]
+    return base[:, None] + (k * C + kj - k * Cg)[None, :], mask, nb
+
+
+@triton.jit
 def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, splits, eps,
                      BLOCK: tl.constexpr, BLOCK_KJ: tl.constexpr):
     """Per (n, g): fold the splits x Cg channel partials, about the first one's mean
@@ -299,21 +310,13 @@ def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, 
     pairs = splits * Cg
     offset = tl.full([BLOCK, BLOCK_KJ], 0.0, tl.float32)
     for kj0 in range(0, pairs, BLOCK_KJ):
-        kj = kj0 + tl.arange(0, BLOCK_KJ)
-        k = kj // Cg
-        mask = gmask[:, None] & (kj < pairs)[None, :]
-        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)[None, :]
-        pm = tl.load(PMean + base[:, None] + (k * C + kj - k * Cg)[None, :], mask=mask, other=0.0)
-        offset += tl.where(mask, nb * (pm - shift[:, None]), 0.0)
+        at, mask, nb = _pair_block(kj0, pairs, base, gmask, Cg, C, S, s_per_split, BLOCK_KJ)
+        offset += tl.where(mask, nb * (tl.load(PMean + at, mask=mask, other=0.0) - shift[:, None]), 0.0)
     count = Cg * S * 1.0  # (not .to(): Cg and S may be specialized to the constant 1)
     mean = shift + fsum(offset, axis=1) / count
     m2 = tl.full([BLOCK, BLOCK_KJ], 0.0, tl.float32)
     for kj0 in range(0, pairs, BLOCK_KJ):
-        kj = kj0 + tl.arange(0, BLOCK_KJ)
-        k = kj // Cg
-        mask = gmask[:, None] & (kj < pairs)[None, :]
-        nb = tl.minimum(s_per_split, S - k * s_per_split).to(tl.float32)[None, :]
-        at = base[:, None] + (k * C + kj - k * Cg)[None, :]
+        at, mask, nb = _pair_block(kj0, pairs, base, gmask, Cg, C, S, s_per_split, BLOCK_KJ)
         d = tl.load(PMean + at, mask=mask, other=0.0) - mean[:, None]
         m2 += tl.where(mask, tl.load(PM2 + at, mask=mask, other=0.0) + nb * d * d, 0.0)
     var = fsum(m2, axis=1) / count
