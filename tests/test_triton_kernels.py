@@ -213,13 +213,12 @@ def test_rows_in_registers_and_in_chunks(monkeypatch, max_row_block, builder, dt
 
 def test_tiny_shapes_split_every_reduction():
     """The shapes above do exercise the partial buffers, the merges and the loops."""
-    cpu = torch.device("cpu")
-    # LayerNorm backward, 11 rows of 13 (chunked: 1 row per tile): 6 programs of 2 rows.
+    # LayerNorm backward, 11 rows of 13 (chunked: 1 row per tile): 6 programs (the fixture's) of 2 rows.
     assert _rows._rows_per_tile(*_rows._row_block(13)) == 1
-    assert _rows._row_programs(11, 1, cpu) == (6, 2)
+    assert _rows._row_programs(11, 1, 6) == (6, 2)
     # Rows of 5 (in registers, block 8): 4 rows per tile; 35 rows -> 5 programs of 2 tiles.
     assert _rows._row_block(5) == (8, True) and _rows._rows_per_tile(8, True) == 4
-    assert _rows._row_programs(35, 4, cpu) == (5, 8)
+    assert _rows._row_programs(35, 4, 6) == (5, 8)
     # BatchNorm (3, 5, 3, 3) NCHW: 4x4 tiles, 2 channel blocks x 3 splits of 12 rows.
     nchw = torch.empty(3, 5, 3, 3)
     assert _channels._tile(5, nchw.stride(1)) == (4, 4)
@@ -437,6 +436,45 @@ def test_declines_slices_reaching_past_32_bit_offsets(on_cpu, monkeypatch):
     assert gpu._extent(near) == 36 and gpu._extent(far) == 96
     assert gpu.accepts(near, batch_norm_spec(near.shape))
     assert not gpu.accepts(far, batch_norm_spec(far.shape))
+
+
+def test_extent_of_dense_layouts_is_their_numel():
+    """``_extent``'s shortcut for dense layouts agrees with the strided formula."""
+    def by_strides(t):
+        return 1 + sum((size - 1) * abs(step) for size, step in zip(t.shape, t.stride(), strict=True))
+
+    x4, x5 = torch.randn(2, 6, 3, 5), torch.randn(2, 3, 4, 2, 3)
+    for t in (x4, x4.contiguous(memory_format=CL), x5, x5.contiguous(memory_format=torch.channels_last_3d),
+              torch.randn(7), x4[:, 2:4], x4.transpose(2, 3)):
+        assert gpu._extent(t) == by_strides(t), t.shape
+
+
+@pytest.mark.parametrize("make_spec", [batch_norm_spec, lambda s: group_norm_spec(s, 3)], ids=["bn", "gn"])
+def test_gradients_that_need_a_copy(monkeypatch, make_spec):
+    """A gradient whose spatial dims don't collapse into one stride, or that reaches past
+    the 32-bit offsets (limit lowered to 200 elements here), is copied into x's layout
+    first; the result is the same as for a dense gradient."""
+    x = torch.randn(2, 6, 3, 5, generator=torch.Generator().manual_seed(16))
+    spec = make_spec(x.shape)
+    w, _ = _params(spec, "w")
+    _, mean, _, rstd = _ops.forward(x, w, None, spec, EPS)
+    dy = torch.randn(2, 6, 5, 3, generator=torch.Generator().manual_seed(17)).transpose(2, 3)
+    want = _ops.backward(dy.contiguous(), x, w, mean, rstd, spec, True, (True, True, False))
+    got = _ops.backward(dy, x, w, mean, rstd, spec, True, (True, True, False))  # odd strides
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(_ops, "_MAX_NUMEL", 200)
+    seen = []
+    for name in ("channel_backward", "group_backward"):  # record the (N, C, S) gradient passed on
+        kernel_call = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda dy3, *a, _call=kernel_call: seen.append(dy3) or _call(dy3, *a))
+    every_other = torch.zeros(4, 6, 3, 5)
+    every_other[::2] = dy
+    far = every_other[::2]  # 180 elements (spatial dims collapse) reaching 270
+    got = _ops.backward(far, x, w, mean, rstd, spec, True, (True, True, False))
+    assert gpu._extent(seen[-1]) == 180  # a dense copy, not the far-reaching view
+    for a, b in zip(got[:2], want[:2], strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_cpu_needs_both_variables(monkeypatch):

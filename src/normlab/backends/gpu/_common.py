@@ -138,14 +138,20 @@ def _split_sum_kernel(P, Out, K, C, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr
     tl.store(Out + a * C + cols, fsum(acc, axis=0), mask=cmask)
 
 
+@functools.lru_cache(maxsize=512)
+def _split_sum_plan(a: int, k: int, c: int, _tuning: tuple[int, int]) -> tuple[tuple[int, int], dict[str, object]]:
+    block_k, block_c = split_blocks(k, c)
+    return (cdiv(c, block_c), a), {"BLOCK_K": block_k, "BLOCK_C": block_c,
+                                   "num_warps": num_warps(block_k * block_c), **LAUNCH}
+
+
 def split_sum(partials: torch.Tensor) -> torch.Tensor:
-    """(A, K, C) contiguous float32 partials -> (A, C), summed over K (one launch)."""
+    """(A, K, C) contiguous float32 partials -> (A, C), summed over K (one launch; the
+    launch shape cached per shape, keyed on the TUNING it reads)."""
     a, k, c = partials.shape
     out = torch.empty((a, c), device=partials.device, dtype=torch.float32)
-    block_k, block_c = split_blocks(k, c)
-    _split_sum_kernel[(cdiv(c, block_c), a)](
-        partials, out, k, c, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps(block_k * block_c), **LAUNCH,
-    )
+    grid, options = _split_sum_plan(a, k, c, (TUNING.split_tile, TUNING.split_columns))
+    _split_sum_kernel[grid](partials, out, k, c, **options)
     return out
 
 

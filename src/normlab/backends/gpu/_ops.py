@@ -8,6 +8,7 @@ the reference backend, forward and backward alike.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,19 +26,32 @@ __all__ = ["forward", "backward"]
 _ROWS = ("layer_norm", "rms_norm")
 
 
-def _view3(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N, C, S) view of an (N, C, *spatial) tensor through its strides; a tensor
-    whose spatial dims don't collapse (e.g. an odd-strided gradient) is first copied
-    into ``like``'s memory format."""
-    n, c = t.shape[0], t.shape[1]
-    s = math.prod(t.shape[2:])
+@functools.lru_cache(maxsize=512)
+def _shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(N, C, S) of an (N, C, *spatial) shape."""
+    return shape[0], shape[1], math.prod(shape[2:])
+
+
+def _grad_view3(t: torch.Tensor, like: torch.Tensor, shape3: tuple[int, int, int]) -> torch.Tensor:
+    """(N, C, S) view of a caller's gradient through its strides; one whose spatial dims
+    don't collapse (e.g. an odd-strided gradient), or that reaches past 32-bit offsets,
+    is first copied into ``like``'s memory format. (x -- checked by ``accepts()`` --
+    and this backend's dense outputs view directly.)"""
     try:
-        view = t.view(n, c, s)
+        view = t.view(shape3)
     except RuntimeError:
-        return torch.empty_like(like).copy_(t).view(n, c, s)
-    if _extent(view) >= _MAX_NUMEL:  # a gradient reaching past 32-bit offsets (accepts() checked x)
-        return torch.empty_like(like).copy_(t).view(n, c, s)
+        return torch.empty_like(like).copy_(t).view(shape3)
+    if _extent(view) >= _MAX_NUMEL:
+        return torch.empty_like(like).copy_(t).view(shape3)
     return view
+
+
+def _flat_float32(stat: torch.Tensor) -> torch.Tensor:
+    """Statistics as the kernels index them: dense float32, read flat. Those of this
+    backend's forward already are (no call per tensor then)."""
+    if stat.dtype is torch.float32 and stat.is_contiguous():
+        return stat
+    return stat.reshape(-1).to(torch.float32).contiguous()
 
 
 def _empty_out(x: torch.Tensor) -> torch.Tensor:
@@ -65,17 +79,19 @@ def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_
         var = fixed_var.to(torch.float32)
         rstd = torch.rsqrt(var + eps)
         y = _empty_out(x)
-        channel_apply(_view3(x, x), _view3(y, x), mean.reshape(-1).contiguous(),
+        shape3 = _shape3(spec.input_shape)
+        channel_apply(x.view(shape3), y.view(shape3), mean.reshape(-1).contiguous(),
                       rstd.reshape(-1).contiguous(), w, b)
         return y, mean, var, rstd
     # the statistics are allocated in their final shape (no view per call)
     if family in _ROWS:
         return rows_forward(x, w, b, spec.count, spec.center, eps, spec.stat_shape)
     y = _empty_out(x)
+    shape3 = _shape3(spec.input_shape)
     if family == "batch_norm":
-        mean, var, rstd = channel_forward(_view3(x, x), _view3(y, x), w, b, eps, spec.stat_shape)
+        mean, var, rstd = channel_forward(x.view(shape3), y.view(shape3), w, b, eps, spec.stat_shape)
     else:  # group_norm / instance_norm
-        mean, var, rstd = group_forward(_view3(x, x), _view3(y, x), w, b, spec.group_shape[1], eps,
+        mean, var, rstd = group_forward(x.view(shape3), y.view(shape3), w, b, spec.group_shape[1], eps,
                                         spec.stat_shape)
     return y, mean, var, rstd
 
@@ -92,23 +108,24 @@ def backward(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
         if mean is None or rstd.numel() != spec.input_shape[1]:
             return reference.backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
         dx = _empty_out(x) if need_dx else None
+        shape3 = _shape3(spec.input_shape)
         sdy, sdyx = channel_backward(
-            _view3(dy, x), _view3(x, x), _view3(dx, x) if need_dx else None, w,
-            mean.reshape(-1).to(torch.float32).contiguous(),
-            rstd.reshape(-1).to(torch.float32).contiguous(),
-            batch_statistics, need_dw or need_db)
+            _grad_view3(dy, x, shape3), x.view(shape3), dx.view(shape3) if need_dx else None, w,
+            _flat_float32(mean), _flat_float32(rstd), batch_statistics, need_dw or need_db)
         dweight = sdyx if need_dw else None
         dbias = sdy if need_db else None
     elif family in ("group_norm", "instance_norm") and batch_statistics:
         dx = _empty_out(x) if need_dx else None
+        shape3 = _shape3(spec.input_shape)
         sdy, sdyx = group_backward(
-            _view3(dy, x), _view3(x, x), _view3(dx, x) if need_dx else None, w,
-            mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(),
-            spec.group_shape[1], need_dw or need_db)
+            _grad_view3(dy, x, shape3), x.view(shape3), dx.view(shape3) if need_dx else None, w,
+            _flat_float32(mean), _flat_float32(rstd), spec.group_shape[1], need_dw or need_db)
         dweight = sdyx if need_dw else None
         dbias = sdy if need_db else None
     else:
         return reference.backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
     shape = spec.param_shape
+    if len(shape) == 1:  # the sums are already (C,) or (N,) (a view costs ~1 us)
+        return dx, dweight, dbias
     return (dx, dweight.view(shape) if dweight is not None else None,
             dbias.view(shape) if dbias is not None else None)

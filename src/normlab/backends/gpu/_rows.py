@@ -226,11 +226,11 @@ def _rows_per_tile(block: int, single: bool) -> int:
     return max(1, pow2(TUNING.row_tile) // block) if single else 1
 
 
-def _row_programs(m: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows_per_program) for the backward: enough programs to fill the
-    device, each a contiguous range of whole (BLOCK_M, N) tiles of rows (and one row
-    of the partial buffers)."""
-    programs = max(1, min(cdiv(m, block_m), num_programs(device)))
+def _row_programs(m: int, block_m: int, target: int) -> tuple[int, int]:
+    """(programs, rows_per_program) for the backward: about ``target`` programs (what
+    fills the device), each a contiguous range of whole (BLOCK_M, N) tiles of rows (and
+    one row of the partial buffers)."""
+    programs = max(1, min(cdiv(m, block_m), target))
     rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m
     return cdiv(m, rows_per_program), rows_per_program
 
@@ -243,6 +243,18 @@ def _forward_plan(n: int, _tuning: tuple[int, int]) -> tuple[int, dict[str, obje
     block_m = _rows_per_tile(block, single)
     return block_m, {"BLOCK": block, "SINGLE": single, "BLOCK_M": block_m,
                      "num_warps": num_warps(block * block_m), **LAUNCH}
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_plan(m: int, n: int, programs: int, _tuning: tuple[int, int]) -> tuple[int, int, bool, dict]:
+    """(programs, rows_per_program, SINGLE, the block launch options) of the backward
+    for m rows of n elements on a device that ``programs`` programs fill (cached, as
+    :func:`_forward_plan`)."""
+    block, single = _row_block(n)
+    block_m = _rows_per_tile(block, single)
+    programs, rows_per_program = _row_programs(m, block_m, programs)
+    return programs, rows_per_program, single, {"BLOCK": block, "SINGLE": single, "BLOCK_M": block_m,
+                                                "num_warps": num_warps(block * block_m), **LAUNCH}
 
 
 def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -277,29 +289,25 @@ def rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
     # the kernel indexes the statistics flat (callers of the public op may pass views)
     mean = mean if mean is None or mean.is_contiguous() else mean.contiguous()
     rstd = rstd if rstd.is_contiguous() else rstd.contiguous()
-    block, single = _row_block(n)
-    block_m = _rows_per_tile(block, single)
-    programs, rows_per_program = _row_programs(m, block_m, x.device)
+    programs, rows_per_program, single, options = _backward_plan(
+        m, n, num_programs(x.device), (TUNING.max_row_block, TUNING.row_tile))
     # dW and dB partials in one buffer (one allocation, one sum); long rows accumulate
     # into their program's row in place, so they start from zeros
     parts = (torch.empty if single else torch.zeros)((need_dw + need_db, programs, n), device=x.device,
                                                      dtype=torch.float32) if need_dw or need_db else None
-    dwp = parts[0] if need_dw else None
-    dbp = parts[int(need_dw)] if need_db else None
+    partial = parts.unbind(0) if parts is not None else ()
+    dwp = partial[0] if need_dw else rstd
+    dbp = partial[-1] if need_db else rstd
     dx = torch.empty_like(x) if need_dx else None
     with device_guard(x):
         _rows_bwd_kernel[(programs,)](
             x, dy, dx if dx is not None else x, weight if weight is not None else x,
-            mean if mean is not None else rstd, rstd,
-            dwp if dwp is not None else rstd, dbp if dbp is not None else rstd,
-            m, n, rows_per_program,
+            mean if mean is not None else rstd, rstd, dwp, dbp, m, n, rows_per_program,
             HAS_W=weight is not None, CENTER=mean is not None, NEED_DX=need_dx,
-            NEED_DW=need_dw, NEED_DB=need_db, BLOCK=block, SINGLE=single, BLOCK_M=block_m,
-            num_warps=num_warps(block * block_m),
-            **LAUNCH,
+            NEED_DW=need_dw, NEED_DB=need_db, **options,
         )
     if parts is None:
         return dx, None, None
     with device_guard(x):
-        sums = split_sum(parts)
-    return dx, sums[0] if need_dw else None, sums[int(need_dw)] if need_db else None
+        sums = split_sum(parts).unbind(0)
+    return dx, sums[0] if need_dw else None, sums[-1] if need_db else None
