@@ -28,6 +28,8 @@ serve both shapes of launch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -465,14 +467,30 @@ def _tile(cg: int, s: int, channel_stride: int) -> tuple[int, int]:
     return min(pow2(cg), max(1, tile // block_s)), block_s
 
 
-def _splits(groups_total: int, s: int, block_s: int, device: torch.device) -> tuple[int, int]:
-    """(s_per_split, splits): one program per group when there are enough groups,
-    else each group's spatial range cut into pieces of whole tiles."""
-    target = num_programs(device)
+def _splits(groups_total: int, s: int, block_s: int, target: int) -> tuple[int, int]:
+    """(s_per_split, splits): one program per group when there are enough groups for
+    ``target`` programs (what fills the device), else each group's spatial range cut
+    into pieces of whole tiles."""
     if 2 * groups_total >= target:
         return s, 1
     s_per_split = cdiv(cdiv(s, cdiv(target, groups_total)), block_s) * block_s
     return s_per_split, cdiv(s, s_per_split)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_group_plan(ng: int, cg: int, s: int, channels_last: bool, programs: int,
+                       _tile_size: int) -> tuple[int, int, int, int, int]:
+    block_c, block_s = _tile(cg, s, 1 if channels_last else 0)
+    s_per_split, splits = _splits(ng, s, block_s, programs)
+    return block_c, block_s, s_per_split, splits, num_warps(block_c * block_s)
+
+
+def _group_plan(x3: torch.Tensor, cg: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_C, BLOCK_S, s_per_split, splits, num_warps) of the per-group kernels for
+    (N, C, S) view x3 and groups of cg channels, computed once per shape, layout and
+    device size (keyed on the TUNING it reads)."""
+    n, c, s = x3.shape
+    return _cached_group_plan(n * (c // cg), cg, s, x3.stride(1) == 1, num_programs(x3.device), TUNING.tile)
 
 
 def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
@@ -489,11 +507,10 @@ def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | Non
     if _channel_tiles(x3, cg):
         _cl_forward(x3, y3, w, b, weight is not None, bias is not None, mean, var, rstd, groups, eps)
         return mean, var, rstd
-    block_c, block_s = _tile(cg, s, x3.stride(1))
-    s_per_split, splits = _splits(ng, s, block_s, x3.device)
+    block_c, block_s, s_per_split, splits, warps = _group_plan(x3, cg)
     f32 = dict(device=x3.device, dtype=torch.float32)
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-                 num_warps=num_warps(block_c * block_s), **LAUNCH)
+                 num_warps=warps, **LAUNCH)
     with device_guard(x3):
         if splits == 1:
             _group_fwd_kernel[(ng,)](
@@ -552,9 +569,7 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
     if tiles:
         block_r, block_c, c_blocks, s_per_split, splits = _cl_plan(x3)
     else:
-        block_c, block_s = _tile(cg, s, x3.stride(1))
-        s_per_split, splits = _splits(ng, s, block_s, x3.device)
-        warps = num_warps(block_c * block_s)
+        block_c, block_s, s_per_split, splits, warps = _group_plan(x3, cg)
     f32 = dict(device=x3.device, dtype=torch.float32)
     w = weight if weight is not None else dummy(rstd)
     dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
