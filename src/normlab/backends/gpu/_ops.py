@@ -32,11 +32,12 @@ def _shape3(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return shape[0], shape[1], math.prod(shape[2:])
 
 
-def _grad_view3(t: torch.Tensor, like: torch.Tensor, shape3: tuple[int, int, int]) -> torch.Tensor:
-    """(N, C, S) view of a caller's gradient through its strides; one whose spatial dims
-    don't collapse (e.g. an odd-strided gradient), or that reaches past 32-bit offsets,
-    is first copied into ``like``'s memory format. (x -- checked by ``accepts()`` --
-    and this backend's dense outputs view directly.)"""
+def _input_view3(t: torch.Tensor, like: torch.Tensor, shape3: tuple[int, int, int]) -> torch.Tensor:
+    """(N, C, S) view of an input (x, or the caller's gradient) through its strides; one
+    whose spatial dims don't collapse (e.g. an odd-strided gradient), or that reaches
+    past 32-bit offsets, is first copied into ``like``'s memory format. (``accepts()``
+    checked x, but the custom op under torch.compile may hand over other strides.)
+    This backend's own dense outputs are viewed directly."""
     try:
         view = t.view(shape3)
     except RuntimeError:
@@ -80,7 +81,7 @@ def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_
         rstd = torch.rsqrt(var + eps)
         y = _empty_out(x)
         shape3 = _shape3(spec.input_shape)
-        channel_apply(x.view(shape3), y.view(shape3), mean.reshape(-1).contiguous(),
+        channel_apply(_input_view3(x, x, shape3), y.view(shape3), mean.reshape(-1).contiguous(),
                       rstd.reshape(-1).contiguous(), w, b)
         return y, mean, var, rstd
     # the statistics are allocated in their final shape (no view per call)
@@ -89,9 +90,9 @@ def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_
     y = _empty_out(x)
     shape3 = _shape3(spec.input_shape)
     if family == "batch_norm":
-        mean, var, rstd = channel_forward(x.view(shape3), y.view(shape3), w, b, eps, spec.stat_shape)
+        mean, var, rstd = channel_forward(_input_view3(x, x, shape3), y.view(shape3), w, b, eps, spec.stat_shape)
     else:  # group_norm / instance_norm
-        mean, var, rstd = group_forward(x.view(shape3), y.view(shape3), w, b, spec.group_shape[1], eps,
+        mean, var, rstd = group_forward(_input_view3(x, x, shape3), y.view(shape3), w, b, spec.group_shape[1], eps,
                                         spec.stat_shape)
     return y, mean, var, rstd
 
@@ -110,7 +111,7 @@ def backward(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
         dx = _empty_out(x) if need_dx else None
         shape3 = _shape3(spec.input_shape)
         sdy, sdyx = channel_backward(
-            _grad_view3(dy, x, shape3), x.view(shape3), dx.view(shape3) if need_dx else None, w,
+            _input_view3(dy, x, shape3), _input_view3(x, x, shape3), dx.view(shape3) if need_dx else None, w,
             _flat_float32(mean), _flat_float32(rstd), batch_statistics, need_dw or need_db)
         dweight = sdyx if need_dw else None
         dbias = sdy if need_db else None
@@ -118,7 +119,7 @@ def backward(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
         dx = _empty_out(x) if need_dx else None
         shape3 = _shape3(spec.input_shape)
         sdy, sdyx = group_backward(
-            _grad_view3(dy, x, shape3), x.view(shape3), dx.view(shape3) if need_dx else None, w,
+            _input_view3(dy, x, shape3), _input_view3(x, x, shape3), dx.view(shape3) if need_dx else None, w,
             _flat_float32(mean), _flat_float32(rstd), spec.group_shape[1], need_dw or need_db)
         dweight = sdyx if need_dw else None
         dbias = sdy if need_db else None
