@@ -285,3 +285,23 @@ def test_normlab_bench_device_cuda_writes_rows(tmp_path, capsys):
     assert {r["provider"] for r in rows} == {"torch.nn", "gpu-triton", "normlab", "naive", "copy"}
     assert all(float(r["kernel_ms"]) > 0 and r["torch"] == torch.__version__ for r in rows)
     assert len(json.loads((tmp_path / "gpu.json").read_text())["rows"]) == len(rows)
+
+
+def test_gpu_bench_autograd_calls_run_on_one_stream():
+    """The bench's autograd providers don't make autograd synchronize streams on every
+    call: no "AccumulateGrad node's stream does not match" warning in the backward and
+    forward+backward modes (it inflated their eager times), and every row gets a kernel
+    time. In a fresh process: torch may warn only once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "from normlab.backends.gpu.bench import BenchCase, run\n"
+        "rows = run([BenchCase('batch_norm', (8, 16, 12, 12))], modes=('backward', 'forward+backward'),"
+        " repeats=2, target_ms=0.2)\n"
+        "print(sum(r['kernel_ms'] is not None for r in rows), len(rows))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "AccumulateGrad" not in result.stderr, result.stderr
+    assert result.stdout.split() == ["10", "10"]
