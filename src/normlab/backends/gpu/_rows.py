@@ -249,12 +249,10 @@ def _forward_plan(n: int, _tuning: tuple[int, int]) -> tuple[int, dict[str, obje
 def _backward_plan(m: int, n: int, programs: int, _tuning: tuple[int, int]) -> tuple[int, int, bool, dict]:
     """(programs, rows_per_program, SINGLE, the block launch options) of the backward
     for m rows of n elements on a device that ``programs`` programs fill (cached, as
-    :func:`_forward_plan`)."""
-    block, single = _row_block(n)
-    block_m = _rows_per_tile(block, single)
+    :func:`_forward_plan`, whose blocks it uses)."""
+    block_m, options = _forward_plan(n, _tuning)
     programs, rows_per_program = _row_programs(m, block_m, programs)
-    return programs, rows_per_program, single, {"BLOCK": block, "SINGLE": single, "BLOCK_M": block_m,
-                                                "num_warps": num_warps(block * block_m), **LAUNCH}
+    return programs, rows_per_program, options["SINGLE"], options
 
 
 def rows_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -306,8 +304,7 @@ def rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
             HAS_W=weight is not None, CENTER=mean is not None, NEED_DX=need_dx,
             NEED_DW=need_dw, NEED_DB=need_db, **options,
         )
-    if parts is None:
-        return dx, None, None
-    with device_guard(x):
+        if parts is None:
+            return dx, None, None
         sums = split_sum(parts).unbind(0)
     return dx, sums[0] if need_dw else None, sums[-1] if need_db else None
