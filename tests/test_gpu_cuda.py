@@ -76,6 +76,7 @@ CASES = [
     ("bn-split", (16, 64, 28, 28), batch_norm_spec, "nchw"),
     ("bn-split-cl", (16, 64, 28, 28), batch_norm_spec, "cl"),
     ("bn-fused", (4, 8, 5, 5), batch_norm_spec, "nchw"),
+    ("bn-many-channels", (32, 640, 14, 14), batch_norm_spec, "nchw"),  # one launch per phase
     ("bn1d", (256, 100), batch_norm_spec, "nchw"),
     ("in", (8, 32, 28, 28), instance_norm_spec, "nchw"),
     ("in-cl", (8, 32, 28, 28), instance_norm_spec, "cl"),
@@ -231,6 +232,49 @@ def test_second_gpu_stream_and_non_default_device_guard():
         y = _ops.forward(x, None, None, spec, EPS)[0]
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_batch_norm_single_cooperative_launch(layout):
+    """BatchNorm's forward and backward are each one cooperative launch whose programs
+    wait at a barrier per channel tile: every call (many, back to back, on two streams
+    at once, and replayed from a CUDA graph) must see all splits' partials."""
+    from normlab.backends.gpu import _channels, _common
+
+    shape = (16, 64, 28, 28)
+    x = _input(shape, layout, torch.float32, seed=40)
+    plan = _channels._plan(x.view(16, 64, -1))  # (N, C, S), either layout
+    assert _common.cooperative_launch() and plan.sync and plan.splits > 1, plan
+    spec = batch_norm_spec(shape)
+    dy = _input(shape, layout, torch.float32, seed=41)
+    y0, mean0, var0, rstd0 = _ops.forward(x, None, None, spec, EPS)
+    dx0 = _ops.backward(dy, x, None, mean0, rstd0, spec, True, (True, False, False))[0]
+    assert_close(y0.double(), _torch64(spec, x, None, None), torch.float32, what="y")
+    for _ in range(50):  # the counters start at zero on every call
+        y, mean, *_ = _ops.forward(x, None, None, spec, EPS)
+        assert torch.equal(y, y0) and torch.equal(mean, mean0)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    outs = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outs.append([_ops.forward(x, None, None, spec, EPS)[0] for _ in range(10)])
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    assert all(torch.equal(y, y0) for ys in outs for y in ys)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _ops.forward(x, None, None, spec, EPS)  # warm up off the capture
+        with torch.cuda.graph(graph):
+            captured = _ops.forward(x, None, None, spec, EPS)[0]
+            captured_dx = _ops.backward(dy, x, None, mean0, rstd0, spec, True, (True, False, False))[0]
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, y0) and torch.equal(captured_dx, dx0)
 
 
 _OP_CASES = [

@@ -234,6 +234,42 @@ def test_tiny_shapes_split_every_reduction():
     assert _groups._tile(1, 21, 21) == (1, 16)
 
 
+def test_batch_norm_plans_one_cooperative_launch_when_the_grid_is_resident(monkeypatch):
+    """A GPU runs BatchNorm's phases in one launch when every program of the grid can be
+    resident at once (at least two splits per channel tile), else one launch per phase."""
+    for field in dataclasses.fields(TUNING):  # the default blocks
+        monkeypatch.setattr(TUNING, field.name, field.default)
+    # (32, 64, 56, 56) float32 on 132 SMs: 528 programs wanted, 264 resident.
+    nchw = _channels._cached_plan(32, 64, 3136, False, 4, 528, 264, (4096, 8192))
+    assert (nchw.c_blocks, nchw.splits, nchw.sync) == (16, 14, True)
+    assert _channels._phases(nchw, (1, 2, 4)) == [(7, True)]
+    cl = _channels._cached_plan(32, 64, 3136, True, 4, 528, 264, (4096, 8192))
+    assert (cl.c_blocks, cl.splits, cl.sync) == (1, 262, True)
+    assert (cl.merge_c, cl.block_k) == (1, 512)  # one channel a program, its 262 splits in one step
+    # 640 channels, 4 a tile: 160 tiles cannot have two resident programs each
+    wide = _channels._cached_plan(32, 640, 196, False, 4, 528, 264, (4096, 8192))
+    assert (wide.splits, wide.sync) == (3, False)
+    assert _channels._phases(wide, (1, 2, 4)) == [(1, False), (2, False), (4, False)]
+    # the interpreter (nothing resident together) and one split per tile
+    interp = _channels._cached_plan(3, 5, 1000, False, 4, 6, 0, (4096, 8192))
+    assert (interp.splits, interp.sync) == (3, False)
+    single = _channels._cached_plan(3, 5, 9, False, 4, 1, 0, (4096, 8192))
+    assert single.splits == 1 and _channels._phases(single, (1, 2, 4)) == [(7, False)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_batch_norm_barrier_code_runs(monkeypatch, layout):
+    """The cooperative launch's barrier code (atomics, the waiting loop) under the
+    interpreter: one split per tile, so no program waits for one that runs after it."""
+    monkeypatch.setattr(TUNING, "interpreter_programs", 1)
+    real_plan = _channels._plan
+    monkeypatch.setattr(_channels, "_plan", lambda x3: real_plan(x3)._replace(sync=True))
+    x = _layout(torch.randn((3, 5, 3, 3), generator=torch.Generator().manual_seed(14)), layout)
+    spec = batch_norm_spec(x.shape)
+    w, b = _params(spec, "wb")
+    _compare(x, spec, *_run_both(x, w, b, spec))
+
+
 _BN_CASES = [c for c in CASES if c[0].startswith("bn")]
 
 
@@ -580,7 +616,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     kernels = {name for module in (_common, _rows, _channels, _groups) for name in dir(module)
                if name.endswith("_kernel")}
-    assert len(kernels) == 22
+    assert len(kernels) == 18
     compiled = {line.split()[3] for line in result.stdout.splitlines() if line.startswith("ok  sm_90 bf16")}
     assert compiled == kernels, result.stdout
 

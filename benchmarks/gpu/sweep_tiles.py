@@ -1,13 +1,19 @@
 """Sweep the launch choices of the (rows x channels) tile kernels on a GPU --
-``TUNING.channel_tile`` (elements a tile) and ``TUNING.tile_warps`` -- timing the kernels
-alone (CUDA-graph replay) on BatchNorm and channels_last GroupNorm, forward and
-forward+backward, float32 and bfloat16.
+``TUNING.channel_tile`` (elements a tile), ``TUNING.tile_warps`` and
+``TUNING.resident_per_sm`` (programs per SM of BatchNorm's single cooperative launch; 0:
+one launch per phase) -- timing the kernels alone (CUDA-graph replay) on BatchNorm and
+channels_last GroupNorm, forward and forward+backward, float32 and bfloat16, next to
+torch.nn's.
 
-    PYTHONPATH=src python3 benchmarks/gpu/sweep_tiles.py
+    PYTHONPATH=src python3 benchmarks/gpu/sweep_tiles.py [--only bn] [--dtypes fp32]
+        [--warps 4,8] [--tiles 2048,4096,8192,16384] [--resident 2,4] [--set programs_per_sm=2,4]
+
+``--set FIELD=V1,V2`` sweeps any other integer/boolean TUNING field as well.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
 
@@ -15,7 +21,7 @@ import torch
 
 from normlab.backends.gpu import _ops
 from normlab.backends.gpu._common import TUNING
-from normlab.backends.gpu.bench import _graphed, _time_calls
+from normlab.backends.gpu.bench import _DTYPES, _graphed, _time_calls
 from normlab.core.spec import batch_norm_spec, group_norm_spec
 
 CASES = [(norm, shape, cl, dtype) for dtype in (torch.float32, torch.bfloat16)
@@ -29,7 +35,7 @@ def kernel_ms(fn, calls=20, repeats=7):
     return statistics.median(_time_calls(replay, 1, True) / calls for _ in range(repeats))
 
 
-def sweep_case(norm, shape, cl, dtype):
+def sweep_case(norm, shape, cl, dtype, choices):
     dev = torch.device("cuda")
     x = torch.randn(shape, device=dev).to(dtype)
     x = x.contiguous(memory_format=torch.channels_last) if cl else x
@@ -38,7 +44,20 @@ def sweep_case(norm, shape, cl, dtype):
     w, b = torch.randn(shape[1], device=dev), torch.randn(shape[1], device=dev)
     dst = torch.empty_like(x)
     copy = kernel_ms(lambda: dst.copy_(x))
-    print(f"{norm} {shape} {'CL' if cl else 'NCHW'} {dtype}: copy {copy * 1e3:.1f} us", flush=True)
+    xg, wg, bg = (t.detach().requires_grad_(True) for t in (x, w, b))
+    if norm == "bn":
+        torch_fn = lambda: torch.nn.functional.batch_norm(xg, None, None, wg, bg, True, 0.0, 1e-5)  # noqa: E731
+    else:
+        torch_fn = lambda: torch.nn.functional.group_norm(xg, 32, wg, bg, 1e-5)  # noqa: E731
+    t_f = kernel_ms(torch_fn)
+    try:
+        t_fb = kernel_ms(lambda: torch.autograd.grad(torch_fn(), (xg, wg, bg), dy))
+    except RuntimeError as err:  # a torch whose backward cannot be captured in a graph
+        print(f"  (torch.nn forward+backward not timed: {err})")
+        t_fb = float("nan")
+    print(f"{norm} {shape} {'CL' if cl else 'NCHW'} {dtype}: copy {copy * 1e3:.1f} us; torch.nn fwd "
+          f"{t_f * 1e3:.1f} us ({100 * copy / t_f:.0f}%), fwd+bwd {t_fb * 1e3:.1f} us ({250 * copy / t_fb:.0f}%)",
+          flush=True)
 
     def fwd():
         return _ops.forward(x, w, b, spec, 1e-5)
@@ -47,17 +66,38 @@ def sweep_case(norm, shape, cl, dtype):
         _, m, _, r = fwd()
         return _ops.backward(dy, x, w, m, r, spec, True)
 
-    for warps, tile in itertools.product((4, 8), (2048, 4096, 8192, 16384)):
-        TUNING.tile_warps, TUNING.channel_tile = warps, tile
+    for choice in choices:
+        for field, value in choice.items():
+            setattr(TUNING, field, type(getattr(TUNING, field))(value))
         f, fb = kernel_ms(fwd), kernel_ms(both)
-        print(f"  warps={warps:2} tile={tile:5}: fwd {f * 1e3:7.1f} us "
-              f"({100 * copy / f:4.0f}% of copy)  fwd+bwd {fb * 1e3:7.1f} us ({250 * copy / fb:4.0f}%)",
-              flush=True)
+        label = " ".join(f"{field}={value}" for field, value in choice.items())
+        print(f"  {label}: fwd {f * 1e3:7.1f} us "
+              f"({100 * copy / f:4.0f}% of copy, {t_f / f:.2f}x torch)  fwd+bwd {fb * 1e3:7.1f} us "
+              f"({250 * copy / fb:4.0f}%, {t_fb / fb:.2f}x)", flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
 
 
 def main():
-    for case in CASES:
-        sweep_case(*case)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["bn", "gn"])
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--warps", type=_ints, default=[4, 8])
+    parser.add_argument("--tiles", type=_ints, default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--resident", type=_ints, default=[TUNING.resident_per_sm])
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=V1,V2")
+    args = parser.parse_args()
+    dtypes = [_DTYPES[d] for d in args.dtypes.split(",")]
+    axes = {"tile_warps": args.warps, "channel_tile": args.tiles, "resident_per_sm": args.resident}
+    for item in args.set:
+        field, values = item.split("=")
+        axes[field] = _ints(values)
+    choices = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    for norm, shape, cl, dtype in CASES:
+        if (args.only in (None, norm)) and dtype in dtypes:
+            sweep_case(norm, shape, cl, dtype, choices)
 
 
 if __name__ == "__main__":

@@ -4,31 +4,34 @@ BatchNorm and InstanceNorm.
 x is viewed as (N, C, S) through its strides (S = prod(spatial)), which covers
 contiguous NCHW (stride_s = 1) and channels_last (stride_c = 1) without copies. The
 R = N*S values of one channel are split into ``splits`` ranges of rows; a program
-owns a tile of channels x one range.
+owns a tile of channels x one range, and runs up to three phases::
 
-Forward, batch statistics (three launches; one fused launch -- statistics then apply
-in the same program -- when a single split per channel tile already fills the device,
-i.e. small inputs)::
-
-    partial:  per (split, channel) (mean_k, M2_k) over the split's rows; inside a
-              split, tile statistics are merged by Chan's formula
+    PARTIAL:  per (split, channel) (mean_k, M2_k) over the split's rows: a Welford
+              update per (row lane, channel) element over the full tiles, the lanes
+              merged once at the end, the partial last tile merged by Chan's formula
               (delta = mean_b - mean_a, n = n_a + n_b,
                mean = mean_a + delta * n_b / n, M2 = M2_a + M2_b + delta^2 n_a n_b / n)
-    merge:    per channel, over the splits, BLOCK_K splits at a time:
-              mean = mean_0 + sum n_k (mean_k - mean_0) / R  (about split 0's mean: a
-              large offset costs no accuracy, unlike a running mean updated split by
-              split), M2 = sum M2_k + sum n_k (mean_k - mean)^2 -> var = M2 / R, rstd
-    apply:    y = (x - mean[c]) * (w[c] * rstd[c]) + b[c]      (elementwise)
+    MERGE:    each program of a channel tile merges its share of the tile's channels
+              over all splits: mean = mean_0 + sum n_k (mean_k - mean_0) / R (about
+              split 0's mean: a large offset costs no accuracy, unlike a running mean
+              updated split by split), M2 = sum M2_k + sum n_k (mean_k - mean)^2 ->
+              var = M2 / R, rstd
+    FINISH:   y = (x - mean[c]) * (w[c] * rstd[c]) + b[c] over the program's rows,
+              last tile first
 
-The apply keeps ``x - mean`` explicit instead of ``x * scale + shift`` so that an
-input with a large offset loses no accuracy (SPEC §5).
+On a GPU the three phases are one cooperative launch (all programs resident, a
+barrier per channel tile between phases), so the apply re-reads rows this program has
+just read, often from L2; elsewhere (the interpreter runs programs one at a time) each
+phase is a launch of the same kernel. The apply keeps ``x - mean`` explicit instead of
+``x * scale + shift`` so that an input with a large offset loses no accuracy (SPEC §5).
 
-Backward (likewise fused into one launch when there is a single split)::
+Backward, the same phases::
 
-    partial:  per (split, channel) sum(dy), sum(dy * xhat)   -> reduced over splits
-              (dbias = sum(dy), dweight = sum(dy * xhat); deterministic, no atomics)
-    dx:       w rstd (dy - sum(dy)/R - xhat sum(dy xhat)/R)   batch statistics
-              w rstd dy                                        fixed statistics
+    PARTIAL:  per (split, channel) sum(dy), sum(dy * xhat)
+    MERGE:    the sums over the splits (dbias = sum(dy), dweight = sum(dy * xhat);
+              deterministic, no atomics on data)
+    FINISH:   dx = w rstd (dy - sum(dy)/R - xhat sum(dy xhat)/R)   batch statistics
+                   w rstd dy                                        fixed statistics
 """
 
 from __future__ import annotations
@@ -41,18 +44,18 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LAUNCH,
     TUNING,
     cdiv,
+    column_sums,
     device_guard,
     dummy,
     fsum,
     num_programs,
-    num_warps,
     pow2,
-    split_blocks,
-    split_sum,
+    resident_launch,
+    resident_programs,
     stats_buffers,
+    tile_barrier,
     tile_launch,
 )
 
@@ -70,11 +73,18 @@ def _tile_offsets(r, S, stride_n, stride_s):
 def _welford(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs,
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """(count, mean, M2) per channel of rows [r_start, r_end): tile statistics are
-    two-pass in registers and merged by Chan's formula. (Measured on an H100: as fast as
-    or faster than per-lane Welford updates reduced once at the end, in both layouts.)"""
-    cnt = 0.0
-    mean = tl.full([BLOCK_C], 0.0, tl.float32)
-    m2 = tl.full([BLOCK_C], 0.0, tl.float32)
+    two-pass in registers and merged by Chan's formula (two reductions across threads
+    a tile; :func:`_welford_lanes` avoids them)."""
+    # (a count of r_start * 0.0, not 0.0: the loop-carried count must be a tensor from the start)
+    return _welford_from(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs, r_start * 0.0,
+                         tl.full([BLOCK_C], 0.0, tl.float32), tl.full([BLOCK_C], 0.0, tl.float32),
+                         BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _welford_from(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs, cnt, mean, m2,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`_welford` continued from the statistics (cnt, mean, m2) of other rows."""
     for start in range(r_start, r_end, BLOCK_R):
         r = start + tl.arange(0, BLOCK_R)
         mask = (r < r_end)[:, None] & cmask[None, :]
@@ -89,6 +99,32 @@ def _welford(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs,
         m2 = m2 + fsum(d * d, axis=0) + delta * delta * (cnt * nb / tot)
         cnt = tot
     return cnt, mean, m2
+
+
+@triton.jit
+def _welford_lanes(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`_welford` with no reduction across threads per tile: over the full tiles
+    of [r_start, r_end) each (row lane, channel) element keeps its own Welford update
+    (every lane has seen the same count, so the step's 1/count is one scalar); the lanes
+    are merged once at the end (mean = average of lane means, M2 = sum of lane M2s +
+    count_lane * sum((lane mean - mean)^2)), then the partial last tile is merged in."""
+    full = (r_end - r_start) // BLOCK_R
+    lane_mean = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)
+    lane_m2 = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)
+    for i in range(0, full):
+        r = r_start + i * BLOCK_R + tl.arange(0, BLOCK_R)
+        x = tl.load(X + _tile_offsets(r, S, sxn, sxs)[:, None] + cols[None, :] * sxc,
+                    mask=cmask[None, :], other=0.0).to(tl.float32)
+        delta = x - lane_mean
+        lane_mean += delta * (1.0 / (i + 1.0))
+        lane_m2 += delta * (x - lane_mean)
+    mean = fsum(lane_mean, axis=0) / BLOCK_R
+    d = lane_mean - mean[None, :]
+    per_lane = full * 1.0
+    m2 = fsum(lane_m2, axis=0) + per_lane * fsum(d * d, axis=0)
+    return _welford_from(X, cols, cmask, r_start + full * BLOCK_R, r_end, S, sxn, sxc, sxs,
+                         per_lane * BLOCK_R, mean, m2, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -142,84 +178,12 @@ def _dx_tile(X, DY, DX, r, cols, mask, S, mean, rstd, scale, c1, c2,
 
 
 @triton.jit
-def _chan_fused_fwd_kernel(X, Y, W, B, Mean, Var, Rstd, C, S, R, sxn, sxc, sxs, syn, syc, sys, eps,
-                           HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One launch for when one program per channel tile is enough parallelism (small
-    inputs, many channels): statistics over all R rows, then the apply."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    cnt, mean, m2 = _welford(X, cols, cmask, 0, R, S, sxn, sxc, sxs, BLOCK_R, BLOCK_C)
-    var = m2 / cnt
-    rstd = tl.rsqrt(var + eps)
-    tl.store(Mean + cols, mean, mask=cmask)
-    tl.store(Var + cols, var, mask=cmask)
-    tl.store(Rstd + cols, rstd, mask=cmask)
-    scale = rstd
-    if HAS_W:
-        scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_B:
-        shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        shift = scale  # unused
-    for start in range(0, R, BLOCK_R):
-        r = start + tl.arange(0, BLOCK_R)
-        mask = (r < R)[:, None] & cmask[None, :]
-        _apply_tile(X, Y, r, cols, mask, S, mean, scale, shift, sxn, sxc, sxs, syn, syc, sys, HAS_B)
-
-
-@triton.jit
-def _chan_fused_bwd_kernel(X, DY, DX, Mean, Rstd, W, Sdy, Sdyx, C, S, R, inv_count,
-                           sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
-                           HAS_W: tl.constexpr, BATCH_STATS: tl.constexpr, NEED_DX: tl.constexpr,
-                           NEED_SUMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One launch per channel tile: sum(dy), sum(dy * xhat) over all rows (stored:
-    dbias, dweight), then dx."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(Mean + cols, mask=cmask, other=0.0)
-    rstd = tl.load(Rstd + cols, mask=cmask, other=0.0)
-    c1 = tl.full([BLOCK_C], 0.0, tl.float32)
-    c2 = tl.full([BLOCK_C], 0.0, tl.float32)
-    if NEED_SUMS:
-        sdy, sdyx = _grad_sums(X, DY, cols, cmask, mean, rstd, 0, R, S, sxn, sxc, sxs, sdn, sdc, sds,
-                               BLOCK_R, BLOCK_C)
-        tl.store(Sdy + cols, sdy, mask=cmask)
-        tl.store(Sdyx + cols, sdyx, mask=cmask)
-        c1 = sdy * inv_count
-        c2 = sdyx * inv_count
-    if NEED_DX:
-        scale = rstd
-        if HAS_W:
-            scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        for start in range(0, R, BLOCK_R):
-            r = start + tl.arange(0, BLOCK_R)
-            mask = (r < R)[:, None] & cmask[None, :]
-            _dx_tile(X, DY, DX, r, cols, mask, S, mean, rstd, scale, c1, c2,
-                     sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, BATCH_STATS)
-
-
-@triton.jit
-def _chan_partial_stats_kernel(X, PMean, PM2, C, S, R, sxn, sxc, sxs, rows_per_split,
-                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    ps = tl.program_id(1)
-    r_start = ps * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    _cnt, mean, m2 = _welford(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs, BLOCK_R, BLOCK_C)
-    tl.store(PMean + ps * C + cols, mean, mask=cmask)
-    tl.store(PM2 + ps * C + cols, m2, mask=cmask)
-
-
-@triton.jit
-def _chan_merge_kernel(PMean, PM2, Mean, Var, Rstd, C, R, rows_per_split, splits, eps,
-                       BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge the (mean, M2) partials of ``splits`` row ranges per column, BLOCK_K splits
-    at a time: the mean as split 0's mean plus the count-weighted offsets of the others
-    (accurate for a large offset), then M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+def _merge_stats(PMean, PM2, cols, cmask, C, R, rows_per_split, splits,
+                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, var) per column ``cols`` from the (mean, M2) partials of ``splits`` row
+    ranges ((splits, C) contiguous), BLOCK_K splits at a time: the mean as split 0's
+    mean plus the count-weighted offsets of the others (accurate for a large offset),
+    then M2 = sum(M2_k) + sum(n_k (mean_k - mean)^2)."""
     shift = tl.load(PMean + cols, mask=cmask, other=0.0)
     offset = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
     for k0 in range(0, splits, BLOCK_K):
@@ -237,71 +201,143 @@ def _chan_merge_kernel(PMean, PM2, Mean, Var, Rstd, C, R, rows_per_split, splits
         d = tl.load(PMean + k[:, None] * C + cols[None, :], mask=mask, other=0.0) - mean[None, :]
         m2 += tl.where(mask, tl.load(PM2 + k[:, None] * C + cols[None, :], mask=mask, other=0.0) + nb * d * d,
                        0.0)
-    var = fsum(m2, axis=0) / R
+    return mean, fsum(m2, axis=0) / R
+
+
+@triton.jit
+def _chan_merge_kernel(PMean, PM2, Mean, Var, Rstd, C, R, rows_per_split, splits, eps,
+                       BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Mean, var and rstd per column from per-split partials (:func:`_merge_stats`);
+    the GroupNorm split path's merge."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean, var = _merge_stats(PMean, PM2, cols, cmask, C, R, rows_per_split, splits, BLOCK_K, BLOCK_C)
     tl.store(Mean + cols, mean, mask=cmask)
     tl.store(Var + cols, var, mask=cmask)
     tl.store(Rstd + cols, tl.rsqrt(var + eps), mask=cmask)
 
 
-@triton.jit
-def _chan_apply_kernel(X, Y, Mean, Rstd, W, B, C, S, R, sxn, sxc, sxs, syn, syc, sys,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (r < R)[:, None] & cmask[None, :]
-    mean = tl.load(Mean + cols, mask=cmask, other=0.0)
-    scale = tl.load(Rstd + cols, mask=cmask, other=0.0)
-    if HAS_W:
-        scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_B:
-        shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        shift = scale  # unused
-    _apply_tile(X, Y, r, cols, mask, S, mean, scale, shift, sxn, sxc, sxs, syn, syc, sys, HAS_B)
+# The phases of the per-channel kernels (bits of PHASES): a program (channel tile, split)
+# first reduces its rows to partials, then merges a share of its tile's channels over
+# all splits, then makes its rows' output. On a GPU one cooperative launch runs all three
+# with a barrier per channel tile between them (SYNC): the programs are resident
+# together, and the last phase re-reads rows this program has just read, last first --
+# from L2 when they still are there. Without a cooperative launch (the interpreter runs
+# programs one at a time) each phase is its own launch of the same kernel.
+PARTIAL = tl.constexpr(1)
+MERGE = tl.constexpr(2)
+FINISH = tl.constexpr(4)
 
 
 @triton.jit
-def _chan_partial_grad_kernel(X, DY, Mean, Rstd, PSdy, PSdyx, C, S, R, sxn, sxc, sxs,
-                              sdn, sdc, sds, rows_per_split,
-                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+def _merge_share(c_tile, ps, C, BLOCK_C: tl.constexpr, MERGE_C: tl.constexpr):
+    """Columns (and mask) of the MERGE_C channels program ``ps`` merges for its tile."""
+    j = ps * MERGE_C + tl.arange(0, MERGE_C)
+    cols = c_tile * BLOCK_C + j
+    return cols, (j < BLOCK_C) & (cols < C)
+
+
+@triton.jit
+def _chan_fwd_kernel(X, Y, W, B, PMean, PM2, Mean, Var, Rstd, Arrived, C, S, R,
+                     sxn, sxc, sxs, syn, syc, sys, rows_per_split, splits, eps,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, MERGE_C: tl.constexpr):
+    """BatchNorm forward of a (channel tile, split of rows) program: PARTIAL writes its
+    rows' (mean, M2) per channel, MERGE the merged mean/var/rstd of its share of the
+    tile's channels, FINISH y over its rows (also alone: the fixed-statistics apply)."""
+    c_tile = tl.program_id(0)
     ps = tl.program_id(1)
-    mean = tl.load(Mean + cols, mask=cmask, other=0.0)
-    rstd = tl.load(Rstd + cols, mask=cmask, other=0.0)
+    cols = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
     r_start = ps * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, R)
-    sdy, sdyx = _grad_sums(X, DY, cols, cmask, mean, rstd, r_start, r_end, S, sxn, sxc, sxs,
-                           sdn, sdc, sds, BLOCK_R, BLOCK_C)
-    tl.store(PSdy + ps * C + cols, sdy, mask=cmask)
-    tl.store(PSdyx + ps * C + cols, sdyx, mask=cmask)
+    if PHASES & PARTIAL:
+        _cnt, pmean, pm2 = _welford_lanes(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs, BLOCK_R, BLOCK_C)
+        tl.store(PMean + ps * C + cols, pmean, mask=cmask)
+        tl.store(PM2 + ps * C + cols, pm2, mask=cmask)
+        if SYNC:
+            tile_barrier(Arrived + c_tile, splits)
+        else:  # a single split: this program's own stores, other threads' loads
+            tl.debug_barrier()
+    if PHASES & MERGE:
+        mcols, mmask = _merge_share(c_tile, ps, C, BLOCK_C, MERGE_C)
+        mean, var = _merge_stats(PMean, PM2, mcols, mmask, C, R, rows_per_split, splits, BLOCK_K, MERGE_C)
+        tl.store(Mean + mcols, mean, mask=mmask)
+        tl.store(Var + mcols, var, mask=mmask)
+        tl.store(Rstd + mcols, tl.rsqrt(var + eps), mask=mmask)
+        if SYNC:
+            tile_barrier(Arrived + c_tile, 2 * splits)
+        else:
+            tl.debug_barrier()
+    if PHASES & FINISH:
+        mean = tl.load(Mean + cols, mask=cmask, other=0.0)
+        scale = tl.load(Rstd + cols, mask=cmask, other=0.0)
+        if HAS_W:
+            scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_B:
+            shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            shift = scale  # unused
+        tiles = (r_end - r_start + BLOCK_R - 1) // BLOCK_R
+        for i in range(0, tiles):  # last tile first (see above)
+            r = r_start + (tiles - 1 - i) * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask = (r < r_end)[:, None] & cmask[None, :]
+            _apply_tile(X, Y, r, cols, mask, S, mean, scale, shift, sxn, sxc, sxs, syn, syc, sys, HAS_B)
 
 
 @triton.jit
-def _chan_dx_kernel(X, DY, DX, Mean, Rstd, W, Sdy, Sdyx, C, S, R, inv_count,
-                    sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
-                    HAS_W: tl.constexpr, BATCH_STATS: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _chan_bwd_kernel(X, DY, DX, Mean, Rstd, W, PSdy, PSdyx, Sdy, Sdyx, Arrived, C, S, R, inv_count,
+                     sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, rows_per_split, splits,
+                     HAS_W: tl.constexpr, BATCH_STATS: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, MERGE_C: tl.constexpr):
+    """BatchNorm backward of a (channel tile, split of rows) program: PARTIAL writes its
+    rows' sum(dy), sum(dy * xhat) per channel, MERGE the sums over all splits of its
+    share of the tile's channels (dbias, dweight), FINISH dx over its rows (also alone:
+    fixed statistics, dx = w rstd dy)."""
+    c_tile = tl.program_id(0)
+    ps = tl.program_id(1)
+    cols = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mask = (r < R)[:, None] & cmask[None, :]
-    rstd = tl.load(Rstd + cols, mask=cmask, other=0.0)
-    scale = rstd
-    if HAS_W:
-        scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    if BATCH_STATS:
+    r_start = ps * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    if PHASES & PARTIAL:
         mean = tl.load(Mean + cols, mask=cmask, other=0.0)
-        c1 = tl.load(Sdy + cols, mask=cmask, other=0.0) * inv_count
-        c2 = tl.load(Sdyx + cols, mask=cmask, other=0.0) * inv_count
-    else:  # unused
-        mean = rstd
-        c1 = rstd
-        c2 = rstd
-    _dx_tile(X, DY, DX, r, cols, mask, S, mean, rstd, scale, c1, c2,
-             sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, BATCH_STATS)
+        rstd = tl.load(Rstd + cols, mask=cmask, other=0.0)
+        sdy, sdyx = _grad_sums(X, DY, cols, cmask, mean, rstd, r_start, r_end, S, sxn, sxc, sxs,
+                               sdn, sdc, sds, BLOCK_R, BLOCK_C)
+        tl.store(PSdy + ps * C + cols, sdy, mask=cmask)
+        tl.store(PSdyx + ps * C + cols, sdyx, mask=cmask)
+        if SYNC:
+            tile_barrier(Arrived + c_tile, splits)
+        else:  # a single split: this program's own stores, other threads' loads
+            tl.debug_barrier()
+    if PHASES & MERGE:
+        mcols, mmask = _merge_share(c_tile, ps, C, BLOCK_C, MERGE_C)
+        tl.store(Sdy + mcols, column_sums(PSdy, splits, C, mcols, mmask, BLOCK_K, MERGE_C), mask=mmask)
+        tl.store(Sdyx + mcols, column_sums(PSdyx, splits, C, mcols, mmask, BLOCK_K, MERGE_C), mask=mmask)
+        if SYNC and (PHASES & FINISH):
+            tile_barrier(Arrived + c_tile, 2 * splits)
+        else:
+            tl.debug_barrier()
+    if PHASES & FINISH:
+        rstd = tl.load(Rstd + cols, mask=cmask, other=0.0)
+        scale = rstd
+        if HAS_W:
+            scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        if BATCH_STATS:
+            mean = tl.load(Mean + cols, mask=cmask, other=0.0)
+            c1 = tl.load(Sdy + cols, mask=cmask, other=0.0) * inv_count
+            c2 = tl.load(Sdyx + cols, mask=cmask, other=0.0) * inv_count
+        else:  # unused
+            mean = rstd
+            c1 = rstd
+            c2 = rstd
+        tiles = (r_end - r_start + BLOCK_R - 1) // BLOCK_R
+        for i in range(0, tiles):  # last tile first: likeliest still in L2
+            r = r_start + (tiles - 1 - i) * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask = (r < r_end)[:, None] & cmask[None, :]
+            _dx_tile(X, DY, DX, r, cols, mask, S, mean, rstd, scale, c1, c2,
+                     sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, BATCH_STATS)
 
 
 def _tile(c: int, channel_stride: int, itemsize: int = 4) -> tuple[int, int]:
@@ -331,22 +367,24 @@ class _Plan(NamedTuple):
     c_blocks: int
     rows_per_split: int
     splits: int
-    apply_grid: tuple[int, int]
-    merge_grid: tuple[int]
-    merge_block_k: int
-    merge_block_c: int
-    merge_warps: int
+    merge_c: int  # channels of a tile each program merges
+    block_k: int  # splits a merging program reads per step
+    sync: bool  # all phases in one cooperative launch
 
 
 @functools.lru_cache(maxsize=512)
-def _cached_plan(n: int, c: int, s: int, channels_last: bool, itemsize: int, programs: int,
-                 _tuning: int) -> _Plan:
+def _cached_plan(n: int, c: int, s: int, channels_last: bool, itemsize: int, programs: int, resident: int,
+                 _tuning: tuple[int, ...]) -> _Plan:
     block_r, block_c = _tile(c, 1 if channels_last else 0, itemsize)
     c_blocks = cdiv(c, block_c)
+    if resident >= 2 * c_blocks:  # one launch: every program of the grid resident at once
+        programs = min(programs, resident)
     rows_per_split, splits = _splits(n * s, c_blocks, block_r, programs)
-    block_k, merge_c = split_blocks(splits, c)
-    return _Plan(block_r, block_c, c_blocks, rows_per_split, splits, (cdiv(n * s, block_r), c_blocks),
-                 (cdiv(c, merge_c),), block_k, merge_c, num_warps(block_k * merge_c))
+    merge_c = pow2(cdiv(block_c, splits))
+    # 4-warp programs: a quarter of the separate merge passes' step (sized for 8-16 warps)
+    block_k = max(1, min(pow2(splits), pow2(TUNING.split_tile) // 4 // merge_c))
+    return _Plan(block_r, block_c, c_blocks, rows_per_split, splits, merge_c, block_k,
+                 sync=splits > 1 and c_blocks * splits <= resident)
 
 
 def _plan(x3: torch.Tensor) -> _Plan:
@@ -355,57 +393,58 @@ def _plan(x3: torch.Tensor) -> _Plan:
     helper call on the H100 machine's CPU; keyed on the TUNING it reads)."""
     n, c, s = x3.shape
     return _cached_plan(n, c, s, x3.stride(1) == 1, x3.element_size(), num_programs(x3.device),
-                        TUNING.channel_tile)
+                        resident_programs(x3.device), (TUNING.channel_tile, TUNING.split_tile))
+
+
+def _phases(plan: _Plan, phases: tuple[int, ...]) -> list[tuple[int, bool]]:
+    """(PHASES, SYNC) of each launch that runs ``phases``: one cooperative launch when
+    the plan allows it (a single split needs no barrier), else one launch per phase."""
+    if plan.sync or plan.splits == 1:
+        return [(sum(phases), plan.sync)]
+    return [(phase, False) for phase in phases]
+
+
+def _launch_options(sync: bool) -> dict[str, object]:
+    return resident_launch() if sync else tile_launch()
 
 
 def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
                     bias: torch.Tensor | None, eps: float, stat_shape: tuple[int, ...] | None = None):
     """BatchNorm of the (N, C, S) view x3 into y3; returns float32 per-channel
-    (mean, var, rstd), contiguous, of ``stat_shape`` (default (C,)). One launch when one program per channel tile
-    fills the device (small inputs), else partial statistics, merge and apply."""
+    (mean, var, rstd), contiguous, of ``stat_shape`` (default (C,)). One launch on a
+    GPU (statistics, merge and apply with a barrier between them), else one per phase."""
     n, c, s = x3.shape
-    r = n * s
     plan = _plan(x3)
     mean, var, rstd = stats_buffers(3, c if stat_shape is None else stat_shape, x3)
-    w = weight if weight is not None else dummy(mean)
-    b = bias if bias is not None else dummy(mean)
+    partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32)
+    arrived = torch.zeros(plan.c_blocks, device=x3.device, dtype=torch.int32) if plan.sync else dummy(mean)
     with device_guard(x3):
-        if plan.splits == 1:
-            _chan_fused_fwd_kernel[(plan.c_blocks,)](
-                x3, y3, w, b, mean, var, rstd, c, s, r, *x3.stride(), *y3.stride(), eps,
-                HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-                **tile_launch(),
+        for phases, sync in _phases(plan, (PARTIAL, MERGE, FINISH)):
+            _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
+                x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
+                *partials.unbind(0), mean, var, rstd, arrived, c, s, n * s, *x3.stride(), *y3.stride(),
+                plan.rows_per_split, plan.splits, eps,
+                HAS_W=weight is not None, HAS_B=bias is not None, PHASES=phases, SYNC=sync,
+                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
+                **_launch_options(sync),
             )
-            return mean, var, rstd
-        pmean, pm2 = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32).unbind(0)
-        _chan_partial_stats_kernel[(plan.c_blocks, plan.splits)](
-            x3, pmean, pm2, c, s, r, *x3.stride(), plan.rows_per_split,
-            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-            **tile_launch(),
-        )
-        _chan_merge_kernel[plan.merge_grid](
-            pmean, pm2, mean, var, rstd, c, r, plan.rows_per_split, plan.splits, eps,
-            BLOCK_K=plan.merge_block_k, BLOCK_C=plan.merge_block_c, num_warps=plan.merge_warps, **LAUNCH,
-        )
-        _apply(x3, y3, mean, rstd, weight, bias, plan)
     return mean, var, rstd
 
 
 def channel_apply(x3: torch.Tensor, y3: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                   weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     """y3 = (x3 - mean[c]) * rstd[c] * w[c] + b[c] for (N, C, S) views; mean/rstd (C,) float32."""
-    with device_guard(x3):
-        _apply(x3, y3, mean, rstd, weight, bias, _plan(x3))
-
-
-def _apply(x3, y3, mean, rstd, weight, bias, plan: _Plan) -> None:
     n, c, s = x3.shape
-    _chan_apply_kernel[plan.apply_grid](
-        x3, y3, mean, rstd, weight if weight is not None else dummy(mean),
-        bias if bias is not None else dummy(mean), c, s, n * s, *x3.stride(), *y3.stride(),
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-        **tile_launch(),
-    )
+    plan = _plan(x3)
+    with device_guard(x3):
+        _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
+            x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
+            mean, mean, mean, mean, rstd, mean, c, s, n * s, *x3.stride(), *y3.stride(),
+            plan.rows_per_split, plan.splits, 0.0,
+            HAS_W=weight is not None, HAS_B=bias is not None, PHASES=FINISH, SYNC=False,
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
+            **tile_launch(),
+        )
 
 
 def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None,
@@ -413,44 +452,31 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
                      batch_statistics: bool, need_dwb: bool):
     """Backward of per-channel normalization of (N, C, S) views. Writes dx3 (if given);
     returns float32 ``(sum(dy), sum(dy * xhat))`` per channel when they were needed
-    (for dbias, dweight, or dx with batch statistics), else (None, None)."""
+    (for dbias, dweight, or dx with batch statistics), else (None, None). One launch on
+    a GPU, else one per phase."""
     n, c, s = x3.shape
-    r = n * s
     plan = _plan(x3)
-    block_r, block_c, c_blocks = plan.block_r, plan.block_c, plan.c_blocks
     need_sums = need_dwb or (dx3 is not None and batch_statistics)
+    phases = ((PARTIAL, MERGE) if need_sums else ()) + ((FINISH,) if dx3 is not None else ())
     sdy = sdyx = None
-    w = weight if weight is not None else dummy(rstd)
-    dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
+    partials = (dummy(rstd), dummy(rstd))
+    launches = [(FINISH, False)]
+    if need_sums:
+        partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32).unbind(0)
+        sdy, sdyx = stats_buffers(2, c, x3)
+        launches = _phases(plan, phases)
+    sync = launches[0][1]
+    arrived = torch.zeros(plan.c_blocks, device=x3.device, dtype=torch.int32) if sync else dummy(rstd)
     with device_guard(x3):
-        if plan.splits == 1:
-            if need_sums:
-                sdy, sdyx = stats_buffers(2, c, x3)
-            _chan_fused_bwd_kernel[(c_blocks,)](
-                x3, dy3, dx3 if dx3 is not None else dummy(x3), mean, rstd, w,
-                sdy if need_sums else dummy(rstd), sdyx if need_sums else dummy(rstd),
-                c, s, r, 1.0 / r, *x3.stride(), *dy3.stride(), *dx_strides,
-                HAS_W=weight is not None, BATCH_STATS=batch_statistics, NEED_DX=dx3 is not None,
-                NEED_SUMS=need_sums, BLOCK_R=block_r, BLOCK_C=block_c,
-                **tile_launch(),
-            )
-            return sdy, sdyx
-        if need_sums:
-            # sum(dy), sum(dy * xhat) per split
-            partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32)
-            _chan_partial_grad_kernel[(c_blocks, plan.splits)](
-                x3, dy3, mean, rstd, *partials.unbind(0), c, s, r, *x3.stride(), *dy3.stride(),
-                plan.rows_per_split, BLOCK_R=block_r, BLOCK_C=block_c,
-                **tile_launch(),
-            )
-            sdy, sdyx = split_sum(partials).unbind(0)
-        if dx3 is not None:
-            _chan_dx_kernel[plan.apply_grid](
-                x3, dy3, dx3, mean, rstd, w,
-                sdy if need_sums else dummy(rstd), sdyx if need_sums else dummy(rstd),
-                c, s, r, 1.0 / r, *x3.stride(), *dy3.stride(), *dx_strides,
-                HAS_W=weight is not None, BATCH_STATS=batch_statistics,
-                BLOCK_R=block_r, BLOCK_C=block_c,
-                **tile_launch(),
+        for phase_bits, sync in launches:
+            _chan_bwd_kernel[(plan.c_blocks, plan.splits)](
+                x3, dy3, dx3 if dx3 is not None else dummy(x3), mean, rstd,
+                weight if weight is not None else dummy(rstd), *partials,
+                sdy if need_sums else dummy(rstd), sdyx if need_sums else dummy(rstd), arrived,
+                c, s, n * s, 1.0 / (n * s), *x3.stride(), *dy3.stride(),
+                *(dx3.stride() if dx3 is not None else (0, 0, 0)), plan.rows_per_split, plan.splits,
+                HAS_W=weight is not None, BATCH_STATS=batch_statistics, PHASES=phase_bits, SYNC=sync,
+                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
+                **_launch_options(sync),
             )
     return sdy, sdyx

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LAUNCH", "TUNING", "Tuning", "cdiv", "device_guard", "dummy", "fsum", "num_programs", "num_warps", "pow2",
-           "split_blocks", "split_sum", "stats_buffers", "tile_launch"]
+__all__ = ["LAUNCH", "TUNING", "Tuning", "cdiv", "column_sums", "cooperative_launch", "device_guard", "dummy", "fsum",
+           "num_programs", "num_warps", "pow2", "resident_launch", "resident_programs", "split_blocks", "split_sum",
+           "stats_buffers", "tile_barrier", "tile_launch"]
 
 
 @dataclass
@@ -37,6 +38,10 @@ class Tuning:
     tile_warps: int = 4
     #: programs launched per SM for grid-stride reductions (LN backward, BN splits).
     programs_per_sm: int = 4
+    #: programs per SM of a single-launch reduction whose programs wait for each other
+    #: (BatchNorm: statistics, barrier, apply): all must be resident at once, which a
+    #: cooperative launch checks. 0 turns the single launch off (one launch per phase).
+    resident_per_sm: int = 2
     #: elements a program reads per step of a pass over per-split partials (the merges
     #: of split statistics, :func:`split_sum`, the GroupNorm group means) and columns a
     #: program owns there: these passes are latency-bound, so they take wide steps
@@ -109,6 +114,56 @@ def num_programs(device: torch.device) -> int:
     return TUNING.interpreter_programs
 
 
+def resident_programs(device: torch.device) -> int:
+    """How many programs of a single-launch reduction may wait for each other on
+    ``device``: 0 where they cannot (the interpreter runs programs one at a time;
+    a triton without cooperative launches cannot ask the driver to check)."""
+    if device.type != "cuda" or not cooperative_launch():
+        return 0
+    return _multiprocessors(device.index) * _resident_per_sm()
+
+
+def _resident_per_sm() -> int:
+    # at most 2048 threads an SM (the register cap of resident_launch covers the rest)
+    return min(TUNING.resident_per_sm, 2048 // (32 * TUNING.tile_warps))
+
+
+def resident_launch() -> dict[str, object]:
+    """Launch options of a cooperative (rows x channels) tile launch: registers capped
+    so that ``TUNING.resident_per_sm`` programs fit an SM's 64K whatever the tile (a
+    tile too large spills instead of the driver refusing the launch: with 4 warps, 4
+    programs of 8192-element float32 tiles did not fit an H100's SM uncapped; with 2,
+    the default, no 4-warp program can exceed the cap of 255)."""
+    cap = 65536 // (32 * TUNING.tile_warps * _resident_per_sm()) // 8 * 8
+    return {**tile_launch(), "launch_cooperative_grid": True, "maxnreg": min(cap, 255)}
+
+
+@functools.cache
+def cooperative_launch() -> bool:
+    """Whether this triton launches a grid cooperatively (``launch_cooperative_grid``:
+    the driver refuses a grid whose programs cannot all be resident, instead of a
+    barrier waiting forever)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - a triton without the NVIDIA backend
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@triton.jit
+def tile_barrier(Arrived, target):
+    """Wait until the int32 counter at ``Arrived`` has seen ``target`` arrivals, this
+    program's included: a barrier among the programs that share the counter. They must
+    all be resident (a cooperative launch); stores made before it are visible to the
+    other programs after it (release on arrival, acquire while waiting, as a grid sync
+    does)."""
+    tl.debug_barrier()  # every thread of this program has issued its stores
+    seen = tl.atomic_add(Arrived, 1, sem="acq_rel", scope="gpu") + 1
+    while seen < target:
+        seen = tl.atomic_add(Arrived, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
 def split_blocks(splits: int, columns: int) -> tuple[int, int]:
     """(BLOCK_K, BLOCK_C) of a pass over (splits, columns) partials (:func:`split_sum`,
     the statistics merges, the group means): up to ``TUNING.split_tile`` partials a
@@ -123,19 +178,24 @@ def split_blocks(splits: int, columns: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _split_sum_kernel(P, Out, K, C, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Out[a, c] = sum over k of P[a, k, c], for a stack of (K, C) partials (program
-    axis 1 picks a): the per-split gradient sums reduced over the splits, in a fixed
-    order (deterministic)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    a = tl.program_id(1)
+def column_sums(P, K, C, cols, cmask, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum over k of P[k, cols] for (K, C) contiguous float32 partials, BLOCK_K rows a
+    step, in a fixed order (deterministic)."""
     acc = tl.full([BLOCK_K, BLOCK_C], 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        acc += tl.load(P + a * K * C + k[:, None] * C + cols[None, :], mask=(k < K)[:, None] & cmask[None, :],
-                       other=0.0)
-    tl.store(Out + a * C + cols, fsum(acc, axis=0), mask=cmask)
+        acc += tl.load(P + k[:, None] * C + cols[None, :], mask=(k < K)[:, None] & cmask[None, :], other=0.0)
+    return fsum(acc, axis=0)
+
+
+@triton.jit
+def _split_sum_kernel(P, Out, K, C, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out[a, c] = sum over k of P[a, k, c], for a stack of (K, C) partials (program
+    axis 1 picks a): the per-split gradient sums reduced over the splits."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    a = tl.program_id(1)
+    tl.store(Out + a * C + cols, column_sums(P + a * K * C, K, C, cols, cmask, BLOCK_K, BLOCK_C), mask=cmask)
 
 
 @functools.lru_cache(maxsize=512)

@@ -34,13 +34,10 @@ KERNELS = {
     _common._split_sum_kernel: {"BLOCK_K": 256, "BLOCK_C": 32},
     _rows._rows_fwd_kernel: {"BLOCK": 1024, "BLOCK_M": 2},
     _rows._rows_bwd_kernel: {"BLOCK": 1024, "BLOCK_M": 2},
-    _channels._chan_fused_fwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
-    _channels._chan_fused_bwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
-    _channels._chan_partial_stats_kernel: {"BLOCK_R": 256, "BLOCK_C": 4},
+    # every phase in one program; SYNC (a flag) adds the barriers of the cooperative launch
+    _channels._chan_fwd_kernel: {"BLOCK_R": 256, "BLOCK_C": 4, "BLOCK_K": 64, "MERGE_C": 1, "PHASES": 7},
+    _channels._chan_bwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64, "BLOCK_K": 256, "MERGE_C": 1, "PHASES": 7},
     _channels._chan_merge_kernel: {"BLOCK_K": 8, "BLOCK_C": 256},
-    _channels._chan_apply_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
-    _channels._chan_partial_grad_kernel: {"BLOCK_R": 256, "BLOCK_C": 4},
-    _channels._chan_dx_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
     _groups._group_fwd_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._group_bwd_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._group_partial_stats_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
@@ -58,20 +55,30 @@ KERNELS = {
 _DATA = {"X", "Y", "DX", "DY"}  # pointers to the input's dtype
 _POINTERS = _DATA | {"W", "B", "Mean", "Var", "Rstd", "DWp", "DBp", "PMean", "PM2", "PSdy", "PSdyx",
                      "Sdy", "Sdyx", "C1", "C2", "P", "Out"}  # the others point to float32
+_INT_POINTERS = {"Arrived"}
 _FLOATS = {"eps", "inv_count", "inv_m"}
 
 
 def _flags(fn) -> list[str]:
     return [a for a in fn.arg_names if a.isupper() and a not in KERNELS[fn] and a.startswith(
-        ("HAS_", "NEED_", "CENTER", "SINGLE", "BATCH_"))]
+        ("HAS_", "NEED_", "CENTER", "SINGLE", "BATCH_", "SYNC"))]
+
+
+# A launch specializes an integer argument equal to 1 into a constant, as a unit stride
+# is: (rows x channels) kernels see one for the spatial axis (NCHW) or the channel axis
+# (channels_last). The two variants below compile one each.
+_SPATIAL_STRIDES = {"sxs", "sys", "sds", "sos"}
+_CHANNEL_STRIDES = {"sxc", "syc", "sdc", "soc"}
 
 
 def variants(fn) -> Iterator[dict[str, object]]:
     """Flag settings that between them give every boolean flag both values (all True,
-    all False; one setting for a kernel without flags)."""
+    all False; one setting for a kernel without flags), with unit channel strides in
+    the first and unit spatial strides in the second."""
     flags = _flags(fn)
-    for value in (True, False) if flags else (True,):
-        yield {**KERNELS[fn], **{flag: value for flag in flags}}
+    for value, unit in ((True, _CHANNEL_STRIDES), (False, _SPATIAL_STRIDES))[:2 if flags else 1]:
+        yield {**KERNELS[fn], **{flag: value for flag in flags},
+               **{stride: 1 for stride in unit if stride in fn.arg_names}}
 
 
 def compile_kernel(fn, dtype: str, constexprs: dict[str, object], arch: int = 90,
@@ -86,6 +93,8 @@ def compile_kernel(fn, dtype: str, constexprs: dict[str, object], arch: int = 90
             signature[name] = "fp32"
         elif name in _POINTERS:
             signature[name] = f"*{dtype}" if name in _DATA else "*fp32"
+        elif name in _INT_POINTERS:
+            signature[name] = "*i32"
         else:
             signature[name] = "i32"
     source = ASTSource(fn, signature, constexprs)
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 compile_kernel(fn, dtype, constexprs, args.arch)
                 flags = ",".join(f for f in _flags(fn) if constexprs[f]) or "-"
+                flags += "".join(f" {name}=1" for name in sorted(_SPATIAL_STRIDES | _CHANNEL_STRIDES)
+                                 if name in constexprs)
                 print(f"ok  sm_{args.arch} {dtype:5s} {fn.__name__:28s} flags={flags:40s} "
                       f"{time.perf_counter() - start:.2f}s")
     return 0
