@@ -234,22 +234,25 @@ def test_second_gpu_stream_and_non_default_device_guard():
     assert torch.equal(y, expected)
 
 
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_batch_norm_single_cooperative_launch(layout):
-    """BatchNorm's forward and backward are each one cooperative launch whose programs
-    wait at a barrier per channel tile: every call (many, back to back, on two streams
-    at once, and replayed from a CUDA graph) must see all splits' partials."""
-    from normlab.backends.gpu import _channels, _common
+@pytest.mark.parametrize("case", ["bn", "bn-cl", "gn-cl"])
+def test_single_cooperative_launch(case):
+    """BatchNorm's and channels_last GroupNorm's forward and backward are each one
+    cooperative launch whose programs wait at barriers (per channel tile, per sample):
+    every call (many, back to back, on two streams at once, and replayed from a CUDA
+    graph) must see all partials."""
+    from normlab.backends.gpu import _channels, _common, _groups
 
     shape = (16, 64, 28, 28)
+    layout = "nchw" if case == "bn" else "cl"
     x = _input(shape, layout, torch.float32, seed=40)
-    plan = _channels._plan(x.view(16, 64, -1))  # (N, C, S), either layout
+    x3 = x.view(16, 64, -1)  # (N, C, S), either layout
+    plan = _channels._plan(x3) if case.startswith("bn") else _groups._cl_plan(x3, 32)
     assert _common.cooperative_launch() and plan.sync and plan.splits > 1, plan
-    spec = batch_norm_spec(shape)
+    spec = batch_norm_spec(shape) if case.startswith("bn") else group_norm_spec(shape, 32)
     dy = _input(shape, layout, torch.float32, seed=41)
     y0, mean0, var0, rstd0 = _ops.forward(x, None, None, spec, EPS)
     dx0 = _ops.backward(dy, x, None, mean0, rstd0, spec, True, (True, False, False))[0]
-    assert_close(y0.double(), _torch64(spec, x, None, None), torch.float32, what="y")
+    assert_close(y0.double(), _torch64(spec, x, None, None, groups=32), torch.float32, what="y")
     for _ in range(50):  # the counters start at zero on every call
         y, mean, *_ = _ops.forward(x, None, None, spec, EPS)
         assert torch.equal(y, y0) and torch.equal(mean, mean0)

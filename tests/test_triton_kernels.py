@@ -242,30 +242,56 @@ def test_batch_norm_plans_one_cooperative_launch_when_the_grid_is_resident(monke
     # (32, 64, 56, 56) float32 on 132 SMs: 528 programs wanted, 264 resident.
     nchw = _channels._cached_plan(32, 64, 3136, False, 4, 528, 264, (4096, 8192))
     assert (nchw.c_blocks, nchw.splits, nchw.sync) == (16, 14, True)
-    assert _channels._phases(nchw, (1, 2, 4)) == [(7, True)]
+    assert _common.phase_launches(nchw.sync, nchw.splits == 1, (1, 2, 4)) == [(7, True)]
     cl = _channels._cached_plan(32, 64, 3136, True, 4, 528, 264, (4096, 8192))
     assert (cl.c_blocks, cl.splits, cl.sync) == (1, 262, True)
     assert (cl.merge_c, cl.block_k) == (1, 512)  # one channel a program, its 262 splits in one step
     # 640 channels, 4 a tile: 160 tiles cannot have two resident programs each
     wide = _channels._cached_plan(32, 640, 196, False, 4, 528, 264, (4096, 8192))
     assert (wide.splits, wide.sync) == (3, False)
-    assert _channels._phases(wide, (1, 2, 4)) == [(1, False), (2, False), (4, False)]
+    assert _common.phase_launches(wide.sync, False, (1, 2, 4)) == [(1, False), (2, False), (4, False)]
     # the interpreter (nothing resident together) and one split per tile
     interp = _channels._cached_plan(3, 5, 1000, False, 4, 6, 0, (4096, 8192))
     assert (interp.splits, interp.sync) == (3, False)
     single = _channels._cached_plan(3, 5, 9, False, 4, 1, 0, (4096, 8192))
-    assert single.splits == 1 and _channels._phases(single, (1, 2, 4)) == [(7, False)]
+    assert single.splits == 1 and _common.phase_launches(False, True, (1, 2, 4)) == [(7, False)]
 
 
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_batch_norm_barrier_code_runs(monkeypatch, layout):
+def test_channels_last_group_norm_plans_one_cooperative_launch(monkeypatch):
+    """channels_last GroupNorm's barriers hold a sample's programs (a group may span
+    channel tiles): one launch when the whole grid can be resident, two splits a sample
+    at least; the merging programs share out the sample's groups."""
+    for field in dataclasses.fields(TUNING):
+        monkeypatch.setattr(TUNING, field.name, field.default)
+    small = _groups._cached_cl_plan(32, 64, 3136, 32, 528, 264, (4096, 8192))
+    assert (small.c_blocks, small.splits, small.sync) == (1, 7, True)
+    assert small.merge_g == 8 and small.splits * small.merge_g >= 32  # 7 programs x 8 groups
+    large = _groups._cached_cl_plan(128, 256, 3136, 32, 528, 264, (4096, 8192))
+    assert (large.c_blocks, large.sync) == (4, False)
+    interp = _groups._cached_cl_plan(3, 20, 15, 4, 6, 0, (4096, 8192))
+    assert not interp.sync
+
+
+@pytest.mark.parametrize("case", ["bn-nchw", "bn-cl", "gn-cl"])
+def test_barrier_code_runs(monkeypatch, case):
     """The cooperative launch's barrier code (atomics, the waiting loop) under the
-    interpreter: one split per tile, so no program waits for one that runs after it."""
+    interpreter, with one program per barrier so that none waits for one that runs
+    after it."""
     monkeypatch.setattr(TUNING, "interpreter_programs", 1)
-    real_plan = _channels._plan
-    monkeypatch.setattr(_channels, "_plan", lambda x3: real_plan(x3)._replace(sync=True))
-    x = _layout(torch.randn((3, 5, 3, 3), generator=torch.Generator().manual_seed(14)), layout)
-    spec = batch_norm_spec(x.shape)
+    layout = "nchw" if case == "bn-nchw" else "cl"
+    if case.startswith("bn"):
+        real_plan = _channels._plan
+        monkeypatch.setattr(_channels, "_plan", lambda x3: real_plan(x3)._replace(sync=True))
+        shape, spec_of = (3, 5, 3, 3), batch_norm_spec
+    else:
+        real_cl_plan = _groups._cl_plan
+        monkeypatch.setattr(_groups, "_cl_plan", lambda x3, g: real_cl_plan(x3, g)._replace(sync=True))
+        shape, spec_of = (3, 8, 3, 3), lambda s: group_norm_spec(s, 4)
+    x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(14)), layout)
+    spec = spec_of(x.shape)
+    if case == "gn-cl":
+        plan = real_cl_plan(x.view(3, 8, 9), 4)
+        assert plan.c_blocks * plan.splits == 1
     w, b = _params(spec, "wb")
     _compare(x, spec, *_run_both(x, w, b, spec))
 
@@ -324,8 +350,8 @@ def test_channels_last_channel_tiles(monkeypatch, groups, programs, dtype):
     x = x.to(dtype)
     x3 = x.view(3, 20, 15)
     assert _groups._channel_tiles(x3, 20 // groups)
-    _, _, c_blocks, _, splits = _groups._cl_plan(x3)
-    assert c_blocks == 2 and (splits > 1) == (programs > 1)
+    plan = _groups._cl_plan(x3, groups)
+    assert plan.c_blocks == 2 and (plan.splits > 1) == (programs > 1)
     spec = group_norm_spec(shape, groups) if groups < 20 else instance_norm_spec(shape)
     settings = [("wb", (True, True, True), torch.float32)]
     if programs > 1 and dtype == torch.float32:
@@ -616,7 +642,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     kernels = {name for module in (_common, _rows, _channels, _groups) for name in dir(module)
                if name.endswith("_kernel")}
-    assert len(kernels) == 18
+    assert len(kernels) == 15
     compiled = {line.split()[3] for line in result.stdout.splitlines() if line.startswith("ok  sm_90 bf16")}
     assert compiled == kernels, result.stdout
 

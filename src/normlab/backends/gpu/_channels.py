@@ -44,6 +44,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    FINISH,
+    MERGE,
+    PARTIAL,
     TUNING,
     cdiv,
     column_sums,
@@ -51,6 +54,7 @@ from ._common import (
     dummy,
     fsum,
     num_programs,
+    phase_launches,
     pow2,
     resident_launch,
     resident_programs,
@@ -217,16 +221,8 @@ def _chan_merge_kernel(PMean, PM2, Mean, Var, Rstd, C, R, rows_per_split, splits
     tl.store(Rstd + cols, tl.rsqrt(var + eps), mask=cmask)
 
 
-# The phases of the per-channel kernels (bits of PHASES): a program (channel tile, split)
-# first reduces its rows to partials, then merges a share of its tile's channels over
-# all splits, then makes its rows' output. On a GPU one cooperative launch runs all three
-# with a barrier per channel tile between them (SYNC): the programs are resident
-# together, and the last phase re-reads rows this program has just read, last first --
-# from L2 when they still are there. Without a cooperative launch (the interpreter runs
-# programs one at a time) each phase is its own launch of the same kernel.
-PARTIAL = tl.constexpr(1)
-MERGE = tl.constexpr(2)
-FINISH = tl.constexpr(4)
+# One kernel per direction in phases (PARTIAL, MERGE, FINISH: see _common); the
+# programs of a channel tile -- its splits -- meet at each barrier.
 
 
 @triton.jit
@@ -396,12 +392,7 @@ def _plan(x3: torch.Tensor) -> _Plan:
                         resident_programs(x3.device), (TUNING.channel_tile, TUNING.split_tile))
 
 
-def _phases(plan: _Plan, phases: tuple[int, ...]) -> list[tuple[int, bool]]:
-    """(PHASES, SYNC) of each launch that runs ``phases``: one cooperative launch when
-    the plan allows it (a single split needs no barrier), else one launch per phase."""
-    if plan.sync or plan.splits == 1:
-        return [(sum(phases), plan.sync)]
-    return [(phase, False) for phase in phases]
+_ALL = (PARTIAL, MERGE, FINISH)
 
 
 def _launch_options(sync: bool) -> dict[str, object]:
@@ -419,7 +410,7 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
     partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32)
     arrived = torch.zeros(plan.c_blocks, device=x3.device, dtype=torch.int32) if plan.sync else dummy(mean)
     with device_guard(x3):
-        for phases, sync in _phases(plan, (PARTIAL, MERGE, FINISH)):
+        for phases, sync in phase_launches(plan.sync, plan.splits == 1, _ALL):
             _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
                 x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
                 *partials.unbind(0), mean, var, rstd, arrived, c, s, n * s, *x3.stride(), *y3.stride(),
@@ -457,14 +448,14 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
     n, c, s = x3.shape
     plan = _plan(x3)
     need_sums = need_dwb or (dx3 is not None and batch_statistics)
-    phases = ((PARTIAL, MERGE) if need_sums else ()) + ((FINISH,) if dx3 is not None else ())
+    phases = (_ALL[:2] if need_sums else ()) + (_ALL[2:] if dx3 is not None else ())
     sdy = sdyx = None
     partials = (dummy(rstd), dummy(rstd))
     launches = [(FINISH, False)]
     if need_sums:
         partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32).unbind(0)
         sdy, sdyx = stats_buffers(2, c, x3)
-        launches = _phases(plan, phases)
+        launches = phase_launches(plan.sync, plan.splits == 1, phases)
     sync = launches[0][1]
     arrived = torch.zeros(plan.c_blocks, device=x3.device, dtype=torch.int32) if sync else dummy(rstd)
     with device_guard(x3):

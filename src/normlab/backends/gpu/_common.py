@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["LAUNCH", "TUNING", "Tuning", "cdiv", "column_sums", "cooperative_launch", "device_guard", "dummy", "fsum",
-           "num_programs", "num_warps", "pow2", "resident_launch", "resident_programs", "split_blocks", "split_sum",
-           "stats_buffers", "tile_barrier", "tile_launch"]
+__all__ = ["FINISH", "LAUNCH", "MERGE", "PARTIAL", "TUNING", "Tuning", "cdiv", "column_sums", "cooperative_launch",
+           "device_guard", "dummy", "fsum", "num_programs", "num_warps", "phase_launches", "pow2", "resident_launch",
+           "resident_programs", "split_blocks", "split_sum", "stats_buffers", "tile_barrier", "tile_launch"]
 
 
 @dataclass
@@ -148,6 +148,28 @@ def cooperative_launch() -> bool:
     except ImportError:  # pragma: no cover - a triton without the NVIDIA backend
         return False
     return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+# The phases of the single-launch reductions (bits of a kernel's PHASES): a program first
+# reduces its part of the input to partials, then merges a share of the statistics its
+# barrier group needs, then makes its part of the output. On a GPU one cooperative
+# launch runs all three with a barrier between them (SYNC): the programs are resident
+# together, and the last phase re-reads what this program has just read, last tile
+# first -- from L2 when it still is there. Without a cooperative launch (the
+# interpreter runs programs one at a time) each phase is its own launch of the kernel.
+PARTIAL = tl.constexpr(1)
+MERGE = tl.constexpr(2)
+FINISH = tl.constexpr(4)
+
+
+def phase_launches(sync: bool, alone: bool, phases: tuple[int, ...]) -> list[tuple[int, bool]]:
+    """(PHASES, SYNC) of each launch that runs ``phases`` (the constexprs above: the
+    interpreter cannot take ``int & constexpr`` in the kernels' tests): one
+    cooperative launch (``sync``), one launch without barriers when each barrier would
+    hold a single program (``alone``), else one launch per phase."""
+    if sync or alone:
+        return [(sum(phases), sync)]
+    return [(phase, False) for phase in phases]
 
 
 @triton.jit

@@ -29,16 +29,20 @@ serve both shapes of launch.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._channels import _chan_merge_kernel, _grad_sums, _tile_offsets, _welford
+from ._channels import _apply_tile, _chan_merge_kernel, _grad_sums, _tile_offsets, _welford_lanes
 from ._channels import _splits as _channel_splits
 from ._channels import _tile as _channel_tile
 from ._common import (
+    FINISH,
     LAUNCH,
+    MERGE,
+    PARTIAL,
     TUNING,
     cdiv,
     device_guard,
@@ -46,10 +50,14 @@ from ._common import (
     fsum,
     num_programs,
     num_warps,
+    phase_launches,
     pow2,
+    resident_launch,
+    resident_programs,
     split_blocks,
     split_sum,
     stats_buffers,
+    tile_barrier,
     tile_launch,
 )
 
@@ -269,23 +277,6 @@ def _group_dx_kernel(X, DY, DX, W, Mean, Rstd, C1, C2, G, Cg, S,
 
 
 @triton.jit
-def _cl_partial_stats_kernel(X, PMean, PM2, C, S, sxn, sxc, sxs, s_per_split, splits,
-                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (channel tile, split, n): per-channel (mean, M2) of sample n over the
-    split's spatial range -> [n, split, c]."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sp = tl.program_id(1)
-    n = tl.program_id(2)
-    s_start = sp * s_per_split
-    s_end = tl.minimum(s_start + s_per_split, S)
-    _cnt, mean, m2 = _welford(X + n * sxn, cols, cmask, s_start, s_end, S, sxn, sxc, sxs, BLOCK_R, BLOCK_C)
-    out = (n * splits + sp) * C + cols
-    tl.store(PMean + out, mean, mask=cmask)
-    tl.store(PM2 + out, m2, mask=cmask)
-
-
-@triton.jit
 def _pair_block(kj0, pairs, base, gmask, Cg, C, S, s_per_split, BLOCK_KJ: tl.constexpr):
     """Offsets, mask and row counts of (split k, channel j) pairs kj0 .. kj0+BLOCK_KJ-1
     (kj = k * Cg + j) of each group in ``base``, in a (splits, C) partials layout."""
@@ -297,15 +288,13 @@ def _pair_block(kj0, pairs, base, gmask, Cg, C, S, s_per_split, BLOCK_KJ: tl.con
 
 
 @triton.jit
-def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, splits, eps,
-                     BLOCK: tl.constexpr, BLOCK_KJ: tl.constexpr):
-    """Per (n, g): fold the splits x Cg channel partials, about the first one's mean
-    (accurate for a large offset): mean = m_0 + sum n_k (m_k - m_0) / m, then
-    M2 = sum M2_k + sum n_k (m_k - mean)^2. The (split, channel) pairs of a group are
-    walked BLOCK_KJ at a time (a loop of single loads was latency-bound: 10 us at
-    (32, 64, 56, 56) on an H100)."""
-    grp = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    gmask = grp < NG
+def _cl_group_stats(PMean, PM2, grp, gmask, G, Cg, C, S, s_per_split, splits,
+                    BLOCK: tl.constexpr, BLOCK_KJ: tl.constexpr):
+    """(mean, var) of groups ``grp`` (n * G + g) from per-(n, split, c) partials: the
+    splits x Cg channel partials folded about the first one's mean (accurate for a large
+    offset): mean = m_0 + sum n_k (m_k - m_0) / m, then M2 = sum M2_k + sum n_k (m_k -
+    mean)^2. The (split, channel) pairs of a group are walked BLOCK_KJ at a time (a loop
+    of single loads was latency-bound: 10 us at (32, 64, 56, 56) on an H100)."""
     n = grp // G
     base = n * splits * C + (grp - n * G) * Cg
     shift = tl.load(PMean + base, mask=gmask, other=0.0)
@@ -321,84 +310,140 @@ def _cl_merge_kernel(PMean, PM2, Mean, Var, Rstd, NG, G, Cg, C, S, s_per_split, 
         at, mask, nb = _pair_block(kj0, pairs, base, gmask, Cg, C, S, s_per_split, BLOCK_KJ)
         d = tl.load(PMean + at, mask=mask, other=0.0) - mean[:, None]
         m2 += tl.where(mask, tl.load(PM2 + at, mask=mask, other=0.0) + nb * d * d, 0.0)
-    var = fsum(m2, axis=1) / count
-    tl.store(Mean + grp, mean, mask=gmask)
-    tl.store(Var + grp, var, mask=gmask)
-    tl.store(Rstd + grp, tl.rsqrt(var + eps), mask=gmask)
+    return mean, fsum(m2, axis=1) / count
 
 
 @triton.jit
-def _cl_tile(C, G, Cg, S, R, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's (rows r) x (cols) tile: r, cols, the column and element masks, and
-    each element's statistics index n * G + g."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mask = (r < R)[:, None] & cmask[None, :]
-    return r, cols, cmask, mask, (r // S)[:, None] * G + (cols // Cg)[None, :]
+def _cl_merge_share(n, G, c_blocks, splits, MERGE_G: tl.constexpr):
+    """Groups (n * G + g, and mask) that program (channel tile, split) of sample n merges."""
+    local = (tl.program_id(0) * splits + tl.program_id(1)) * MERGE_G + tl.arange(0, MERGE_G)
+    return n * G + local, local < G
 
 
 @triton.jit
-def _cl_apply_kernel(X, Y, W, B, Mean, Rstd, C, G, Cg, S, R, sxn, sxc, sxs, syn, syc, sys,
-                     HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = (x - mean[n, g]) * rstd[n, g] * w[c] + b[c] on a (rows x channels) tile."""
-    r, cols, cmask, mask, gi = _cl_tile(C, G, Cg, S, R, BLOCK_R, BLOCK_C)
-    mean = tl.load(Mean + gi, mask=mask, other=0.0)
-    scale = tl.load(Rstd + gi, mask=mask, other=0.0)
-    if HAS_W:
-        scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    x = tl.load(X + _tile_offsets(r, S, sxn, sxs)[:, None] + cols[None, :] * sxc,
-                mask=mask, other=0.0).to(tl.float32)
-    y = (x - mean) * scale
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + _tile_offsets(r, S, syn, sys)[:, None] + cols[None, :] * syc,
-             y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _cl_partial_grad_kernel(X, DY, Mean, Rstd, PSdy, PSdyx, C, G, Cg, S, NC,
-                            sxn, sxc, sxs, sdn, sdc, sds, s_per_split,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (channel tile, split, n): per-channel sum(dy), sum(dy * xhat) of sample n
-    over the split's spatial range -> [split, n, c]."""
+def _cl_fwd_kernel(X, Y, W, B, PMean, PM2, Mean, Var, Rstd, Arrived, C, G, Cg, S,
+                   sxn, sxc, sxs, syn, syc, sys, s_per_split, splits, c_blocks, eps,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_KJ: tl.constexpr):
+    """GroupNorm forward of program (channel tile, split, n) over a (rows x channels)
+    range of sample n: PARTIAL writes per-channel (mean, M2) -> [n, split, c], MERGE
+    the statistics of its share of sample n's groups, FINISH y over its rows. The
+    programs of a sample meet at each barrier (a group may span channel tiles)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     sp = tl.program_id(1)
     n = tl.program_id(2)
-    gi = n * G + cols // Cg
-    mean = tl.load(Mean + gi, mask=cmask, other=0.0)
-    rstd = tl.load(Rstd + gi, mask=cmask, other=0.0)
     s_start = sp * s_per_split
-    sdy, sdyx = _grad_sums(X + n * sxn, DY + n * sdn, cols, cmask, mean, rstd, s_start,
-                           tl.minimum(s_start + s_per_split, S), S, sxn, sxc, sxs, sdn, sdc, sds,
-                           BLOCK_R, BLOCK_C)
-    out = sp * NC + n * C + cols
-    tl.store(PSdy + out, sdy, mask=cmask)
-    tl.store(PSdyx + out, sdyx, mask=cmask)
+    s_end = tl.minimum(s_start + s_per_split, S)
+    if PHASES & PARTIAL:
+        _cnt, mean, m2 = _welford_lanes(X + n * sxn, cols, cmask, s_start, s_end, S, sxn, sxc, sxs,
+                                        BLOCK_R, BLOCK_C)
+        out = (n * splits + sp) * C + cols
+        tl.store(PMean + out, mean, mask=cmask)
+        tl.store(PM2 + out, m2, mask=cmask)
+        if SYNC:
+            tile_barrier(Arrived + n, c_blocks * splits)
+        else:  # a single program per sample: its own stores, other threads' loads
+            tl.debug_barrier()
+    if PHASES & MERGE:
+        grp, gmask = _cl_merge_share(n, G, c_blocks, splits, MERGE_G)
+        mean, var = _cl_group_stats(PMean, PM2, grp, gmask, G, Cg, C, S, s_per_split, splits, MERGE_G, BLOCK_KJ)
+        tl.store(Mean + grp, mean, mask=gmask)
+        tl.store(Var + grp, var, mask=gmask)
+        tl.store(Rstd + grp, tl.rsqrt(var + eps), mask=gmask)
+        if SYNC:
+            tile_barrier(Arrived + n, 2 * c_blocks * splits)
+        else:
+            tl.debug_barrier()
+    if PHASES & FINISH:
+        gi = n * G + cols // Cg  # every row of this program is of sample n
+        mean = tl.load(Mean + gi, mask=cmask, other=0.0)
+        scale = tl.load(Rstd + gi, mask=cmask, other=0.0)
+        if HAS_W:
+            scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_B:
+            shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            shift = scale  # unused
+        tiles = (s_end - s_start + BLOCK_R - 1) // BLOCK_R
+        for i in range(0, tiles):  # last tile first: likeliest still in L2
+            r = s_start + (tiles - 1 - i) * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask = (r < s_end)[:, None] & cmask[None, :]
+            _apply_tile(X + n * sxn, Y + n * syn, r, cols, mask, S, mean, scale, shift,
+                        sxn, sxc, sxs, syn, syc, sys, HAS_B)
 
 
 @triton.jit
-def _cl_dx_kernel(X, DY, DX, W, Mean, Rstd, C1, C2, C, G, Cg, S, R,
-                  sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos,
-                  HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = rstd * (w[c] dy - c1 - xhat * c2) on a (rows x channels) tile, with the
-    group's mean, rstd and group means c1, c2 gathered per element."""
-    r, cols, cmask, mask, gi = _cl_tile(C, G, Cg, S, R, BLOCK_R, BLOCK_C)
-    mean = tl.load(Mean + gi, mask=mask, other=0.0)
-    rstd = tl.load(Rstd + gi, mask=mask, other=0.0)
-    c1 = tl.load(C1 + gi, mask=mask, other=0.0)
-    c2 = tl.load(C2 + gi, mask=mask, other=0.0)
-    x = tl.load(X + _tile_offsets(r, S, sxn, sxs)[:, None] + cols[None, :] * sxc,
-                mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + _tile_offsets(r, S, sdn, sds)[:, None] + cols[None, :] * sdc,
-                 mask=mask, other=0.0).to(tl.float32)
-    if HAS_W:
-        dy = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    dx = rstd * (dy - c1 - (x - mean) * rstd * c2)
-    tl.store(DX + _tile_offsets(r, S, son, sos)[:, None] + cols[None, :] * soc,
-             dx.to(DX.dtype.element_ty), mask=mask)
+def _cl_bwd_kernel(X, DY, DX, W, Mean, Rstd, PSdy, PSdyx, C1, C2, Arrived, C, G, Cg, S, inv_m,
+                   sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, s_per_split, splits, c_blocks,
+                   HAS_W: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MERGE_G: tl.constexpr, BLOCK_KJ: tl.constexpr):
+    """GroupNorm backward of program (channel tile, split, n): PARTIAL writes per-channel
+    sum(dy), sum(dy * xhat) -> [n, split, c], MERGE the group means c1, c2 of g = w dy
+    and g * xhat for its share of sample n's groups, FINISH
+    dx = rstd * (g - c1 - xhat * c2) over its rows."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sp = tl.program_id(1)
+    n = tl.program_id(2)
+    s_start = sp * s_per_split
+    s_end = tl.minimum(s_start + s_per_split, S)
+    gi = n * G + cols // Cg
+    mean = tl.load(Mean + gi, mask=cmask, other=0.0)
+    rstd = tl.load(Rstd + gi, mask=cmask, other=0.0)
+    if PHASES & PARTIAL:
+        sdy, sdyx = _grad_sums(X + n * sxn, DY + n * sdn, cols, cmask, mean, rstd, s_start, s_end, S,
+                               sxn, sxc, sxs, sdn, sdc, sds, BLOCK_R, BLOCK_C)
+        out = (n * splits + sp) * C + cols
+        tl.store(PSdy + out, sdy, mask=cmask)
+        tl.store(PSdyx + out, sdyx, mask=cmask)
+        if SYNC and (PHASES & MERGE):
+            tile_barrier(Arrived + n, c_blocks * splits)
+        else:
+            tl.debug_barrier()
+    if PHASES & MERGE:
+        grp, gmask = _cl_merge_share(n, G, c_blocks, splits, MERGE_G)
+        base = n * splits * C + (grp - n * G) * Cg
+        pairs = splits * Cg
+        s1 = tl.full([MERGE_G, BLOCK_KJ], 0.0, tl.float32)
+        s2 = tl.full([MERGE_G, BLOCK_KJ], 0.0, tl.float32)
+        for kj0 in range(0, pairs, BLOCK_KJ):
+            at, mask, _nb = _pair_block(kj0, pairs, base, gmask, Cg, C, S, s_per_split, BLOCK_KJ)
+            t1 = tl.load(PSdy + at, mask=mask, other=0.0)
+            t2 = tl.load(PSdyx + at, mask=mask, other=0.0)
+            if HAS_W:  # the channel of offset `at` is at % C
+                w = tl.load(W + at % C, mask=mask, other=0.0).to(tl.float32)
+                t1 = t1 * w
+                t2 = t2 * w
+            s1 += t1
+            s2 += t2
+        tl.store(C1 + grp, fsum(s1, axis=1) * inv_m, mask=gmask)
+        tl.store(C2 + grp, fsum(s2, axis=1) * inv_m, mask=gmask)
+        if SYNC:
+            tile_barrier(Arrived + n, 2 * c_blocks * splits)
+        else:
+            tl.debug_barrier()
+    if PHASES & FINISH:
+        c1 = tl.load(C1 + gi, mask=cmask, other=0.0)
+        c2 = tl.load(C2 + gi, mask=cmask, other=0.0)
+        if HAS_W:
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            w = rstd  # unused
+        tiles = (s_end - s_start + BLOCK_R - 1) // BLOCK_R
+        for i in range(0, tiles):  # last tile first: likeliest still in L2
+            r = s_start + (tiles - 1 - i) * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask = (r < s_end)[:, None] & cmask[None, :]
+            x = tl.load(X + n * sxn + _tile_offsets(r, S, sxn, sxs)[:, None] + cols[None, :] * sxc,
+                        mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(DY + n * sdn + _tile_offsets(r, S, sdn, sds)[:, None] + cols[None, :] * sdc,
+                        mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                g = g * w[None, :]
+            xhat = (x - mean[None, :]) * rstd[None, :]
+            dx = rstd[None, :] * (g - c1[None, :] - xhat * c2[None, :])
+            tl.store(DX + n * son + _tile_offsets(r, S, son, sos)[:, None] + cols[None, :] * soc,
+                     dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -446,14 +491,42 @@ def _channel_tiles(x3: torch.Tensor, cg: int) -> bool:
     return x3.stride(1) == 1 and cg < CL_TILE_BELOW and x3.shape[1] > 1 and x3.shape[0] <= 65535
 
 
-def _cl_plan(x3: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, channel tiles, s_per_split, splits) of the channel-tile kernels:
-    enough (tile, split, sample) programs to fill the device."""
-    n, c, s = x3.shape
+class _ClPlan(NamedTuple):
+    """Launch shape of the channel-tile kernels for one input shape and group count."""
+
+    block_r: int
+    block_c: int
+    c_blocks: int
+    s_per_split: int
+    splits: int
+    merge_g: int  # groups of its sample each program merges
+    block_kj: int  # (split, channel) pairs a merging program reads per step
+    sync: bool  # all phases in one cooperative launch
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_cl_plan(n: int, c: int, s: int, groups: int, programs: int, resident: int,
+                    _tuning: tuple[int, ...]) -> _ClPlan:
     block_r, block_c = _channel_tile(c, 1)
     c_blocks = cdiv(c, block_c)
-    s_per_split, splits = _channel_splits(s, c_blocks * n, block_r, num_programs(x3.device))
-    return block_r, block_c, c_blocks, s_per_split, splits
+    if resident >= 2 * c_blocks * n:  # one launch: every program of the grid resident at once
+        programs = min(programs, resident)
+    s_per_split, splits = _channel_splits(s, c_blocks * n, block_r, programs)
+    per_sample = c_blocks * splits  # the programs that meet at a sample's barriers
+    merge_g = pow2(cdiv(groups, per_sample))
+    # 4-warp programs: a quarter of the separate merge passes' step (sized for 8-16 warps)
+    block_kj = max(1, min(pow2(splits * (c // groups)), pow2(TUNING.split_tile) // 4 // merge_g))
+    return _ClPlan(block_r, block_c, c_blocks, s_per_split, splits, merge_g, block_kj,
+                   sync=per_sample > 1 and per_sample * n <= resident)
+
+
+def _cl_plan(x3: torch.Tensor, groups: int) -> _ClPlan:
+    """The launch plan of the channel-tile kernels for (N, C, S) view x3: enough (tile,
+    split, sample) programs to fill the device, all resident at once where a cooperative
+    launch can hold them (computed once per shape, keyed on the TUNING it reads)."""
+    n, c, s = x3.shape
+    return _cached_cl_plan(n, c, s, groups, num_programs(x3.device), resident_programs(x3.device),
+                           (TUNING.channel_tile, TUNING.split_tile))
 
 
 def _tile(cg: int, s: int, channel_stride: int) -> tuple[int, int]:
@@ -534,27 +607,52 @@ def group_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | Non
     return mean, var, rstd
 
 
+_ALL = (PARTIAL, MERGE, FINISH)
+
+
 def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> None:
-    """Forward of :func:`group_forward` through the channel-tile kernels."""
+    """Forward of :func:`group_forward` through the channel-tile kernel: one cooperative
+    launch on a GPU, else one launch per phase."""
     n, c, s = x3.shape
-    block_r, block_c, c_blocks, s_per_split, splits = _cl_plan(x3)
-    pmean = torch.empty((n, splits, c), device=x3.device, dtype=torch.float32)
-    pm2 = torch.empty_like(pmean)
-    ng = n * groups
+    plan = _cl_plan(x3, groups)
+    partials = torch.empty((2, n, plan.splits, c), device=x3.device, dtype=torch.float32)
+    arrived = torch.zeros(n, device=x3.device, dtype=torch.int32) if plan.sync else dummy(mean)
     with device_guard(x3):
-        _cl_partial_stats_kernel[(c_blocks, splits, n)](
-            x3, pmean, pm2, c, s, *x3.stride(), s_per_split, splits,
-            BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
-        )
-        block_kj, merge = split_blocks(splits * (c // groups), ng)  # pairs x groups
-        _cl_merge_kernel[(cdiv(ng, merge),)](
-            pmean, pm2, mean, var, rstd, ng, groups, c // groups, c, s, s_per_split, splits, eps,
-            BLOCK=merge, BLOCK_KJ=block_kj, num_warps=num_warps(merge * block_kj), **LAUNCH,
-        )
-        _cl_apply_kernel[(cdiv(n * s, block_r), c_blocks)](
-            x3, y3, w, b, mean, rstd, c, groups, c // groups, s, n * s, *x3.stride(), *y3.stride(),
-            HAS_W=has_w, HAS_B=has_b, BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
-        )
+        for phases, sync in phase_launches(plan.sync, plan.c_blocks * plan.splits == 1, _ALL):
+            _cl_fwd_kernel[(plan.c_blocks, plan.splits, n)](
+                x3, y3, w, b, *partials.unbind(0), mean, var, rstd, arrived, c, groups, c // groups, s,
+                *x3.stride(), *y3.stride(), plan.s_per_split, plan.splits, plan.c_blocks, eps,
+                HAS_W=has_w, HAS_B=has_b, PHASES=phases, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+                MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
+            )
+
+
+def _cl_backward(dy3, x3, dx3, weight, mean, rstd, groups, need_dwb):
+    """Backward of :func:`group_forward` through the channel-tile kernel (one cooperative
+    launch on a GPU, else one per phase) and, for dbias/dweight, :func:`split_sum`."""
+    n, c, s = x3.shape
+    plan = _cl_plan(x3, groups)
+    partials = torch.empty((2, n, plan.splits, c), device=x3.device, dtype=torch.float32)
+    if dx3 is not None:
+        c1, c2 = stats_buffers(2, n * groups, x3)  # group means of g = w dy and g * xhat
+        launches = phase_launches(plan.sync, plan.c_blocks * plan.splits == 1, _ALL)
+    else:
+        c1 = c2 = dummy(rstd)
+        launches = [(PARTIAL, False)]
+    sync = launches[0][1]
+    arrived = torch.zeros(n, device=x3.device, dtype=torch.int32) if sync else dummy(rstd)
+    with device_guard(x3):
+        for phases, sync in launches:
+            _cl_bwd_kernel[(plan.c_blocks, plan.splits, n)](
+                x3, dy3, dx3 if dx3 is not None else dummy(x3), weight if weight is not None else dummy(rstd),
+                mean, rstd, *partials.unbind(0), c1, c2, arrived, c, groups, c // groups, s, 1.0 / (c // groups * s),
+                *x3.stride(), *dy3.stride(), *(dx3.stride() if dx3 is not None else (0, 0, 0)),
+                plan.s_per_split, plan.splits, plan.c_blocks,
+                HAS_W=weight is not None, PHASES=phases, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+                MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
+            )
+        # dbias, dweight: the partials summed over samples and splits
+        return split_sum(partials.view(2, n * plan.splits, c)).unbind(0) if need_dwb else (None, None)
 
 
 def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None,
@@ -565,16 +663,14 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
     n, c, s = x3.shape
     cg = c // groups
     ng = n * groups
-    tiles = _channel_tiles(x3, cg)
-    if tiles:
-        block_r, block_c, c_blocks, s_per_split, splits = _cl_plan(x3)
-    else:
-        block_c, block_s, s_per_split, splits, warps = _group_plan(x3, cg)
+    if _channel_tiles(x3, cg):
+        return _cl_backward(dy3, x3, dx3, weight, mean, rstd, groups, need_dwb)
+    block_c, block_s, s_per_split, splits, warps = _group_plan(x3, cg)
     f32 = dict(device=x3.device, dtype=torch.float32)
     w = weight if weight is not None else dummy(rstd)
     dx_strides = dx3.stride() if dx3 is not None else (0, 0, 0)
     with device_guard(x3):
-        if splits == 1 and not tiles:
+        if splits == 1:
             partials = torch.empty((2, n, c), **f32) if need_dwb else None  # per (n, c)
             psdy, psdyx = partials.unbind(0) if need_dwb else (dummy(rstd), dummy(rstd))
             _group_bwd_kernel[(ng,)](
@@ -586,16 +682,10 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
             return split_sum(partials).unbind(0) if need_dwb else (None, None)
         partials = torch.empty((2, splits, n, c), **f32)  # sum(dy), sum(dy * xhat) per (split, n, c)
         psdy, psdyx = partials.unbind(0)
-        if tiles:
-            _cl_partial_grad_kernel[(c_blocks, splits, n)](
-                x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
-                s_per_split, BLOCK_R=block_r, BLOCK_C=block_c, **tile_launch(),
-            )
-        else:
-            _group_partial_grad_kernel[(ng, splits)](
-                x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
-                s_per_split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
-            )
+        _group_partial_grad_kernel[(ng, splits)](
+            x3, dy3, mean, rstd, psdy, psdyx, c, groups, cg, s, n * c, *x3.stride(), *dy3.stride(),
+            s_per_split, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps, **LAUNCH,
+        )
         if dx3 is not None:
             c1, c2 = stats_buffers(2, ng, x3)  # group means of g = w dy and g * xhat
             block_k, block_g = split_blocks(splits, cg)
@@ -604,17 +694,10 @@ def group_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None
                 HAS_W=weight is not None, BLOCK_K=block_k, BLOCK_C=block_g,
                 num_warps=num_warps(block_k * block_g), **LAUNCH,
             )
-            if tiles:
-                _cl_dx_kernel[(cdiv(n * s, block_r), c_blocks)](
-                    x3, dy3, dx3, w, mean, rstd, c1, c2, c, groups, cg, s, n * s, *x3.stride(),
-                    *dy3.stride(), *dx_strides, HAS_W=weight is not None, BLOCK_R=block_r,
-                    BLOCK_C=block_c, **tile_launch(),
-                )
-            else:
-                _group_dx_kernel[(ng, splits)](
-                    x3, dy3, dx3, w, mean, rstd, c1, c2, groups, cg, s, *x3.stride(), *dy3.stride(),
-                    *dx_strides, s_per_split, HAS_W=weight is not None, BLOCK_C=block_c,
-                    BLOCK_S=block_s, num_warps=warps, **LAUNCH,
-                )
+            _group_dx_kernel[(ng, splits)](
+                x3, dy3, dx3, w, mean, rstd, c1, c2, groups, cg, s, *x3.stride(), *dy3.stride(),
+                *dx_strides, s_per_split, HAS_W=weight is not None, BLOCK_C=block_c,
+                BLOCK_S=block_s, num_warps=warps, **LAUNCH,
+            )
         # dbias, dweight: the partials summed over splits and samples
         return split_sum(partials.view(2, splits * n, c)).unbind(0) if need_dwb else (None, None)

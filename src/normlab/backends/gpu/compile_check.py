@@ -44,11 +44,8 @@ KERNELS = {
     _groups._group_apply_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._group_partial_grad_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
     _groups._group_dx_kernel: {"BLOCK_C": 4, "BLOCK_S": 256},
-    _groups._cl_partial_stats_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
-    _groups._cl_merge_kernel: {"BLOCK": 64, "BLOCK_KJ": 32},
-    _groups._cl_apply_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
-    _groups._cl_partial_grad_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
-    _groups._cl_dx_kernel: {"BLOCK_R": 64, "BLOCK_C": 64},
+    _groups._cl_fwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64, "MERGE_G": 1, "BLOCK_KJ": 64, "PHASES": 7},
+    _groups._cl_bwd_kernel: {"BLOCK_R": 64, "BLOCK_C": 64, "MERGE_G": 1, "BLOCK_KJ": 64, "PHASES": 7},
     _groups._group_grad_means_kernel: {"BLOCK_K": 64, "BLOCK_C": 4},
 }
 
