@@ -49,12 +49,15 @@ def sweep_case(norm, shape, cl, dtype, choices):
         torch_fn = lambda: torch.nn.functional.batch_norm(xg, None, None, wg, bg, True, 0.0, 1e-5)  # noqa: E731
     else:
         torch_fn = lambda: torch.nn.functional.group_norm(xg, 32, wg, bg, 1e-5)  # noqa: E731
-    t_f = kernel_ms(torch_fn)
-    try:
-        t_fb = kernel_ms(lambda: torch.autograd.grad(torch_fn(), (xg, wg, bg), dy))
-    except RuntimeError as err:  # a torch whose backward cannot be captured in a graph
-        print(f"  (torch.nn forward+backward not timed: {err})")
-        t_fb = float("nan")
+    def torch_ms(fn):
+        try:
+            return kernel_ms(fn)
+        except (RuntimeError, TypeError) as err:  # no graph capture (the bench helper returned None)
+            print(f"  (torch.nn not timed: {err})")
+            return float("nan")
+
+    t_f = torch_ms(torch_fn)
+    t_fb = torch_ms(lambda: torch.autograd.grad(torch_fn(), (xg, wg, bg), dy))
     print(f"{norm} {shape} {'CL' if cl else 'NCHW'} {dtype}: copy {copy * 1e3:.1f} us; torch.nn fwd "
           f"{t_f * 1e3:.1f} us ({100 * copy / t_f:.0f}%), fwd+bwd {t_fb * 1e3:.1f} us ({250 * copy / t_fb:.0f}%)",
           flush=True)
