@@ -142,7 +142,10 @@ def resident_launch() -> dict[str, object]:
 def cooperative_launch() -> bool:
     """Whether this triton launches a grid cooperatively (``launch_cooperative_grid``:
     the driver refuses a grid whose programs cannot all be resident, instead of a
-    barrier waiting forever)."""
+    barrier waiting forever). NVIDIA only: the barriers and the register cap were not
+    tried on ROCm, whose builds take one launch per phase."""
+    if torch.version.hip is not None:
+        return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:  # pragma: no cover - a triton without the NVIDIA backend
