@@ -54,12 +54,12 @@ from ._common import (
     dummy,
     fsum,
     num_programs,
+    phase_barrier,
     phase_launches,
     pow2,
     resident_launch,
     resident_programs,
     stats_buffers,
-    tile_barrier,
     tile_launch,
 )
 
@@ -165,6 +165,26 @@ def _apply_tile(X, Y, r, cols, mask, S, mean, scale, shift, sxn, sxc, sxs, syn, 
 
 
 @triton.jit
+def _apply_rows(X, Y, W, B, cols, cmask, mean, rstd, r_start, r_end, S, sxn, sxc, sxs, syn, syc, sys,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y = (x - mean) * rstd * w + b over rows [r_start, r_end) of columns ``cols``
+    (mean, rstd per column), last tile first: after a statistics pass over the same
+    rows, those are the likeliest still in L2."""
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        shift = scale  # unused
+    tiles = (r_end - r_start + BLOCK_R - 1) // BLOCK_R
+    for i in range(0, tiles):
+        r = r_start + (tiles - 1 - i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask = (r < r_end)[:, None] & cmask[None, :]
+        _apply_tile(X, Y, r, cols, mask, S, mean, scale, shift, sxn, sxc, sxs, syn, syc, sys, HAS_B)
+
+
+@triton.jit
 def _dx_tile(X, DY, DX, r, cols, mask, S, mean, rstd, scale, c1, c2,
              sxn, sxc, sxs, sdn, sdc, sds, son, soc, sos, BATCH_STATS: tl.constexpr):
     """dx = scale * (dy - c1 - xhat * c2) (batch statistics) or scale * dy on one tile."""
@@ -251,34 +271,18 @@ def _chan_fwd_kernel(X, Y, W, B, PMean, PM2, Mean, Var, Rstd, Arrived, C, S, R,
         _cnt, pmean, pm2 = _welford_lanes(X, cols, cmask, r_start, r_end, S, sxn, sxc, sxs, BLOCK_R, BLOCK_C)
         tl.store(PMean + ps * C + cols, pmean, mask=cmask)
         tl.store(PM2 + ps * C + cols, pm2, mask=cmask)
-        if SYNC:
-            tile_barrier(Arrived + c_tile, splits)
-        else:  # a single split: this program's own stores, other threads' loads
-            tl.debug_barrier()
+        phase_barrier(Arrived + c_tile, splits, SYNC)
     if PHASES & MERGE:
         mcols, mmask = _merge_share(c_tile, ps, C, BLOCK_C, MERGE_C)
         mean, var = _merge_stats(PMean, PM2, mcols, mmask, C, R, rows_per_split, splits, BLOCK_K, MERGE_C)
         tl.store(Mean + mcols, mean, mask=mmask)
         tl.store(Var + mcols, var, mask=mmask)
         tl.store(Rstd + mcols, tl.rsqrt(var + eps), mask=mmask)
-        if SYNC:
-            tile_barrier(Arrived + c_tile, 2 * splits)
-        else:
-            tl.debug_barrier()
+        phase_barrier(Arrived + c_tile, 2 * splits, SYNC)
     if PHASES & FINISH:
-        mean = tl.load(Mean + cols, mask=cmask, other=0.0)
-        scale = tl.load(Rstd + cols, mask=cmask, other=0.0)
-        if HAS_W:
-            scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_B:
-            shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            shift = scale  # unused
-        tiles = (r_end - r_start + BLOCK_R - 1) // BLOCK_R
-        for i in range(0, tiles):  # last tile first (see above)
-            r = r_start + (tiles - 1 - i) * BLOCK_R + tl.arange(0, BLOCK_R)
-            mask = (r < r_end)[:, None] & cmask[None, :]
-            _apply_tile(X, Y, r, cols, mask, S, mean, scale, shift, sxn, sxc, sxs, syn, syc, sys, HAS_B)
+        _apply_rows(X, Y, W, B, cols, cmask, tl.load(Mean + cols, mask=cmask, other=0.0),
+                    tl.load(Rstd + cols, mask=cmask, other=0.0), r_start, r_end, S,
+                    sxn, sxc, sxs, syn, syc, sys, HAS_W, HAS_B, BLOCK_R)
 
 
 @triton.jit
@@ -303,18 +307,12 @@ def _chan_bwd_kernel(X, DY, DX, Mean, Rstd, W, PSdy, PSdyx, Sdy, Sdyx, Arrived, 
                                sdn, sdc, sds, BLOCK_R, BLOCK_C)
         tl.store(PSdy + ps * C + cols, sdy, mask=cmask)
         tl.store(PSdyx + ps * C + cols, sdyx, mask=cmask)
-        if SYNC:
-            tile_barrier(Arrived + c_tile, splits)
-        else:  # a single split: this program's own stores, other threads' loads
-            tl.debug_barrier()
+        phase_barrier(Arrived + c_tile, splits, SYNC)
     if PHASES & MERGE:
         mcols, mmask = _merge_share(c_tile, ps, C, BLOCK_C, MERGE_C)
         tl.store(Sdy + mcols, column_sums(PSdy, splits, C, mcols, mmask, BLOCK_K, MERGE_C), mask=mmask)
         tl.store(Sdyx + mcols, column_sums(PSdyx, splits, C, mcols, mmask, BLOCK_K, MERGE_C), mask=mmask)
-        if SYNC and (PHASES & FINISH):
-            tile_barrier(Arrived + c_tile, 2 * splits)
-        else:
-            tl.debug_barrier()
+        phase_barrier(Arrived + c_tile, 2 * splits, SYNC and (PHASES & FINISH))
     if PHASES & FINISH:
         rstd = tl.load(Rstd + cols, mask=cmask, other=0.0)
         scale = rstd

@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 __all__ = ["FINISH", "LAUNCH", "MERGE", "PARTIAL", "TUNING", "Tuning", "cdiv", "column_sums", "cooperative_launch",
-           "device_guard", "dummy", "fsum", "num_programs", "num_warps", "phase_launches", "pow2", "resident_launch",
-           "resident_programs", "split_blocks", "split_sum", "stats_buffers", "tile_barrier", "tile_launch"]
+           "device_guard", "dummy", "fsum", "num_programs", "num_warps", "phase_barrier", "phase_launches", "pow2",
+           "resident_launch", "resident_programs", "split_blocks", "split_sum", "stats_buffers", "tile_barrier",
+           "tile_launch"]
 
 
 @dataclass
@@ -187,6 +188,17 @@ def tile_barrier(Arrived, target):
     while seen < target:
         seen = tl.atomic_add(Arrived, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+
+
+@triton.jit
+def phase_barrier(Arrived, target, SYNC: tl.constexpr):
+    """Between two phases of one launch: :func:`tile_barrier` when the barrier holds
+    several programs (SYNC), else a barrier of this program's threads (its own stores,
+    read by other threads of it next)."""
+    if SYNC:
+        tile_barrier(Arrived, target)
+    else:
+        tl.debug_barrier()
 
 
 def split_blocks(splits: int, columns: int) -> tuple[int, int]:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._channels import _apply_tile, _chan_merge_kernel, _grad_sums, _tile_offsets, _welford_lanes
+from ._channels import _apply_rows, _chan_merge_kernel, _grad_sums, _tile_offsets, _welford_lanes
 from ._channels import _splits as _channel_splits
 from ._channels import _tile as _channel_tile
 from ._common import (
@@ -50,6 +50,7 @@ from ._common import (
     fsum,
     num_programs,
     num_warps,
+    phase_barrier,
     phase_launches,
     pow2,
     resident_launch,
@@ -57,7 +58,6 @@ from ._common import (
     split_blocks,
     split_sum,
     stats_buffers,
-    tile_barrier,
     tile_launch,
 )
 
@@ -321,6 +321,16 @@ def _cl_merge_share(n, G, c_blocks, splits, MERGE_G: tl.constexpr):
 
 
 @triton.jit
+def _cl_program(C, S, s_per_split, BLOCK_C: tl.constexpr):
+    """Program (channel tile, split, n): its columns (and mask), split, sample and
+    spatial range [s_start, s_end)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    sp = tl.program_id(1)
+    s_start = sp * s_per_split
+    return cols, cols < C, sp, tl.program_id(2), s_start, tl.minimum(s_start + s_per_split, S)
+
+
+@triton.jit
 def _cl_fwd_kernel(X, Y, W, B, PMean, PM2, Mean, Var, Rstd, Arrived, C, G, Cg, S,
                    sxn, sxc, sxs, syn, syc, sys, s_per_split, splits, c_blocks, eps,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr,
@@ -329,48 +339,26 @@ def _cl_fwd_kernel(X, Y, W, B, PMean, PM2, Mean, Var, Rstd, Arrived, C, G, Cg, S
     range of sample n: PARTIAL writes per-channel (mean, M2) -> [n, split, c], MERGE
     the statistics of its share of sample n's groups, FINISH y over its rows. The
     programs of a sample meet at each barrier (a group may span channel tiles)."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sp = tl.program_id(1)
-    n = tl.program_id(2)
-    s_start = sp * s_per_split
-    s_end = tl.minimum(s_start + s_per_split, S)
+    cols, cmask, sp, n, s_start, s_end = _cl_program(C, S, s_per_split, BLOCK_C)
     if PHASES & PARTIAL:
         _cnt, mean, m2 = _welford_lanes(X + n * sxn, cols, cmask, s_start, s_end, S, sxn, sxc, sxs,
                                         BLOCK_R, BLOCK_C)
         out = (n * splits + sp) * C + cols
         tl.store(PMean + out, mean, mask=cmask)
         tl.store(PM2 + out, m2, mask=cmask)
-        if SYNC:
-            tile_barrier(Arrived + n, c_blocks * splits)
-        else:  # a single program per sample: its own stores, other threads' loads
-            tl.debug_barrier()
+        phase_barrier(Arrived + n, c_blocks * splits, SYNC)
     if PHASES & MERGE:
         grp, gmask = _cl_merge_share(n, G, c_blocks, splits, MERGE_G)
         mean, var = _cl_group_stats(PMean, PM2, grp, gmask, G, Cg, C, S, s_per_split, splits, MERGE_G, BLOCK_KJ)
         tl.store(Mean + grp, mean, mask=gmask)
         tl.store(Var + grp, var, mask=gmask)
         tl.store(Rstd + grp, tl.rsqrt(var + eps), mask=gmask)
-        if SYNC:
-            tile_barrier(Arrived + n, 2 * c_blocks * splits)
-        else:
-            tl.debug_barrier()
+        phase_barrier(Arrived + n, 2 * c_blocks * splits, SYNC)
     if PHASES & FINISH:
         gi = n * G + cols // Cg  # every row of this program is of sample n
-        mean = tl.load(Mean + gi, mask=cmask, other=0.0)
-        scale = tl.load(Rstd + gi, mask=cmask, other=0.0)
-        if HAS_W:
-            scale = scale * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_B:
-            shift = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            shift = scale  # unused
-        tiles = (s_end - s_start + BLOCK_R - 1) // BLOCK_R
-        for i in range(0, tiles):  # last tile first: likeliest still in L2
-            r = s_start + (tiles - 1 - i) * BLOCK_R + tl.arange(0, BLOCK_R)
-            mask = (r < s_end)[:, None] & cmask[None, :]
-            _apply_tile(X + n * sxn, Y + n * syn, r, cols, mask, S, mean, scale, shift,
-                        sxn, sxc, sxs, syn, syc, sys, HAS_B)
+        _apply_rows(X + n * sxn, Y + n * syn, W, B, cols, cmask, tl.load(Mean + gi, mask=cmask, other=0.0),
+                    tl.load(Rstd + gi, mask=cmask, other=0.0), s_start, s_end, S,
+                    sxn, sxc, sxs, syn, syc, sys, HAS_W, HAS_B, BLOCK_R)
 
 
 @triton.jit
@@ -382,12 +370,7 @@ def _cl_bwd_kernel(X, DY, DX, W, Mean, Rstd, PSdy, PSdyx, C1, C2, Arrived, C, G,
     sum(dy), sum(dy * xhat) -> [n, split, c], MERGE the group means c1, c2 of g = w dy
     and g * xhat for its share of sample n's groups, FINISH
     dx = rstd * (g - c1 - xhat * c2) over its rows."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sp = tl.program_id(1)
-    n = tl.program_id(2)
-    s_start = sp * s_per_split
-    s_end = tl.minimum(s_start + s_per_split, S)
+    cols, cmask, sp, n, s_start, s_end = _cl_program(C, S, s_per_split, BLOCK_C)
     gi = n * G + cols // Cg
     mean = tl.load(Mean + gi, mask=cmask, other=0.0)
     rstd = tl.load(Rstd + gi, mask=cmask, other=0.0)
@@ -397,10 +380,7 @@ def _cl_bwd_kernel(X, DY, DX, W, Mean, Rstd, PSdy, PSdyx, C1, C2, Arrived, C, G,
         out = (n * splits + sp) * C + cols
         tl.store(PSdy + out, sdy, mask=cmask)
         tl.store(PSdyx + out, sdyx, mask=cmask)
-        if SYNC and (PHASES & MERGE):
-            tile_barrier(Arrived + n, c_blocks * splits)
-        else:
-            tl.debug_barrier()
+        phase_barrier(Arrived + n, c_blocks * splits, SYNC and (PHASES & MERGE))
     if PHASES & MERGE:
         grp, gmask = _cl_merge_share(n, G, c_blocks, splits, MERGE_G)
         base = n * splits * C + (grp - n * G) * Cg
@@ -419,10 +399,7 @@ def _cl_bwd_kernel(X, DY, DX, W, Mean, Rstd, PSdy, PSdyx, C1, C2, Arrived, C, G,
             s2 += t2
         tl.store(C1 + grp, fsum(s1, axis=1) * inv_m, mask=gmask)
         tl.store(C2 + grp, fsum(s2, axis=1) * inv_m, mask=gmask)
-        if SYNC:
-            tile_barrier(Arrived + n, 2 * c_blocks * splits)
-        else:
-            tl.debug_barrier()
+        phase_barrier(Arrived + n, 2 * c_blocks * splits, SYNC)
     if PHASES & FINISH:
         c1 = tl.load(C1 + gi, mask=cmask, other=0.0)
         c2 = tl.load(C2 + gi, mask=cmask, other=0.0)
