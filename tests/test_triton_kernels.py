@@ -296,6 +296,45 @@ def test_barrier_code_runs(monkeypatch, case):
     _compare(x, spec, *_run_both(x, w, b, spec))
 
 
+@pytest.mark.parametrize("batch_statistics", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_backward_with_nothing_asked_writes_nothing(layout, batch_statistics):
+    """No dx and no dweight/dbias: the kernels do not run (a FINISH phase alone would
+    store into the placeholder passed for dx -- x itself)."""
+    x = _layout(torch.randn((3, 8, 3, 3), generator=torch.Generator().manual_seed(16)), layout)
+    x3, dy3 = x.view(3, 8, 9), torch.ones_like(x).view(3, 8, 9)
+    before = x.clone()
+    mean, rstd = torch.zeros(8), torch.ones(8)
+    assert _channels.channel_backward(dy3, x3, None, None, mean, rstd, batch_statistics, False) == (None, None)
+    if layout == "cl":
+        gmean, grstd = torch.zeros(3 * 4), torch.ones(3 * 4)
+        assert _groups.group_backward(dy3, x3, None, None, gmean, grstd, 4, False) == (None, None)
+    assert torch.equal(x, before)
+
+
+def test_refused_cooperative_launch_falls_back_to_one_launch_per_phase(monkeypatch):
+    """A cooperative launch the driver refuses (fewer programs resident than planned)
+    reruns as one launch per phase, and the device is planned without one since."""
+    monkeypatch.setattr(_common, "_REFUSED", set())
+    calls = []
+
+    def launch(phases, sync):
+        calls.append((phases, sync))
+        if sync:
+            raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+
+    _common.run_phases(launch, torch.device("cuda", 1), True, False, (1, 2, 4))
+    assert calls == [(7, True), (1, False), (2, False), (4, False)]
+    assert _common._REFUSED == {1}
+    assert _common.resident_programs(torch.device("cuda", 1)) == 0
+
+    def failing(phases, sync):
+        raise RuntimeError("an unrelated CUDA error")
+
+    with pytest.raises(RuntimeError, match="unrelated"):
+        _common.run_phases(failing, torch.device("cuda", 0), True, False, (1, 2, 4))
+
+
 _BN_CASES = [c for c in CASES if c[0].startswith("bn")]
 
 

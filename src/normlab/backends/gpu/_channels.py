@@ -55,10 +55,10 @@ from ._common import (
     fsum,
     num_programs,
     phase_barrier,
-    phase_launches,
     pow2,
     resident_launch,
     resident_programs,
+    run_phases,
     stats_buffers,
     tile_launch,
 )
@@ -407,16 +407,19 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
     mean, var, rstd = stats_buffers(3, c if stat_shape is None else stat_shape, x3)
     partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32)
     arrived = torch.zeros(plan.c_blocks, device=x3.device, dtype=torch.int32) if plan.sync else dummy(mean)
+
+    def launch(phases: int, sync: bool) -> None:
+        _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
+            x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
+            *partials.unbind(0), mean, var, rstd, arrived, c, s, n * s, *x3.stride(), *y3.stride(),
+            plan.rows_per_split, plan.splits, eps,
+            HAS_W=weight is not None, HAS_B=bias is not None, PHASES=phases, SYNC=sync,
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
+            **_launch_options(sync),
+        )
+
     with device_guard(x3):
-        for phases, sync in phase_launches(plan.sync, plan.splits == 1, _ALL):
-            _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
-                x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
-                *partials.unbind(0), mean, var, rstd, arrived, c, s, n * s, *x3.stride(), *y3.stride(),
-                plan.rows_per_split, plan.splits, eps,
-                HAS_W=weight is not None, HAS_B=bias is not None, PHASES=phases, SYNC=sync,
-                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
-                **_launch_options(sync),
-            )
+        run_phases(launch, x3.device, plan.sync, plan.splits == 1, _ALL)
     return mean, var, rstd
 
 
@@ -447,25 +450,28 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
     plan = _plan(x3)
     need_sums = need_dwb or (dx3 is not None and batch_statistics)
     phases = (_ALL[:2] if need_sums else ()) + (_ALL[2:] if dx3 is not None else ())
+    if not phases:  # nothing asked for (the FINISH phase alone would write into a dummy dx)
+        return None, None
     sdy = sdyx = None
     partials = (dummy(rstd), dummy(rstd))
-    launches = [(FINISH, False)]
     if need_sums:
         partials = torch.empty((2, plan.splits, c), device=x3.device, dtype=torch.float32).unbind(0)
         sdy, sdyx = stats_buffers(2, c, x3)
-        launches = phase_launches(plan.sync, plan.splits == 1, phases)
-    sync = launches[0][1]
+    sync = need_sums and plan.sync
     arrived = torch.zeros(plan.c_blocks, device=x3.device, dtype=torch.int32) if sync else dummy(rstd)
+
+    def launch(phase_bits: int, sync: bool) -> None:
+        _chan_bwd_kernel[(plan.c_blocks, plan.splits)](
+            x3, dy3, dx3 if dx3 is not None else dummy(x3), mean, rstd,
+            weight if weight is not None else dummy(rstd), *partials,
+            sdy if need_sums else dummy(rstd), sdyx if need_sums else dummy(rstd), arrived,
+            c, s, n * s, 1.0 / (n * s), *x3.stride(), *dy3.stride(),
+            *(dx3.stride() if dx3 is not None else (0, 0, 0)), plan.rows_per_split, plan.splits,
+            HAS_W=weight is not None, BATCH_STATS=batch_statistics, PHASES=phase_bits, SYNC=sync,
+            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
+            **_launch_options(sync),
+        )
+
     with device_guard(x3):
-        for phase_bits, sync in launches:
-            _chan_bwd_kernel[(plan.c_blocks, plan.splits)](
-                x3, dy3, dx3 if dx3 is not None else dummy(x3), mean, rstd,
-                weight if weight is not None else dummy(rstd), *partials,
-                sdy if need_sums else dummy(rstd), sdyx if need_sums else dummy(rstd), arrived,
-                c, s, n * s, 1.0 / (n * s), *x3.stride(), *dy3.stride(),
-                *(dx3.stride() if dx3 is not None else (0, 0, 0)), plan.rows_per_split, plan.splits,
-                HAS_W=weight is not None, BATCH_STATS=batch_statistics, PHASES=phase_bits, SYNC=sync,
-                BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
-                **_launch_options(sync),
-            )
+        run_phases(launch, x3.device, sync, plan.splits == 1 or not need_sums, phases)
     return sdy, sdyx

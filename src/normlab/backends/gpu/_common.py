@@ -9,6 +9,7 @@ several programs per reduction on tiny shapes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,8 @@ import triton.language as tl
 
 __all__ = ["FINISH", "LAUNCH", "MERGE", "PARTIAL", "TUNING", "Tuning", "cdiv", "column_sums", "cooperative_launch",
            "device_guard", "dummy", "fsum", "num_programs", "num_warps", "phase_barrier", "phase_launches", "pow2",
-           "resident_launch", "resident_programs", "split_blocks", "split_sum", "stats_buffers", "tile_barrier",
-           "tile_launch"]
+           "resident_launch", "resident_programs", "run_phases", "split_blocks", "split_sum", "stats_buffers",
+           "tile_barrier", "tile_launch"]
 
 
 @dataclass
@@ -119,9 +120,13 @@ def resident_programs(device: torch.device) -> int:
     """How many programs of a single-launch reduction may wait for each other on
     ``device``: 0 where they cannot (the interpreter runs programs one at a time;
     a triton without cooperative launches cannot ask the driver to check)."""
-    if device.type != "cuda" or not cooperative_launch():
+    if device.type != "cuda" or not cooperative_launch() or device.index in _REFUSED:
         return 0
     return _multiprocessors(device.index) * _resident_per_sm()
+
+
+#: devices (indices) whose driver refused a cooperative launch: planned without one since
+_REFUSED: set[int | None] = set()
 
 
 def _resident_per_sm() -> int:
@@ -188,6 +193,24 @@ def tile_barrier(Arrived, target):
     while seen < target:
         seen = tl.atomic_add(Arrived, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+
+
+def run_phases(launch: Callable[[int, bool], object], device: torch.device, sync: bool, alone: bool,
+               phases: tuple[int, ...]) -> None:
+    """``launch(PHASES, SYNC)`` for each launch of :func:`phase_launches`. Should the
+    driver refuse the cooperative launch (fewer programs resident at once than planned:
+    it counts the compiled kernel's registers, shared memory and threads, the plan only
+    estimates them), the phases run one launch each instead, and ``device`` is planned
+    without cooperative launches from then on. A refused launch runs nothing."""
+    try:
+        for bits, barrier in phase_launches(sync, alone, phases):
+            launch(bits, barrier)
+    except RuntimeError as err:
+        if not sync or "cooperative" not in str(err):
+            raise
+        _REFUSED.add(device.index)
+        for bits, barrier in phase_launches(False, alone, phases):
+            launch(bits, barrier)
 
 
 @triton.jit

@@ -51,10 +51,10 @@ from ._common import (
     num_programs,
     num_warps,
     phase_barrier,
-    phase_launches,
     pow2,
     resident_launch,
     resident_programs,
+    run_phases,
     split_blocks,
     split_sum,
     stats_buffers,
@@ -594,40 +594,48 @@ def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> Non
     plan = _cl_plan(x3, groups)
     partials = torch.empty((2, n, plan.splits, c), device=x3.device, dtype=torch.float32)
     arrived = torch.zeros(n, device=x3.device, dtype=torch.int32) if plan.sync else dummy(mean)
+
+    def launch(phases: int, sync: bool) -> None:
+        _cl_fwd_kernel[(plan.c_blocks, plan.splits, n)](
+            x3, y3, w, b, *partials.unbind(0), mean, var, rstd, arrived, c, groups, c // groups, s,
+            *x3.stride(), *y3.stride(), plan.s_per_split, plan.splits, plan.c_blocks, eps,
+            HAS_W=has_w, HAS_B=has_b, PHASES=phases, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
+        )
+
     with device_guard(x3):
-        for phases, sync in phase_launches(plan.sync, plan.c_blocks * plan.splits == 1, _ALL):
-            _cl_fwd_kernel[(plan.c_blocks, plan.splits, n)](
-                x3, y3, w, b, *partials.unbind(0), mean, var, rstd, arrived, c, groups, c // groups, s,
-                *x3.stride(), *y3.stride(), plan.s_per_split, plan.splits, plan.c_blocks, eps,
-                HAS_W=has_w, HAS_B=has_b, PHASES=phases, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-                MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
-            )
+        run_phases(launch, x3.device, plan.sync, plan.c_blocks * plan.splits == 1, _ALL)
 
 
 def _cl_backward(dy3, x3, dx3, weight, mean, rstd, groups, need_dwb):
     """Backward of :func:`group_forward` through the channel-tile kernel (one cooperative
     launch on a GPU, else one per phase) and, for dbias/dweight, :func:`split_sum`."""
+    if dx3 is None and not need_dwb:
+        return None, None
     n, c, s = x3.shape
     plan = _cl_plan(x3, groups)
     partials = torch.empty((2, n, plan.splits, c), device=x3.device, dtype=torch.float32)
     if dx3 is not None:
         c1, c2 = stats_buffers(2, n * groups, x3)  # group means of g = w dy and g * xhat
-        launches = phase_launches(plan.sync, plan.c_blocks * plan.splits == 1, _ALL)
+        phases = _ALL
     else:
         c1 = c2 = dummy(rstd)
-        launches = [(PARTIAL, False)]
-    sync = launches[0][1]
+        phases = _ALL[:1]
+    sync = plan.sync and dx3 is not None
     arrived = torch.zeros(n, device=x3.device, dtype=torch.int32) if sync else dummy(rstd)
+
+    def launch(phase_bits: int, sync: bool) -> None:
+        _cl_bwd_kernel[(plan.c_blocks, plan.splits, n)](
+            x3, dy3, dx3 if dx3 is not None else dummy(x3), weight if weight is not None else dummy(rstd),
+            mean, rstd, *partials.unbind(0), c1, c2, arrived, c, groups, c // groups, s, 1.0 / (c // groups * s),
+            *x3.stride(), *dy3.stride(), *(dx3.stride() if dx3 is not None else (0, 0, 0)),
+            plan.s_per_split, plan.splits, plan.c_blocks,
+            HAS_W=weight is not None, PHASES=phase_bits, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
+        )
+
     with device_guard(x3):
-        for phases, sync in launches:
-            _cl_bwd_kernel[(plan.c_blocks, plan.splits, n)](
-                x3, dy3, dx3 if dx3 is not None else dummy(x3), weight if weight is not None else dummy(rstd),
-                mean, rstd, *partials.unbind(0), c1, c2, arrived, c, groups, c // groups, s, 1.0 / (c // groups * s),
-                *x3.stride(), *dy3.stride(), *(dx3.stride() if dx3 is not None else (0, 0, 0)),
-                plan.s_per_split, plan.splits, plan.c_blocks,
-                HAS_W=weight is not None, PHASES=phases, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-                MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
-            )
+        run_phases(launch, x3.device, sync, plan.c_blocks * plan.splits == 1 or dx3 is None, phases)
         # dbias, dweight: the partials summed over samples and splits
         return split_sum(partials.view(2, n * plan.splits, c)).unbind(0) if need_dwb else (None, None)
 

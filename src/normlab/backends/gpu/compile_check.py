@@ -76,6 +76,9 @@ def variants(fn) -> Iterator[dict[str, object]]:
     for value, unit in ((True, _CHANNEL_STRIDES), (False, _SPATIAL_STRIDES))[:2 if flags else 1]:
         yield {**KERNELS[fn], **{flag: value for flag in flags},
                **{stride: 1 for stride in unit if stride in fn.arg_names}}
+    if "PHASES" in fn.arg_names:  # one launch per phase, without barriers
+        for phase in (1, 2, 4):
+            yield {**KERNELS[fn], **{flag: flag != "SYNC" for flag in flags}, "PHASES": phase}
 
 
 def compile_kernel(fn, dtype: str, constexprs: dict[str, object], arch: int = 90,
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 compile_kernel(fn, dtype, constexprs, args.arch)
                 flags = ",".join(f for f in _flags(fn) if constexprs[f]) or "-"
+                if "PHASES" in constexprs and constexprs["PHASES"] != 7:
+                    flags += f" PHASES={constexprs['PHASES']}"
                 flags += "".join(f" {name}=1" for name in sorted(_SPATIAL_STRIDES | _CHANNEL_STRIDES)
                                  if name in constexprs)
                 print(f"ok  sm_{args.arch} {dtype:5s} {fn.__name__:28s} flags={flags:40s} "
