@@ -53,11 +53,12 @@ from ._common import (
     device_guard,
     dummy,
     fsum,
+    merge_step,
     num_programs,
     phase_barrier,
     pow2,
-    resident_launch,
     resident_programs,
+    resident_target,
     run_phases,
     stats_buffers,
     tile_launch,
@@ -371,13 +372,9 @@ def _cached_plan(n: int, c: int, s: int, channels_last: bool, itemsize: int, pro
                  _tuning: tuple[int, ...]) -> _Plan:
     block_r, block_c = _tile(c, 1 if channels_last else 0, itemsize)
     c_blocks = cdiv(c, block_c)
-    if resident >= 2 * c_blocks:  # one launch: every program of the grid resident at once
-        programs = min(programs, resident)
-    rows_per_split, splits = _splits(n * s, c_blocks, block_r, programs)
+    rows_per_split, splits = _splits(n * s, c_blocks, block_r, resident_target(programs, resident, c_blocks))
     merge_c = pow2(cdiv(block_c, splits))
-    # 4-warp programs: a quarter of the separate merge passes' step (sized for 8-16 warps)
-    block_k = max(1, min(pow2(splits), pow2(TUNING.split_tile) // 4 // merge_c))
-    return _Plan(block_r, block_c, c_blocks, rows_per_split, splits, merge_c, block_k,
+    return _Plan(block_r, block_c, c_blocks, rows_per_split, splits, merge_c, merge_step(splits, merge_c),
                  sync=splits > 1 and c_blocks * splits <= resident)
 
 
@@ -393,8 +390,18 @@ def _plan(x3: torch.Tensor) -> _Plan:
 _ALL = (PARTIAL, MERGE, FINISH)
 
 
-def _launch_options(sync: bool) -> dict[str, object]:
-    return resident_launch() if sync else tile_launch()
+def _launch_forward(plan: _Plan, x3, y3, weight, bias, pmean, pm2, mean, var, rstd, arrived, eps: float,
+                    phases: int, sync: bool) -> None:
+    """One launch of :func:`_chan_fwd_kernel` over ``plan``'s grid."""
+    n, c, s = x3.shape
+    _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
+        x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
+        pmean, pm2, mean, var, rstd, arrived, c, s, n * s, *x3.stride(), *y3.stride(),
+        plan.rows_per_split, plan.splits, eps,
+        HAS_W=weight is not None, HAS_B=bias is not None, PHASES=phases, SYNC=sync,
+        BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
+        **tile_launch(cooperative=sync),
+    )
 
 
 def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | None,
@@ -409,14 +416,7 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
     arrived = torch.zeros(plan.c_blocks, device=x3.device, dtype=torch.int32) if plan.sync else dummy(mean)
 
     def launch(phases: int, sync: bool) -> None:
-        _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
-            x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
-            *partials.unbind(0), mean, var, rstd, arrived, c, s, n * s, *x3.stride(), *y3.stride(),
-            plan.rows_per_split, plan.splits, eps,
-            HAS_W=weight is not None, HAS_B=bias is not None, PHASES=phases, SYNC=sync,
-            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
-            **_launch_options(sync),
-        )
+        _launch_forward(plan, x3, y3, weight, bias, *partials.unbind(0), mean, var, rstd, arrived, eps, phases, sync)
 
     with device_guard(x3):
         run_phases(launch, x3.device, plan.sync, plan.splits == 1, _ALL)
@@ -426,17 +426,8 @@ def channel_forward(x3: torch.Tensor, y3: torch.Tensor, weight: torch.Tensor | N
 def channel_apply(x3: torch.Tensor, y3: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                   weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     """y3 = (x3 - mean[c]) * rstd[c] * w[c] + b[c] for (N, C, S) views; mean/rstd (C,) float32."""
-    n, c, s = x3.shape
-    plan = _plan(x3)
-    with device_guard(x3):
-        _chan_fwd_kernel[(plan.c_blocks, plan.splits)](
-            x3, y3, weight if weight is not None else dummy(mean), bias if bias is not None else dummy(mean),
-            mean, mean, mean, mean, rstd, mean, c, s, n * s, *x3.stride(), *y3.stride(),
-            plan.rows_per_split, plan.splits, 0.0,
-            HAS_W=weight is not None, HAS_B=bias is not None, PHASES=FINISH, SYNC=False,
-            BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
-            **tile_launch(),
-        )
+    with device_guard(x3):  # the FINISH phase alone (mean stands in for the buffers it doesn't touch)
+        _launch_forward(_plan(x3), x3, y3, weight, bias, mean, mean, mean, mean, rstd, mean, 0.0, FINISH, False)
 
 
 def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | None,
@@ -469,7 +460,7 @@ def channel_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor | No
             *(dx3.stride() if dx3 is not None else (0, 0, 0)), plan.rows_per_split, plan.splits,
             HAS_W=weight is not None, BATCH_STATS=batch_statistics, PHASES=phase_bits, SYNC=sync,
             BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, BLOCK_K=plan.block_k, MERGE_C=plan.merge_c,
-            **_launch_options(sync),
+            **tile_launch(cooperative=sync),
         )
 
     with device_guard(x3):

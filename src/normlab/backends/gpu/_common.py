@@ -17,9 +17,9 @@ import triton
 import triton.language as tl
 
 __all__ = ["FINISH", "LAUNCH", "MERGE", "PARTIAL", "TUNING", "Tuning", "cdiv", "column_sums", "cooperative_launch",
-           "device_guard", "dummy", "fsum", "num_programs", "num_warps", "phase_barrier", "phase_launches", "pow2",
-           "resident_launch", "resident_programs", "run_phases", "split_blocks", "split_sum", "stats_buffers",
-           "tile_barrier", "tile_launch"]
+           "device_guard", "dummy", "fsum", "merge_step", "num_programs", "num_warps", "phase_barrier",
+           "phase_launches", "pow2", "resident_programs", "resident_target", "run_phases", "split_blocks",
+           "split_sum", "stats_buffers", "tile_barrier", "tile_launch"]
 
 
 @dataclass
@@ -76,9 +76,17 @@ def fsum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _sum_combine)
 
 
-def tile_launch() -> dict[str, object]:
-    """Launch options of the (rows x channels) tile kernels."""
-    return {"num_warps": TUNING.tile_warps, **LAUNCH}
+def tile_launch(cooperative: bool = False) -> dict[str, object]:
+    """Launch options of the (rows x channels) tile kernels. A ``cooperative`` launch
+    (the single-launch reductions) also caps registers so that
+    ``TUNING.resident_per_sm`` programs fit an SM's 64K whatever the tile (a tile too
+    large spills instead of the driver refusing the launch: with 4 warps, 4 programs of
+    8192-element float32 tiles did not fit an H100's SM uncapped; with 2, the default,
+    no 4-warp program can exceed the cap of 255)."""
+    if not cooperative:
+        return {"num_warps": TUNING.tile_warps, **LAUNCH}
+    cap = 65536 // (32 * TUNING.tile_warps * _resident_per_sm()) // 8 * 8
+    return {"num_warps": TUNING.tile_warps, **LAUNCH, "launch_cooperative_grid": True, "maxnreg": min(cap, 255)}
 
 
 # Host-side arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
@@ -130,18 +138,8 @@ _REFUSED: set[int | None] = set()
 
 
 def _resident_per_sm() -> int:
-    # at most 2048 threads an SM (the register cap of resident_launch covers the rest)
+    # at most 2048 threads an SM (the register cap of tile_launch(cooperative=True) covers the rest)
     return min(TUNING.resident_per_sm, 2048 // (32 * TUNING.tile_warps))
-
-
-def resident_launch() -> dict[str, object]:
-    """Launch options of a cooperative (rows x channels) tile launch: registers capped
-    so that ``TUNING.resident_per_sm`` programs fit an SM's 64K whatever the tile (a
-    tile too large spills instead of the driver refusing the launch: with 4 warps, 4
-    programs of 8192-element float32 tiles did not fit an H100's SM uncapped; with 2,
-    the default, no 4-warp program can exceed the cap of 255)."""
-    cap = 65536 // (32 * TUNING.tile_warps * _resident_per_sm()) // 8 * 8
-    return {**tile_launch(), "launch_cooperative_grid": True, "maxnreg": min(cap, 255)}
 
 
 @functools.cache
@@ -222,6 +220,20 @@ def phase_barrier(Arrived, target, SYNC: tl.constexpr):
         tile_barrier(Arrived, target)
     else:
         tl.debug_barrier()
+
+
+def resident_target(programs: int, resident: int, barrier_groups: int) -> int:
+    """Programs a single-launch reduction plans for: no more than can be resident at
+    once when that still leaves two per barrier group (one cooperative launch), else
+    ``programs`` (the phases as separate launches)."""
+    return min(programs, resident) if resident >= 2 * barrier_groups else programs
+
+
+def merge_step(pairs: int, share: int) -> int:
+    """Partials a merging program of a single-launch reduction reads per step, for
+    ``pairs`` partials of each of its ``share`` columns: 4-warp programs take a quarter
+    of ``TUNING.split_tile`` (sized for the 8-16 warps of the separate merge passes)."""
+    return max(1, min(pow2(pairs), pow2(TUNING.split_tile) // 4 // share))
 
 
 def split_blocks(splits: int, columns: int) -> tuple[int, int]:

@@ -48,12 +48,13 @@ from ._common import (
     device_guard,
     dummy,
     fsum,
+    merge_step,
     num_programs,
     num_warps,
     phase_barrier,
     pow2,
-    resident_launch,
     resident_programs,
+    resident_target,
     run_phases,
     split_blocks,
     split_sum,
@@ -486,15 +487,11 @@ def _cached_cl_plan(n: int, c: int, s: int, groups: int, programs: int, resident
                     _tuning: tuple[int, ...]) -> _ClPlan:
     block_r, block_c = _channel_tile(c, 1)
     c_blocks = cdiv(c, block_c)
-    if resident >= 2 * c_blocks * n:  # one launch: every program of the grid resident at once
-        programs = min(programs, resident)
-    s_per_split, splits = _channel_splits(s, c_blocks * n, block_r, programs)
+    s_per_split, splits = _channel_splits(s, c_blocks * n, block_r, resident_target(programs, resident, c_blocks * n))
     per_sample = c_blocks * splits  # the programs that meet at a sample's barriers
     merge_g = pow2(cdiv(groups, per_sample))
-    # 4-warp programs: a quarter of the separate merge passes' step (sized for 8-16 warps)
-    block_kj = max(1, min(pow2(splits * (c // groups)), pow2(TUNING.split_tile) // 4 // merge_g))
-    return _ClPlan(block_r, block_c, c_blocks, s_per_split, splits, merge_g, block_kj,
-                   sync=per_sample > 1 and per_sample * n <= resident)
+    return _ClPlan(block_r, block_c, c_blocks, s_per_split, splits, merge_g,
+                   merge_step(splits * (c // groups), merge_g), sync=per_sample > 1 and per_sample * n <= resident)
 
 
 def _cl_plan(x3: torch.Tensor, groups: int) -> _ClPlan:
@@ -600,7 +597,7 @@ def _cl_forward(x3, y3, w, b, has_w, has_b, mean, var, rstd, groups, eps) -> Non
             x3, y3, w, b, *partials.unbind(0), mean, var, rstd, arrived, c, groups, c // groups, s,
             *x3.stride(), *y3.stride(), plan.s_per_split, plan.splits, plan.c_blocks, eps,
             HAS_W=has_w, HAS_B=has_b, PHASES=phases, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-            MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
+            MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **tile_launch(cooperative=sync),
         )
 
     with device_guard(x3):
@@ -631,7 +628,7 @@ def _cl_backward(dy3, x3, dx3, weight, mean, rstd, groups, need_dwb):
             *x3.stride(), *dy3.stride(), *(dx3.stride() if dx3 is not None else (0, 0, 0)),
             plan.s_per_split, plan.splits, plan.c_blocks,
             HAS_W=weight is not None, PHASES=phase_bits, SYNC=sync, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-            MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **(resident_launch() if sync else tile_launch()),
+            MERGE_G=plan.merge_g, BLOCK_KJ=plan.block_kj, **tile_launch(cooperative=sync),
         )
 
     with device_guard(x3):
