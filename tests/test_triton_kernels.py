@@ -241,9 +241,12 @@ def test_batch_norm_plans_one_cooperative_launch_when_the_grid_is_resident(monke
         monkeypatch.setattr(TUNING, field.name, field.default)
     # (32, 64, 56, 56) float32 on 132 SMs: 528 programs wanted, 264 resident.
     nchw = _channels._cached_plan(32, 64, 3136, False, 4, 528, 264, (4096, 8192))
+    # 16 tiles of 4 channels, 264 // 16 = 16 splits wanted: 100352 rows / 16 = 6272,
+    # rounded up to whole 1024-row tiles = 7168 rows a split -> 14 splits
     assert (nchw.c_blocks, nchw.splits, nchw.sync) == (16, 14, True)
     assert _common.phase_launches(nchw.sync, nchw.splits == 1, (1, 2, 4)) == [(7, True)]
     cl = _channels._cached_plan(32, 64, 3136, True, 4, 528, 264, (4096, 8192))
+    # one tile of 64 channels, 264 splits wanted: ceil(100352 / 264) = 381 -> 384 (64-row tiles) -> 262
     assert (cl.c_blocks, cl.splits, cl.sync) == (1, 262, True)
     assert (cl.merge_c, cl.block_k) == (1, 512)  # one channel a program, its 262 splits in one step
     # 640 channels, 4 a tile: 160 tiles cannot have two resident programs each
@@ -264,6 +267,7 @@ def test_channels_last_group_norm_plans_one_cooperative_launch(monkeypatch):
     for field in dataclasses.fields(TUNING):
         monkeypatch.setattr(TUNING, field.name, field.default)
     small = _groups._cached_cl_plan(32, 64, 3136, 32, 528, 264, (4096, 8192))
+    # 264 // 32 samples = 8 splits wanted: 3136 / 8 = 392 -> 448 (64-row tiles) -> 7 splits
     assert (small.c_blocks, small.splits, small.sync) == (1, 7, True)
     assert small.merge_g == 8 and small.splits * small.merge_g >= 32  # 7 programs x 8 groups
     large = _groups._cached_cl_plan(128, 256, 3136, 32, 528, 264, (4096, 8192))
