@@ -715,6 +715,16 @@ def _cl_tile_sums(x, base, rows, C, shT):
 
 
 @njit(**_OPTS)
+def _add_lanes(lanes_a, lanes_b, C, out_a, out_b):
+    """Add the tile lanes of each of C channels -- ``lanes[r * C + c]``, one lane per row
+    of the tile -- to ``out_a[c]`` / ``out_b[c]``, lane by lane (vector loops over C)."""
+    for r in range(lanes_a.size // C):
+        for c in range(C):
+            out_a[c] += lanes_a[r * C + c]
+            out_b[c] += lanes_b[r * C + c]
+
+
+@njit(**_OPTS)
 def _cl_rows_stats(x, base, rows, G, K, mean, m2):
     """(mean, M2) of each of the G groups (K channels each) over ``rows`` channels-last
     rows from ``base``, into the float64 arrays mean/m2 (G,). See ``_FLUSH``."""
@@ -738,11 +748,10 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
         for k in range(K):
             shift[g * K + k] = dt(total / (ns * K))
     for attempt in range(2):
-        sd, sq = _cl_tile_sums(x, base, rows, C, _tiled(shift, R))
-        for r in range(1, R):  # the lanes of each channel into its first row's (vector loops)
-            for c in range(C):
-                sd[c] += sd[r * C + c]
-                sq[c] += sq[r * C + c]
+        lanes_d, lanes_q = _cl_tile_sums(x, base, rows, C, _tiled(shift, R))
+        sd = np.zeros(C)
+        sq = np.zeros(C)
+        _add_lanes(lanes_d, lanes_q, C, sd, sq)
         again = False
         for g in range(G):
             a = 0.0
@@ -866,10 +875,7 @@ def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
             _flush_partials(accy, accx, ty, tx)
             pending = 0
     _flush_partials(accy, accx, ty, tx)
-    for r in range(R):
-        for c in range(C):
-            sdy[c] += ty[r * C + c]
-            sdyx[c] += tx[r * C + c]
+    _add_lanes(ty, tx, C, sdy, sdyx)
 
 
 @njit(**_OPTS)
