@@ -3,10 +3,11 @@
 Two measurements on the (32, 64, 56, 56) channels-last output pass (``cl_apply``, one
 work item per row block), at torch's thread count:
 
-1. A trace of one ``team.run``: for each thread, when each of its chunks started and
-   ended, in microseconds after ``team.run`` was entered. Every thread enters its chunks
-   through a Python callback that takes the GIL, so the helper starts only once the
-   calling thread has dispatched its own first chunk and the helper has been woken.
+1. A trace of one ``team.run`` (through a wrapper around the kernel): for each thread,
+   which items each of its chunks covered and when it started and ended, in microseconds
+   after ``team.run`` was entered. Every thread enters its chunks through a Python
+   callback that takes the GIL, so the helper starts only once the calling thread has
+   dispatched its own first chunk and the helper has been woken.
 2. A plain streaming loop ``y = x * a + b`` over the same 25.7 MB -- numba on one thread,
    numba through ``team.run``, torch's own ``torch.add`` -- interleaved in one process
    (order shuffled every round, medians). The gap between the last two at 2 threads, with
@@ -40,36 +41,28 @@ def _scale_shift(x, y, a, b, lo, hi):
 
 def trace_run(kernel, args, items: int, threads: int, repeats: int = 5) -> None:
     """Print per-thread chunk start/end times of the last ``repeats`` of 25 runs."""
-    log: list[tuple[int, int, float, float]] = []
+    log: list[tuple[int, tuple[int, int], float, float]] = []
 
-    def work(job):  # team._Job.work, recording each chunk
-        bounds = team.chunk_count(job.items, threads)
-        while job.error is None:
-            i = next(job.claim)
-            if i >= bounds:
-                return
-            start = time.perf_counter()
-            job.kernel(*job.args, i * job.items // bounds, (i + 1) * job.items // bounds)
-            log.append((threading.get_ident(), i, start, time.perf_counter()))
+    def recorded(*call):  # the kernel, timing each chunk team.run hands it
+        start = time.perf_counter()
+        kernel(*call)
+        log.append((threading.get_ident(), call[-2:], start, time.perf_counter()))
 
-    original = team._Job.work
-    team._Job.work = work
-    try:
-        for run in range(25):
-            log.clear()
-            entered = time.perf_counter()
-            team.run(kernel, args, items, threads)
-            total = time.perf_counter() - entered
-            if run < 25 - repeats:
-                continue
-            idents = sorted({ident for ident, *_ in log}, key=lambda t: min(s for i, _, s, _ in log if i == t))
-            print(f"  team.run {total * 1e6:7.0f} us")
-            for number, ident in enumerate(idents):
-                chunks = " ".join(f"[{c}: {(s - entered) * 1e6:.0f}-{(e - entered) * 1e6:.0f}]"
-                                  for i, c, s, e in log if i == ident)
-                print(f"    thread {number}: {chunks}")
-    finally:
-        team._Job.work = original
+    for run in range(25):
+        log.clear()
+        entered = time.perf_counter()
+        team.run(recorded, args, items, threads)
+        total = time.perf_counter() - entered
+        if run < 25 - repeats:
+            continue
+        first_start = {}
+        for ident, _, start, _ in log:
+            first_start[ident] = min(start, first_start.get(ident, start))
+        print(f"  team.run {total * 1e6:7.0f} us")
+        for number, ident in enumerate(sorted(first_start, key=first_start.get)):
+            chunks = " ".join(f"[items {lo}-{hi}: {(s - entered) * 1e6:.0f}-{(e - entered) * 1e6:.0f} us]"
+                              for i, (lo, hi), s, e in log if i == ident)
+            print(f"    thread {number}: {chunks}")
 
 
 def interleaved_ms(fns: dict, rounds: int, calls: int = 10) -> dict[str, float]:
