@@ -29,6 +29,9 @@ from normlab.backends import cpu, select_backend  # noqa: E402
 from normlab.backends import reference as reference_backend  # noqa: E402
 from normlab.backends.cpu import backend as numba_backend  # noqa: E402
 from normlab.backends.cpu import runtime, team  # noqa: E402
+
+runtime.kernels()  # numba imported and its cache directory chosen, as the backend does
+from normlab.backends.cpu import _bodies  # noqa: E402
 from normlab.core.spec import (  # noqa: E402
     batch_norm_spec,
     group_norm_spec,
@@ -505,43 +508,69 @@ def test_importing_numba_keeps_torch_threads():
     assert torch.get_num_threads() == before, "importing numba changed torch's thread count"
 
 
-def _recording_kernel(calls):
-    def kernel(tag, lo, hi):
-        assert tag == "args"
-        calls.append((lo, hi, threading.get_ident()))
-    return kernel
+def _record_chunks(p):
+    """Test body: for each chunk it claims, ``ends[lo] = hi`` and ``runs[lo] += 1``
+    (arguments 0 and 1, float64)."""
+    job = _bodies._job_of(p)
+    ends = _bodies._f64(job, 0)
+    runs = _bodies._f64(job, 1)
+    lo, hi = _bodies._claim(p, job)
+    while lo < hi:
+        ends[lo] = hi
+        runs[lo] += 1
+        lo, hi = _bodies._claim(p, job)
+
+
+@pytest.fixture(scope="module")
+def recording_body():
+    """The address of :func:`_record_chunks` compiled as a team body."""
+    from numba import cfunc, types
+
+    return cfunc(types.void(types.CPointer(types.float64)))(_record_chunks)
+
+
+def _launch_recorded(body, items, threads):
+    """Launch the recording body over ``items``; the chunks it ran, as (lo, hi)."""
+    ends = np.zeros(items)
+    runs = np.zeros(items)
+    work, width = team.job(items, threads, (ends, runs))
+    assert width == min(threads, team.chunk_count(items, threads))
+    team.launch(body.address, work, width)
+    chunks = []
+    lo = 0
+    while lo < items:
+        assert runs[lo] == 1, f"chunk at {lo} ran {runs[lo]} times"
+        chunks.append((lo, int(ends[lo])))
+        lo = int(ends[lo])
+    assert runs.sum() == len(chunks), "a chunk started inside another"
+    return chunks
 
 
 @pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-pool"])
 @pytest.mark.parametrize("items,threads", [(1, 2), (7, 2), (100, 2), (100, 3), (5, 1)])
-def test_team_covers_every_item_once(monkeypatch, openmp, items, threads):
+def test_team_covers_every_item_once(monkeypatch, recording_body, openmp, items, threads):
     if not openmp:
         monkeypatch.setattr(team, "_forked", True)  # what a forked child uses
     elif not team.uses_openmp():
         pytest.skip("torch here does not run on an OpenMP runtime")
-    calls = []
-    team.run(_recording_kernel(calls), ("args",), items, threads)
-    covered = sorted((lo, hi) for lo, hi, _ in calls)
-    assert covered[0][0] == 0 and covered[-1][1] == items
-    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False)), covered
-    assert len(covered) == team.chunk_count(items, threads)
-    assert len({ident for *_, ident in calls}) <= threads
-    if threads == 1:
-        assert {ident for *_, ident in calls} == {threading.get_ident()}
+    chunks = _launch_recorded(recording_body, items, threads)
+    assert chunks[0][0] == 0 and chunks[-1][1] == items
+    assert len(chunks) == team.chunk_count(items, threads)
 
 
-@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-pool"])
-def test_team_raises_a_chunks_error_on_the_caller(monkeypatch, openmp):
-    if not openmp:
-        monkeypatch.setattr(team, "_forked", True)
-
-    def kernel(lo, hi):
-        if lo <= 3 < hi:
-            raise ValueError("chunk 3 failed")
-
-    with pytest.raises(ValueError, match="chunk 3 failed"):
-        team.run(kernel, (), 8, 2)
-    assert not team._jobs, "the job must be unregistered"
+def test_team_job_encodes_arguments():
+    """Arrays and tensors as (address, size), ints and bools as themselves, floats as
+    their float64 bits; non-contiguous arrays are refused."""
+    a = np.zeros(5)
+    t = torch.zeros(2, 3)
+    work, width = team.job(10, 2, (a, t, 7, True, 0.5))
+    assert width == 2
+    assert list(work[:3]) == [0, 10, team.chunk_count(10, 2)]
+    assert list(work[3:7]) == [a.ctypes.data, 5, t.data_ptr(), 6]
+    assert list(work[7:11:2]) == [7, 1]
+    assert work[11:12].view(np.float64)[0] == 0.5
+    with pytest.raises(ValueError, match="C-contiguous"):
+        team.job(4, 2, (np.zeros((4, 4))[:, 0],))
 
 
 def test_team_runs_on_torchs_openmp_runtime():
@@ -611,16 +640,15 @@ def test_team_uses_torchs_openmp_not_another_packages():
     assert b"scikit_learn" not in info.fname and b"sklearn" not in info.fname, info.fname
 
 
-def test_fallback_pool_under_concurrent_calls_of_different_widths(monkeypatch):
+def test_fallback_pool_under_concurrent_calls_of_different_widths(monkeypatch, recording_body):
     monkeypatch.setattr(team, "_forked", True)
     errors = []
 
     def work(width):
         try:
             for _ in range(20):
-                calls = []
-                team.run(_recording_kernel(calls), ("args",), 50, width)
-                assert sorted(lo for lo, *_ in calls)[0] == 0
+                chunks = _launch_recorded(recording_body, 50, width)
+                assert chunks[-1][1] == 50 and len(chunks) == team.chunk_count(50, width)
         except BaseException as error:
             errors.append(error)
 
@@ -636,15 +664,15 @@ def test_thread_count_follows_torch():
     """Kernels use at most torch.get_num_threads() threads: one when torch has one."""
     before = torch.get_num_threads()
     calls = []
-    original = team.run
+    original = team.launch
 
-    def spy(kernel, args, items, threads):
+    def spy(body, work, threads):
         calls.append(threads)
-        return original(kernel, args, items, threads)
+        return original(body, work, threads)
 
     x = torch.randn(*PARALLEL_SHAPE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(team, "run", spy)
+        mp.setattr(team, "launch", spy)
         torch.set_num_threads(1)
         try:
             NF.group_norm(x, 2)

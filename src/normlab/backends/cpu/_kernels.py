@@ -794,6 +794,48 @@ def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2, lo, hi):
 
 
 @njit(**_OPTS)
+def cl_coefficients(pcnt, pmu, pm2, N, B, G, K, eps, fixed, w, b, mean, var, rstd, mc, sc, sh):
+    """Between the two passes of :func:`cl_stats` and :func:`cl_apply`: the statistics
+    of each (n, g) and the output pass's per-(n, c) coefficients.
+
+    Unless ``fixed``, the B partial (count, mean, M2) of each (n, g) -- rows ``n * B + b``
+    of pcnt/pmu/pm2 -- are merged (the parallel form of Chan's formula: ``M2 = sum M2_b
+    + sum n_b (mean_b - mean)^2``), and mean, var (biased) and rstd (N * G,) are written;
+    with ``fixed`` they are read. Then, in float64 (see :func:`_cl_affine_rows`):
+    ``mc = mean`` rounded to x's dtype, ``sc = rstd * w``, ``sh = b - (mean - mc) * sc``
+    (N, G * K)."""
+    dt = mc.dtype.type
+    for n in range(N):
+        for g in range(G):
+            if fixed:
+                m = np.float64(mean[n * G + g])
+                r = np.float64(rstd[n * G + g])
+            else:
+                tot = 0.0
+                s = 0.0
+                for bi in range(B):
+                    tot += pcnt[n * B + bi, g]
+                    s += pcnt[n * B + bi, g] * pmu[n * B + bi, g]
+                m = s / tot
+                m2 = 0.0
+                for bi in range(B):
+                    d = pmu[n * B + bi, g] - m
+                    m2 += pm2[n * B + bi, g] + pcnt[n * B + bi, g] * d * d
+                v = m2 / tot
+                r = 1.0 / np.sqrt(v + eps)
+                mean[n * G + g] = m
+                var[n * G + g] = v
+                rstd[n * G + g] = r
+            mr = dt(m)
+            for k in range(K):
+                c = g * K + k
+                a = r * w[c]
+                mc[n, c] = mr
+                sc[n, c] = a
+                sh[n, c] = b[c] - (m - mr) * a
+
+
+@njit(**_OPTS)
 def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C):
     """y = (x - mc[c]) * sc[c] + sh[c] for channels-last rows [s0, s1) from ``base``,
     in tiles of rows (see ``_TILE``).
@@ -879,22 +921,58 @@ def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
 
 
 @njit(**_OPTS)
-def cl_grad_sums(dy, x, mc, rc, N, S, C, B, psdy, psdyx, lo, hi):
-    """Per work item and channel: sum dy and sum dy * xhat, xhat = (x - mc) * rc."""
+def cl_grad_sums(dy, x, mean, rstd, N, S, G, K, B, psdy, psdyx, lo, hi):
+    """Per work item (sample n, row block b) and channel: sum dy and sum dy * xhat,
+    xhat = (x - mean) * rstd with the mean rounded to x's dtype; mean/rstd (N, G)."""
+    C = G * K
+    dt = _ctype(x)
+    mcn = np.empty(C, dt)
     for item in range(lo, hi):
         n = item // B
         bi = item % B
-        s0 = bi * S // B
-        s1 = (bi + 1) * S // B
+        for c in range(C):
+            mcn[c] = dt(mean[n, c // K])
         sdy = psdy[item]
         sdyx = psdyx[item]
         for c in range(C):
             sdy[c] = 0.0
             sdyx[c] = 0.0
-        _cl_grad_rows(dy, x, mc[n], n * S * C, s0, s1, C, sdy, sdyx)
-        rcn = rc[n]
+        _cl_grad_rows(dy, x, mcn, n * S * C, bi * S // B, (bi + 1) * S // B, C, sdy, sdyx)
         for c in range(C):
-            sdyx[c] *= rcn[c]
+            sdyx[c] *= np.float64(rstd[n, c // K])
+
+
+@njit(**_OPTS)
+def cl_dx_coefficients(psdy, psdyx, N, S, B, G, K, center, batch, w, mean, rstd, mc, ca, cb, cc):
+    """Between :func:`cl_grad_sums` and :func:`cl_dx`: the per-(n, c) coefficients of
+    ``dx = ca * dy + cb * (x - mc) + cc`` (N, G * K), in float64, from the per-block sums
+    psdy/psdyx (N * B, G * K) -- ``ca = rstd * w``; with batch statistics
+    ``cb = -rstd^2 * mean_g(w * dy * xhat)`` and, when centering,
+    ``cc = -rstd * mean_g(w * dy)`` (else 0); mc the mean rounded to x's dtype."""
+    dt = mc.dtype.type
+    count = S * K
+    for n in range(N):
+        for g in range(G):
+            r = np.float64(rstd[n * G + g])
+            s1 = 0.0
+            s2 = 0.0
+            for k in range(K):
+                c = g * K + k
+                sdy = 0.0
+                sdyx = 0.0
+                for bi in range(B):
+                    sdy += psdy[n * B + bi, c]
+                    sdyx += psdyx[n * B + bi, c]
+                s1 += sdy * w[c]
+                s2 += sdyx * w[c]
+            m1 = s1 / count if (batch and center) else 0.0
+            m2 = s2 / count if batch else 0.0
+            for k in range(K):
+                c = g * K + k
+                mc[n, c] = dt(mean[n * G + g])
+                ca[n, c] = r * w[c]
+                cb[n, c] = -(m2 * r * r)
+                cc[n, c] = -(m1 * r)
 
 
 @njit(**_OPTS)

@@ -118,6 +118,24 @@ class _Call:
 
 #: 16-bit floats reach the kernels as their raw bits (see the module docstring).
 _BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
+#: x's storage dtype as the team bodies are compiled for it (``_bodies.body_address``).
+_STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+            torch.float16: "float16"}
+
+
+_body_module = None
+
+
+def _launch(name: str, dtype: str, items: int, threads: int, args: tuple) -> None:
+    """Run the team body ``name`` (see :mod:`normlab.backends.cpu._bodies`) of x's
+    storage ``dtype`` over ``range(items)`` on up to ``threads`` threads."""
+    global _body_module
+    if _body_module is None:
+        runtime.kernels()  # numba imported and its cache directory chosen
+        from . import _bodies
+
+        _body_module = _bodies
+    team.launch(_body_module.body_address(name, dtype), *team.job(items, threads, args))
 
 
 #: NumPy scalar type of each compute dtype.
@@ -242,20 +260,20 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         stats = torch.empty(call.stats_shape, dtype=cdt)
         mean, var, rstd = stats.unbind()
         mean_np, var_np, rstd_np = stats.numpy().reshape(3, -1)
-    k = runtime.kernels()
     threads = 1 if call.serial else torch.get_num_threads()
-    xf, yf = _flat(xc), _flat(y)
+    dtype = _STORAGE[xc.dtype]
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
-        team.run(k.dispatch_grouped_forward, (xf, yf, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed,
-                                              call.short_rows, mean_np, var_np, rstd_np), p, threads)
+        _launch("dispatch_grouped_forward", dtype, p, threads,
+                (xc, y, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed, call.short_rows,
+                 mean_np, var_np, rstd_np))
     elif not fixed and plan.blocks == 1:
         # one work item per sample: statistics and output in one sweep
         n, s, g, kk = plan.dims
-        team.run(k.cl_forward_fused, (xf, yf, w, b, n, s, g, kk, float(eps), mean_np.reshape(n, g),
-                                      var_np.reshape(n, g), rstd_np.reshape(n, g)), n, threads)
+        _launch("cl_forward_fused", dtype, n, threads,
+                (xc, y, w, b, n, s, g, kk, float(eps), mean_np, var_np, rstd_np))
     else:
-        _cl_forward_blocks(k, xf, yf, w, b, plan, eps, fixed, mean_np, var_np, rstd_np, threads)
+        _cl_forward_blocks(xc, y, w, b, plan, eps, fixed, mean_np, var_np, rstd_np, threads)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     fold_running_stats(running, mean, var, spec.count)
@@ -316,43 +334,22 @@ def _in_place_buffers(running_mean, running_var, dtype: torch.dtype, channels: i
     return buffers
 
 
-def _cl_forward_blocks(k, xf, yf, w, b, plan: Plan, eps, fixed, mean_np, var_np, rstd_np, threads):
+def _cl_forward_blocks(x, y, w, b, plan: Plan, eps, fixed, mean_np, var_np, rstd_np, threads):
     """Channels-last forward over row blocks (BatchNorm, or fixed statistics): per-block
     (count, mean, M2), merged, then the output pass with per-(sample, channel)
-    coefficients. Writes the statistics into mean_np/var_np/rstd_np when not fixed."""
+    coefficients (``_kernels.cl_coefficients``). Writes the statistics into
+    mean_np/var_np/rstd_np when not fixed."""
     n, s, g, kk = plan.dims
     nb = plan.blocks
+    dtype = _STORAGE[x.dtype]
+    parts = np.empty((3, 0 if fixed else n * nb, g))  # count, mean, M2 per block
     if not fixed:
-        pcnt = np.empty((n * nb, g))
-        pmu = np.empty((n * nb, g))
-        pm2 = np.empty((n * nb, g))
-        team.run(k.cl_stats, (xf, n, s, g, kk, nb, pcnt, pmu, pm2), n * nb, threads)
-        mean64, var64 = _merge(pcnt, pmu, pm2, n, nb, g)
-        rstd64 = 1.0 / np.sqrt(var64 + eps)
-        mean_np[:] = mean64.reshape(-1)
-        var_np[:] = var64.reshape(-1)
-        rstd_np[:] = rstd64.reshape(-1)
-    else:
-        mean64 = mean_np.astype(np.float64).reshape(n, g)
-        rstd64 = rstd_np.astype(np.float64).reshape(n, g)
-    npdt = w.dtype
-    mean_rep = np.repeat(mean64, kk, axis=1)
-    mc = mean_rep.astype(npdt)
-    sc64 = np.repeat(rstd64, kk, axis=1) * w.astype(np.float64)
-    # y = (x - mc) * sc + sh, sh = b - (mean - mc) * sc: see _kernels._cl_affine_rows
-    sh = (b.astype(np.float64) - (mean_rep - mc) * sc64).astype(npdt)
-    team.run(k.cl_apply, (xf, yf, mc, sc64.astype(npdt), sh, n, s, g * kk, nb), n * nb, threads)
-
-
-def _merge(pcnt, pmu, pm2, n, nb, g):
-    """Combine the per-block (count, mean, M2) of each (n, g) -- the parallel form of
-    Chan's formula: M2 = sum M2_b + sum n_b (mean_b - mean)^2."""
-    cnt = pcnt.reshape(n, nb, g)
-    mu = pmu.reshape(n, nb, g)
-    tot = cnt.sum(1)
-    mean = (cnt * mu).sum(1) / tot
-    m2 = pm2.reshape(n, nb, g).sum(1) + (cnt * (mu - mean[:, None, :]) ** 2).sum(1)
-    return mean, m2 / tot
+        _launch("cl_stats", dtype, n * nb, threads, (x, n, s, g, kk, nb, parts[0], parts[1], parts[2]))
+    coefficients = np.empty((3, n, g * kk), w.dtype)  # mc, sc, sh
+    mc, sc, sh = coefficients
+    runtime.kernels().cl_coefficients(parts[0], parts[1], parts[2], n, nb, g, kk, float(eps), fixed, w, b,
+                                      mean_np, var_np, rstd_np, mc, sc, sh)
+    _launch("cl_apply", dtype, n * nb, threads, (x, y, mc, sc, sh, n, s, g * kk, nb))
 
 
 def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
@@ -377,28 +374,28 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     mean_np = _stat_input(mean, call)
     rstd_np = _stat_input(rstd, call)
     dx = outputs.empty_like(xc) if need_dx else None
-    dx_np = _flat(dx) if need_dx else _filled(0, 0.0, call.npdt)
+    dx_np = dx if need_dx else _filled(0, 0.0, call.npdt)  # (empty: never written)
     grads = torch.empty(call.grads_shape, dtype=cdt)  # dweight, dbias
-    k = runtime.kernels()
     threads = 1 if call.serial else torch.get_num_threads()
-    dyf, xf = _flat(dy), _flat(xc)
+    dtype = _STORAGE[xc.dtype]
     channels = plan.channels
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
         t = call.partials
         dwp, dbp = np.zeros((2, t, channels))
-        team.run(k.dispatch_grouped_backward, (dyf, xf, w, mean_np, rstd_np, a, p, kk, s, g, spec.center,
-                                               batch_statistics, need_dx, t, call.short_rows, dx_np, dwp, dbp),
-                 t, threads)
+        _launch("dispatch_grouped_backward", dtype, t, threads,
+                (dy, xc, w, mean_np, rstd_np, a, p, kk, s, g, spec.center, batch_statistics, need_dx, t,
+                 call.short_rows, dx_np, dwp, dbp))
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
-        dwp = np.empty((n, channels))
-        dbp = np.empty((n, channels))
-        team.run(k.cl_backward_fused, (dyf, xf, w, mean_np.reshape(n, g), rstd_np.reshape(n, g), n, s, g,
-                                       kk, spec.center, batch_statistics, need_dx, dwp, dbp, dx_np), n, threads)
+        dwp, dbp = np.empty((2, n, channels))
+        _launch("cl_backward_fused", dtype, n, threads,
+                (dy, xc, w, mean_np, rstd_np, n, s, g, kk, spec.center, batch_statistics, need_dx, dwp, dbp,
+                 dx_np))
     else:
-        dwp, dbp = _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan, spec.center,
-                                       batch_statistics, need_dx, dx_np, threads)
+        dwp, dbp = _cl_backward_blocks(dy, xc, w, mean_np, rstd_np, plan, spec.center, batch_statistics,
+                                       need_dx, dx_np, dtype, threads)
+    k = runtime.kernels()
     dw_np, db_np = grads.numpy().reshape(2, -1)
     k.sum_partials(dwp, dbp, dw_np, db_np)
     if dx is not None and dx.dtype != x.dtype:
@@ -458,39 +455,23 @@ def _stat_at(stat: torch.Tensor | None, call: _Call) -> tuple[torch.Tensor, int]
     return stat, stat.data_ptr()
 
 
-def _cl_backward_blocks(k, dyf, xf, w, mean_np, rstd_np, plan: Plan, center, batch_statistics, need_dx,
-                        dx_np, threads):
+def _cl_backward_blocks(dy, x, w, mean_np, rstd_np, plan: Plan, center, batch_statistics, need_dx, dx, dtype,
+                        threads):
     """Channels-last backward over row blocks (BatchNorm): per-block gradient sums, then
-    dx with per-(sample, channel) coefficients. Returns the (blocks, C) partial sums of
-    dweight and dbias."""
+    (if ``need_dx``) dx with per-(sample, channel) coefficients
+    (``_kernels.cl_dx_coefficients``). Returns the (blocks, C) partial sums of dweight
+    and dbias."""
     n, s, g, kk = plan.dims
     nb = plan.blocks
     c = g * kk
-    npdt = w.dtype
-    mc = np.repeat(mean_np.reshape(n, g), kk, axis=1).astype(npdt)
-    rc = np.repeat(rstd_np.astype(np.float64).reshape(n, g), kk, axis=1)
-    psdy = np.empty((n * nb, c))
-    psdyx = np.empty((n * nb, c))
-    team.run(k.cl_grad_sums, (dyf, xf, mc, rc, n, s, c, nb, psdy, psdyx), n * nb, threads)
+    psdy, psdyx = np.empty((2, n * nb, c))
+    _launch("cl_grad_sums", dtype, n * nb, threads, (dy, x, mean_np, rstd_np, n, s, g, kk, nb, psdy, psdyx))
     if need_dx:
-        w64 = w.astype(np.float64)
-        wr = rc * w64
-        if batch_statistics:
-            count = s * kk
-            per_n_dy = psdy.reshape(n, nb, c).sum(1) * w64  # sum of g = dy * w
-            per_n_dyx = psdyx.reshape(n, nb, c).sum(1) * w64  # sum of g * xhat
-            m1 = per_n_dy.reshape(n, g, kk).sum(2) / count
-            m2 = per_n_dyx.reshape(n, g, kk).sum(2) / count
-            if not center:
-                m1 = np.zeros_like(m1)
-            c1 = np.repeat(m1, kk, axis=1) * rc
-            c2 = np.repeat(m2, kk, axis=1) * rc * rc
-        else:
-            c1 = np.zeros((n, c))
-            c2 = np.zeros((n, c))
-        # dx = wr * dy - c2 * (x - mc) - c1
-        team.run(k.cl_dx, (dyf, xf, mc, wr.astype(npdt), (-c2).astype(npdt), (-c1).astype(npdt), n, s, c, nb,
-                           dx_np), n * nb, threads)
+        coefficients = np.empty((4, n, c), w.dtype)  # mc, ca, cb, cc
+        mc, ca, cb, cc = coefficients
+        runtime.kernels().cl_dx_coefficients(psdy, psdyx, n, s, nb, g, kk, center, batch_statistics, w,
+                                             mean_np, rstd_np, mc, ca, cb, cc)
+        _launch("cl_dx", dtype, n * nb, threads, (dy, x, mc, ca, cb, cc, n, s, c, nb, dx))
     return psdyx, psdy
 
 

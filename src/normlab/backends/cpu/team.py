@@ -1,103 +1,75 @@
 """Running a kernel on several threads -- torch's own OpenMP threads where possible.
 
-:func:`run` calls ``kernel(*args, lo, hi)`` on chunks that cover ``[0, items)``, on at
-most ``threads`` threads. The kernels are serial numba functions compiled with
-``nogil=True``, so each chunk runs without the GIL; the threads only take the GIL for
-the few microseconds it takes to claim the next chunk and enter the kernel.
+:func:`launch` runs a *team body* -- a C function compiled by numba
+(:mod:`normlab.backends.cpu._bodies`) -- on up to ``threads`` threads; each thread
+claims chunks of ``[0, items)`` from an atomic counter in the *job* (:func:`job`) and
+runs its kernel on them, until none is left. No thread enters Python or takes the GIL.
 
 **Whose threads.** torch's CPU ops run on a GNU/Intel OpenMP team. After each parallel
 op its worker threads spin for a while (libgomp's default wait policy) waiting for the
 next op. A second thread pool -- numba's own, or a Python one -- then fights those
 spinning workers for the cores: measured on a 2-core machine, a LayerNorm kernel on
 two numba threads took 4.4 ms back to back but 8.4 ms right after a torch op (serial:
-8.6 ms). So :func:`run` starts its team through the very OpenMP runtime torch is
+8.6 ms). So :func:`launch` starts its team through the very OpenMP runtime torch is
 linked against (``GOMP_parallel``, also exported by Intel's libiomp5): the spinning
 workers are the ones that pick the chunks up. Same measurement: 4.0 and 4.5 ms.
 
-**Where that is not possible** -- no OpenMP runtime found in the process (torch built
-with another parallel backend, or a platform without ``/proc/self/maps``), or a child
-forked after the parent started OpenMP threads (libgomp's team does not survive
-``fork``: a forked DataLoader worker would hang) -- the chunks go to a
-``ThreadPoolExecutor`` created in this process.
+**Why C bodies.** Earlier versions had the threads enter each chunk through a
+Python callback. Every chunk then took the GIL, and right after a memory-bound pass --
+every cache cold -- a thread's first trip through the interpreter took tens of
+microseconds: the second thread started its first chunk 32-105 us after the call, on
+passes of ~1 ms (``benchmarks/cpu/team_start.py`` measures the difference).
+
+**Where OpenMP is not available** -- no OpenMP runtime found in the process (torch
+built with another parallel backend, or a platform without ``/proc/self/maps``), or a
+child forked after the parent started OpenMP threads (libgomp's team does not survive
+``fork``: a forked DataLoader worker would hang) -- the body runs on threads of a
+``ThreadPoolExecutor`` created in this process, called through ctypes (which releases
+the GIL).
 
 **Scheduling.** There are up to :data:`CHUNKS_PER_THREAD` chunks per thread, claimed
-dynamically from a shared counter, so a thread delayed by another process does not
-hold the others up. Which chunk covers which items depends only on ``items`` and the
-chunk count, never on which thread ran it: a kernel that writes per-chunk partial sums
-gives the same result whatever the timing.
+dynamically, so a thread delayed by another process does not hold the others up.
+Which chunk covers which items depends only on ``items`` and the chunk count, never on
+which thread ran it: a kernel that writes per-chunk partial sums gives the same result
+whatever the timing.
+
+**Errors.** The bodies cannot raise: the kernels they run have no error paths (their
+inputs are checked in Python before the launch, and they are compiled with numba's
+``error_model="numpy"``, so a division by zero gives Inf or NaN as in torch).
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
 import os
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run", "chunk_count", "uses_openmp", "CHUNKS_PER_THREAD"]
+import numpy as np
+import torch
+
+__all__ = ["launch", "job", "chunk_count", "uses_openmp", "CHUNKS_PER_THREAD"]
 
 #: Chunks per thread: enough to even out a late thread, few enough that claiming one
-#: (a dictionary lookup and a numba dispatch, ~2 us) stays negligible.
+#: (an atomic add) and re-entering the kernel stay negligible.
 CHUNKS_PER_THREAD = 4
 
 
 def chunk_count(items: int, threads: int) -> int:
-    """How many chunks :func:`run` splits ``items`` into on ``threads`` threads (one
+    """How many chunks :func:`launch` splits ``items`` into on ``threads`` threads (one
     when there is a single thread: the kernel then sees the whole range at once)."""
     if threads <= 1:
         return 1
     return max(1, min(items, threads * CHUNKS_PER_THREAD))
 
 
-class _Job:
-    """One :func:`run` call: the kernel, its arguments and the next unclaimed chunk."""
-
-    __slots__ = ("kernel", "args", "items", "chunks", "claim", "error")
-
-    def __init__(self, kernel: Callable, args: Sequence, items: int, chunks: int) -> None:
-        self.kernel = kernel
-        self.args = tuple(args)
-        self.items = items
-        self.chunks = chunks
-        self.claim = itertools.count()  # next() is atomic under the GIL
-        self.error: BaseException | None = None
-
-    def work(self) -> None:
-        """Claim and run chunks until none is left (or one has failed)."""
-        items, chunks = self.items, self.chunks
-        try:
-            while self.error is None:
-                i = next(self.claim)
-                if i >= chunks:
-                    return
-                self.kernel(*self.args, i * items // chunks, (i + 1) * items // chunks)
-        except BaseException as error:  # re-raised by run() on the calling thread
-            if self.error is None:
-                self.error = error
-
-
 # ------------------------------------------------------------------ OpenMP teams
 
-_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_jobs: dict[int, _Job] = {}
-_keys = itertools.count(1)  # 0 would reach the callback as None
 _gomp_parallel = None
 _searched = False
 _forked = False
-
-
-def _omp_body(key: int) -> None:
-    job = _jobs[key]
-    try:
-        job.work()
-    except BaseException as error:  # e.g. Ctrl-C before work() was entered: never lost
-        if job.error is None:
-            job.error = error
-
-
-_omp_callback = _CALLBACK(_omp_body)  # kept alive for the life of the process
 
 
 def _find_openmp():
@@ -119,7 +91,7 @@ def _find_openmp():
             fn = ctypes.CDLL(path).GOMP_parallel
         except (OSError, AttributeError):
             continue
-        fn.argtypes = (_CALLBACK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
         fn.restype = None
         return fn
     return None
@@ -128,8 +100,6 @@ def _find_openmp():
 def _openmp():
     global _gomp_parallel, _searched
     if not _searched:
-        import torch
-
         if "parallel backend: OpenMP" in torch.__config__.parallel_info():
             _gomp_parallel = _find_openmp()
         _searched = True
@@ -137,7 +107,7 @@ def _openmp():
 
 
 def uses_openmp() -> bool:
-    """Whether :func:`run` starts its teams on torch's OpenMP runtime in this process."""
+    """Whether :func:`launch` starts its teams on torch's OpenMP runtime in this process."""
     return _openmp() is not None
 
 
@@ -170,32 +140,54 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # ------------------------------------------------------------------ entry point
 
 
-def run(kernel: Callable, args: Sequence, items: int, threads: int) -> None:
-    """Call ``kernel(*args, lo, hi)`` over chunks covering ``range(items)`` on at most
-    ``threads`` threads (the calling thread is one of them); return when all are done.
+def job(items: int, threads: int, args: Sequence) -> tuple[np.ndarray, int]:
+    """The job array of a :func:`launch` over ``range(items)`` with the kernel
+    arguments ``args`` (see :mod:`normlab.backends.cpu._bodies` for the layout), and the
+    number of threads to run it on. Arrays and tensors must be dense; the caller keeps
+    them alive until the launch returns."""
+    chunks = chunk_count(items, threads)
+    words = [0, items, chunks]
+    for a in args:
+        if isinstance(a, np.ndarray):
+            if not a.flags.c_contiguous:
+                raise ValueError("team.job: expected C-contiguous arrays")
+            words += (a.ctypes.data, a.size)
+        elif isinstance(a, torch.Tensor):
+            words += (a.data_ptr(), a.numel())
+        elif isinstance(a, float):
+            words += (_FLOAT_BITS.unpack(_FLOAT.pack(a))[0], 0)
+        else:
+            words += (int(a), 0)
+    return np.array(words, dtype=np.int64), min(threads, chunks)
 
-    With one thread or one chunk this is ``kernel(*args, 0, items)``. An exception in
-    any chunk stops the others from claiming more and is raised here.
-    """
-    chunks = chunk_count(items, threads)  # 1 for one thread
-    threads = min(threads, chunks)
-    if threads <= 1:  # small inputs, one item: as cheap as a direct call
-        kernel(*args, 0, items)
+
+_FLOAT = struct.Struct("d")
+_FLOAT_BITS = struct.Struct("q")
+_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_bodies: dict[int, Callable] = {}
+
+
+def launch(body: int, work: np.ndarray, threads: int) -> None:
+    """Run the C body at address ``body`` on the job ``work`` (see :func:`job`) on
+    ``threads`` threads, the calling one included; return when every chunk is done.
+
+    The threads are torch's OpenMP team (see the module docstring); they enter the body
+    directly: no Python, no GIL. Without OpenMP the fallback pool's threads call it
+    through ctypes (which releases the GIL)."""
+    at = work.ctypes.data
+    if threads > 1:
+        parallel = _openmp()
+        if parallel is not None:
+            parallel(body, at, threads, 0)
+            return
+    call = _bodies.get(body)
+    if call is None:
+        call = _bodies[body] = _BODY(body)
+    if threads <= 1:
+        call(at)
         return
-    job = _Job(kernel, args, items, chunks)
-    parallel = _openmp()
-    if parallel is not None:
-        key = next(_keys)
-        _jobs[key] = job
-        try:
-            parallel(_omp_callback, key, threads, 0)  # ctypes drops the GIL meanwhile
-        finally:
-            del _jobs[key]
-    else:
-        pool = _python_pool()
-        helpers = [pool.submit(job.work) for _ in range(min(threads - 1, _POOL_WORKERS))]
-        job.work()
-        for helper in helpers:
-            helper.result()
-    if job.error is not None:
-        raise job.error
+    pool = _python_pool()
+    helpers = [pool.submit(call, at) for _ in range(min(threads - 1, _POOL_WORKERS))]
+    call(at)
+    for helper in helpers:
+        helper.result()
