@@ -608,7 +608,7 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
                     dxs[k] = _enc((rc * w[k]) * _ld(dys[k]) + cb * (_ld(xs[k]) - mc) + cc, dxs)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, short_rows, mean, var, rstd, lo,
                              hi):
     """The grouped-view forward over groups [lo, hi): the tile-phased kernel for short
@@ -621,7 +621,7 @@ def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, sh
         grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd, lo, hi)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx,
                               dwp, dbp, lo, hi):
     """The grouped-view backward over partial chunks [lo, hi) (see
@@ -774,7 +774,7 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
             shift[g * K:(g + 1) * K] = dt(mean[g])
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def cl_stats(x, N, S, G, K, B, pcnt, pmu, pm2, lo, hi):
     """Partial statistics (count, mean, M2) of each of the N*B work items (sample n, row
     block b), merged by the caller (Chan's formula)."""
@@ -857,7 +857,7 @@ def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C):
         s += R
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def cl_apply(x, y, mc, sc, sh, N, S, C, B, lo, hi):
     """y = (x - mc[n, c]) * sc[n, c] + sh[n, c] on the channels-last (N, S, C) view (see
     :func:`_cl_affine_rows`)."""
@@ -920,7 +920,7 @@ def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
     _add_lanes(ty, tx, C, sdy, sdyx)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def cl_grad_sums(dy, x, mean, rstd, N, S, G, K, B, psdy, psdyx, lo, hi):
     """Per work item (sample n, row block b) and channel: sum dy and sum dy * xhat,
     xhat = (x - mean) * rstd with the mean rounded to x's dtype; mean/rstd (N, G)."""
@@ -975,7 +975,7 @@ def cl_dx_coefficients(psdy, psdyx, N, S, B, G, K, center, batch, w, mean, rstd,
                 cc[n, c] = -(m1 * r)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
     """Per-sample statistics (GroupNorm/InstanceNorm channels-last) and the output in
     one sweep per sample: the apply pass re-reads the sample from cache, not memory.
@@ -1026,7 +1026,7 @@ def _cl_dx_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx):
         s += R
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, dwp, dbp, dx, lo, hi):
     """Per-sample backward (GroupNorm/InstanceNorm channels-last): the gradient sums of
     sample n, then its dx while x and dy are still in cache. dwp/dbp: (N, C) partial
@@ -1067,7 +1067,7 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
         _cl_dx_rows(dy, x, mcn, ca, cb, cc, n * S * C, 0, S, C, dx)
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, lo, hi):
     """dx = ca[n, c] * dy + cb[n, c] * (x - mc[n, c]) + cc[n, c] on (N, S, C), where
     the caller folded rstd, weight and the two group means into the coefficients."""
