@@ -2,7 +2,7 @@
 
 Enable it with :func:`enable` (normlab calls it at import when numba is installed).
 Enabling registers the backend and compiles nothing; each kernel compiles on its
-first call (about 1 s per kernel and dtype on a 2-core machine, then cached on disk;
+first call (1-3 s per kernel and dtype on a 2-core machine, then cached on disk;
 see :mod:`normlab.backends.cpu.runtime`).
 
 Which inputs it takes (:func:`accepts`): plain CPU tensors of float32/float64 (and
