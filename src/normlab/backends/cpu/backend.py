@@ -211,15 +211,6 @@ def _filled(n: int, fill: float, npdt: type) -> np.ndarray:
     return _filled_pair(n, fill, npdt)[0]
 
 
-def _param(p: torch.Tensor | None, call: _Call, fill: float) -> np.ndarray:
-    if p is None:
-        return _filled(call.plan.channels, fill, call.npdt)
-    if p.dtype != call.cdt or not p.is_contiguous():
-        p = p.detach().to(call.cdt).contiguous()
-    flat = p.numpy(force=True)
-    return flat if call.flat_params else flat.reshape(-1)
-
-
 def _stat_input(stat: torch.Tensor | None, call: _Call) -> np.ndarray:
     """Per-group values (groups,) of a statistic given broadcastable to ``stat_shape``."""
     if stat is None:
@@ -247,33 +238,34 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         return _serial_grouped_forward(call, x, weight, bias, spec, eps, running)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
-    w = _param(weight, call, 1.0)
-    b = _param(bias, call, 0.0)
+    # the kernels' arguments as tensors (their addresses are cheaper to take than NumPy
+    # views: see team.job)
+    w = _param_at(weight, call, 1.0)[0]
+    b = _param_at(bias, call, 0.0)[0]
     fixed = fixed_var is not None
     if fixed:
         var = fixed_var.to(cdt)
         rstd = torch.rsqrt(var + eps)
         mean = fixed_mean.to(cdt) if fixed_mean is not None else None
-        mean_np, var_np, rstd_np = _stat_input(mean, call), _filled(0, 0.0, call.npdt), _stat_input(rstd, call)
+        mean_in, var_out, rstd_in = _stat_at(mean, call)[0], _filled_pair(0, 0.0, call.npdt)[1], _stat_at(rstd, call)[0]
     else:
         # one allocation for the three statistics (a small input pays per torch call)
         stats = torch.empty(call.stats_shape, dtype=cdt)
-        mean, var, rstd = stats.unbind()
-        mean_np, var_np, rstd_np = stats.numpy().reshape(3, -1)
+        mean, var, rstd = mean_in, var_out, rstd_in = stats.unbind()
     threads = 1 if call.serial else torch.get_num_threads()
     dtype = _STORAGE[xc.dtype]
     if plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
         _launch("dispatch_grouped_forward", dtype, p, threads,
                 (xc, y, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed, call.short_rows,
-                 mean_np, var_np, rstd_np))
+                 mean_in, var_out, rstd_in))
     elif not fixed and plan.blocks == 1:
         # one work item per sample: statistics and output in one sweep
         n, s, g, kk = plan.dims
         _launch("cl_forward_fused", dtype, n, threads,
-                (xc, y, w, b, n, s, g, kk, float(eps), mean_np, var_np, rstd_np))
+                (xc, y, w, b, n, s, g, kk, float(eps), mean_in, var_out, rstd_in))
     else:
-        _cl_forward_blocks(xc, y, w, b, plan, eps, fixed, mean_np, var_np, rstd_np, threads)
+        _cl_forward_blocks(xc, y, w, b, plan, eps, fixed, mean_in, var_out, rstd_in, threads)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
     fold_running_stats(running, mean, var, spec.count)
@@ -334,21 +326,22 @@ def _in_place_buffers(running_mean, running_var, dtype: torch.dtype, channels: i
     return buffers
 
 
-def _cl_forward_blocks(x, y, w, b, plan: Plan, eps, fixed, mean_np, var_np, rstd_np, threads):
+def _cl_forward_blocks(x, y, w, b, plan: Plan, eps, fixed, mean, var, rstd, threads):
     """Channels-last forward over row blocks (BatchNorm, or fixed statistics): per-block
     (count, mean, M2), merged, then the output pass with per-(sample, channel)
-    coefficients (``_kernels.cl_coefficients``). Writes the statistics into
-    mean_np/var_np/rstd_np when not fixed."""
+    coefficients (``_kernels.cl_coefficients``). Writes the statistics into the tensors
+    mean/var/rstd when not fixed (else reads mean and rstd)."""
     n, s, g, kk = plan.dims
     nb = plan.blocks
     dtype = _STORAGE[x.dtype]
     parts = np.empty((3, 0 if fixed else n * nb, g))  # count, mean, M2 per block
     if not fixed:
         _launch("cl_stats", dtype, n * nb, threads, (x, n, s, g, kk, nb, parts[0], parts[1], parts[2]))
-    coefficients = np.empty((3, n, g * kk), w.dtype)  # mc, sc, sh
+    coefficients = np.empty((3, n, g * kk), _NUMPY_OF[w.dtype])  # mc, sc, sh
     mc, sc, sh = coefficients
-    runtime.kernels().cl_coefficients(parts[0], parts[1], parts[2], n, nb, g, kk, float(eps), fixed, w, b,
-                                      mean_np, var_np, rstd_np, mc, sc, sh)
+    arrays = [t.numpy(force=True).reshape(-1) for t in (w, b, mean, var, rstd)]  # (the kernel is called from Python)
+    runtime.kernels().cl_coefficients(parts[0], parts[1], parts[2], n, nb, g, kk, float(eps), fixed, *arrays,
+                                      mc, sc, sh)
     _launch("cl_apply", dtype, n * nb, threads, (x, y, mc, sc, sh, n, s, g * kk, nb))
 
 
@@ -370,11 +363,11 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
         if dy.dtype != cdt:
             dy = dy.to(cdt)
     dy = dy.contiguous(memory_format=call.memory_format)  # x's memory order (no-op if it has it)
-    w = _param(weight, call, 1.0)
-    mean_np = _stat_input(mean, call)
-    rstd_np = _stat_input(rstd, call)
+    w = _param_at(weight, call, 1.0)[0]  # tensors: see forward_impl
+    mean_in = _stat_at(mean, call)[0]
+    rstd_in = _stat_at(rstd, call)[0]
     dx = outputs.empty_like(xc) if need_dx else None
-    dx_np = dx if need_dx else _filled(0, 0.0, call.npdt)  # (empty: never written)
+    dx_out = dx if need_dx else _filled_pair(0, 0.0, call.npdt)[1]  # (empty: never written)
     grads = torch.empty(call.grads_shape, dtype=cdt)  # dweight, dbias
     threads = 1 if call.serial else torch.get_num_threads()
     dtype = _STORAGE[xc.dtype]
@@ -384,17 +377,17 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
         t = call.partials
         dwp, dbp = np.zeros((2, t, channels))
         _launch("dispatch_grouped_backward", dtype, t, threads,
-                (dy, xc, w, mean_np, rstd_np, a, p, kk, s, g, spec.center, batch_statistics, need_dx, t,
-                 call.short_rows, dx_np, dwp, dbp))
+                (dy, xc, w, mean_in, rstd_in, a, p, kk, s, g, spec.center, batch_statistics, need_dx, t,
+                 call.short_rows, dx_out, dwp, dbp))
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
         dwp, dbp = np.empty((2, n, channels))
         _launch("cl_backward_fused", dtype, n, threads,
-                (dy, xc, w, mean_np, rstd_np, n, s, g, kk, spec.center, batch_statistics, need_dx, dwp, dbp,
-                 dx_np))
+                (dy, xc, w, mean_in, rstd_in, n, s, g, kk, spec.center, batch_statistics, need_dx, dwp, dbp,
+                 dx_out))
     else:
-        dwp, dbp = _cl_backward_blocks(dy, xc, w, mean_np, rstd_np, plan, spec.center, batch_statistics,
-                                       need_dx, dx_np, dtype, threads)
+        dwp, dbp = _cl_backward_blocks(dy, xc, w, mean_in, rstd_in, plan, spec.center, batch_statistics,
+                                       need_dx, dx_out, dtype, threads)
     k = runtime.kernels()
     dw_np, db_np = grads.numpy().reshape(2, -1)
     k.sum_partials(dwp, dbp, dw_np, db_np)
@@ -455,7 +448,7 @@ def _stat_at(stat: torch.Tensor | None, call: _Call) -> tuple[torch.Tensor, int]
     return stat, stat.data_ptr()
 
 
-def _cl_backward_blocks(dy, x, w, mean_np, rstd_np, plan: Plan, center, batch_statistics, need_dx, dx, dtype,
+def _cl_backward_blocks(dy, x, w, mean, rstd, plan: Plan, center, batch_statistics, need_dx, dx, dtype,
                         threads):
     """Channels-last backward over row blocks (BatchNorm): per-block gradient sums, then
     (if ``need_dx``) dx with per-(sample, channel) coefficients
@@ -465,12 +458,13 @@ def _cl_backward_blocks(dy, x, w, mean_np, rstd_np, plan: Plan, center, batch_st
     nb = plan.blocks
     c = g * kk
     psdy, psdyx = np.empty((2, n * nb, c))
-    _launch("cl_grad_sums", dtype, n * nb, threads, (dy, x, mean_np, rstd_np, n, s, g, kk, nb, psdy, psdyx))
+    _launch("cl_grad_sums", dtype, n * nb, threads, (dy, x, mean, rstd, n, s, g, kk, nb, psdy, psdyx))
     if need_dx:
-        coefficients = np.empty((4, n, c), w.dtype)  # mc, ca, cb, cc
+        coefficients = np.empty((4, n, c), _NUMPY_OF[w.dtype])  # mc, ca, cb, cc
         mc, ca, cb, cc = coefficients
-        runtime.kernels().cl_dx_coefficients(psdy, psdyx, n, s, nb, g, kk, center, batch_statistics, w,
-                                             mean_np, rstd_np, mc, ca, cb, cc)
+        arrays = [t.numpy(force=True).reshape(-1) for t in (w, mean, rstd)]  # (the kernel is called from Python)
+        runtime.kernels().cl_dx_coefficients(psdy, psdyx, n, s, nb, g, kk, center, batch_statistics, *arrays,
+                                             mc, ca, cb, cc)
         _launch("cl_dx", dtype, n * nb, threads, (dy, x, mc, ca, cb, cc, n, s, c, nb, dx))
     return psdyx, psdy
 
