@@ -286,6 +286,24 @@ def test_float32_blocks_match_float64_with_offset(channels_last):
             assert err < 1e-5, f"rows: float32 blocks differ from float64 by {err:.2e}"
 
 
+@pytest.mark.parametrize("channels", [1, 3, 16, 32, 48, 64, 128, 192, 256])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_channel_sums_match_float64(channels, dtype):
+    """Per-channel sums of x - shift and its square over channels-last rows, on each path
+    of ``_cl_channel_sums`` (register lanes of 128 or 64 channels, 64-element runs of
+    several rows with a ragged last run, tile lanes in memory), from an offset base,
+    against float64 sums; rows long enough to flush the lanes several times."""
+    rng = np.random.default_rng(channels)
+    rows, base = 203, 5 * channels
+    x = (rng.standard_normal(base + rows * channels + 7) * 3 + 100).astype(dtype)
+    shift = (rng.standard_normal(channels) + 100).astype(dtype)
+    sd, sq = runtime.kernels()._cl_channel_sums(x, base, rows, channels, shift)
+    d = x[base:base + rows * channels].reshape(rows, channels).astype(np.float64) - shift
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(sd, d.sum(0), rtol=tol, atol=tol * np.abs(d).sum(0).max())
+    np.testing.assert_allclose(sq, (d * d).sum(0), rtol=tol)
+
+
 def test_float32_block_gradients_match_float64():
     """Backward sums through float32 blocks: dx, dweight, dbias of long groups against
     the float64 kernels on the same float32 input (torch.nn's tolerance for float32)."""
