@@ -304,6 +304,26 @@ def test_channels_last_channel_sums_match_float64(channels, dtype):
     np.testing.assert_allclose(sq, (d * d).sum(0), rtol=tol)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 16, 32, 48, 64, 128, 192, 256])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_last_gradient_sums_match_float64(channels, dtype):
+    """The backward's per-channel ``sum(dy)`` and ``sum(dy * (x - mc))`` over rows
+    [s0, s1) (``_cl_grad_rows``), on each of its paths, against float64 sums; the
+    outputs are added to, not overwritten."""
+    rng = np.random.default_rng(channels + 1)
+    rows, s0, s1 = 240, 11, 226
+    x = (rng.standard_normal(rows * channels) * 3 + 100).astype(dtype)
+    dy = rng.standard_normal(rows * channels).astype(dtype)
+    mc = (rng.standard_normal(channels) + 100).astype(dtype)
+    sdy, sdyx = np.ones(channels), np.full(channels, 2.0)
+    runtime.kernels()._cl_grad_rows(dy, x, mc, 0, s0, s1, channels, sdy, sdyx)
+    g = dy.reshape(rows, channels)[s0:s1].astype(np.float64)
+    d = x.reshape(rows, channels)[s0:s1].astype(np.float64) - mc
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(sdy, 1 + g.sum(0), rtol=tol, atol=tol * np.abs(g).sum(0).max())
+    np.testing.assert_allclose(sdyx, 2 + (g * d).sum(0), rtol=tol, atol=tol * np.abs(g * d).sum(0).max())
+
+
 def test_float32_block_gradients_match_float64():
     """Backward sums through float32 blocks: dx, dweight, dbias of long groups against
     the float64 kernels on the same float32 input (torch.nn's tolerance for float32)."""

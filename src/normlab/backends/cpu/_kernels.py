@@ -945,10 +945,64 @@ def cl_apply(x, y, mc, sc, sh, N, S, C, B, lo, hi):
         _cl_affine_rows(x, y, mc[n], sc[n], sh[n], n * S * C, bi * S // B, (bi + 1) * S // B, C)
 
 
+@njit(inline="always", **_OPTS)
+def _slice_grad_sums(dy, x, base, rows, stride, mc, W, sdy, sdyx):
+    """:func:`_slice_sums` of the backward: add ``sum(dy)`` and ``sum(dy * (x - mc))``
+    of W lanes (a constant) over ``rows`` runs ``stride`` apart to the float64 sdy/sdyx."""
+    dt = mc.dtype.type
+    m = carray(_lanes(dt(0)), W)
+    for c in range(W):
+        m[c] = mc[c]
+    for r0 in range(0, rows, _RUN):
+        a = carray(_lanes(dt(0)), W)
+        q = carray(_lanes(dt(0)), W)
+        for r in range(r0, min(rows, r0 + _RUN)):
+            o = base + r * stride
+            xs = x[o:o + W]
+            ds = dy[o:o + W]
+            for c in range(W):
+                g = _ld(ds[c])
+                a[c] += g
+                q[c] += g * (_ld(xs[c]) - m[c])
+        for c in range(W):
+            sdy[c] += a[c]
+            sdyx[c] += q[c]
+
+
 @njit(**_OPTS)
 def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
     """Add sum dy and sum dy * (x - mcn) per channel over rows [s0, s1) from ``base`` to
-    the float64 sdy/sdyx (C,): per lane of a tile of rows, four tiles per sweep, float32
+    the float64 sdy/sdyx (C,): with the lanes in registers where C allows (as
+    :func:`_cl_channel_sums`), else in tiles (:func:`_cl_grad_tile_rows`)."""
+    rows = s1 - s0
+    start = base + s0 * C
+    if C % 128 == 0:
+        for c0 in range(0, C, 128):
+            _slice_grad_sums(dy, x, start + c0, rows, C, mcn[c0:c0 + 128], 128, sdy[c0:c0 + 128],
+                             sdyx[c0:c0 + 128])
+    elif C % 64 == 0:
+        for c0 in range(0, C, 64):
+            _slice_grad_sums(dy, x, start + c0, rows, C, mcn[c0:c0 + 64], 64, sdy[c0:c0 + 64],
+                             sdyx[c0:c0 + 64])
+    elif 64 % C == 0:  # runs of 64 elements: 64 // C whole rows, lane j channel j % C
+        full = rows * C // 64
+        ty = np.zeros(64)
+        tx = np.zeros(64)
+        _slice_grad_sums(dy, x, start, full, 64, _tiled(mcn, 64 // C), 64, ty, tx)
+        for c in range(64):
+            sdy[c % C] += ty[c]
+            sdyx[c % C] += tx[c]
+        for i in range(full * 64, rows * C):  # the last rows (fewer than 64 // C)
+            g = np.float64(_ld(dy[start + i]))
+            sdy[i % C] += g
+            sdyx[i % C] += g * (_ld(x[start + i]) - mcn[i % C])
+    else:
+        _cl_grad_tile_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx)
+
+
+@njit(**_OPTS)
+def _cl_grad_tile_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
+    """:func:`_cl_grad_rows` per lane of a tile of rows, four tiles per sweep, float32
     lanes flushed to float64 every ``_FLUSH`` sweeps (as :func:`_cl_tile_sums`)."""
     dt = _ctype(x)
     R = max(1, _TILE // C)
