@@ -30,8 +30,7 @@ from normlab.backends import reference as reference_backend  # noqa: E402
 from normlab.backends.cpu import backend as numba_backend  # noqa: E402
 from normlab.backends.cpu import runtime, team  # noqa: E402
 
-runtime.kernels()  # numba imported and its cache directory chosen, as the backend does
-from normlab.backends.cpu import _bodies  # noqa: E402
+_kernels = runtime.kernels()  # numba imported and its cache directory chosen, as the backend does
 from normlab.core.spec import (  # noqa: E402
     batch_norm_spec,
     group_norm_spec,
@@ -156,21 +155,22 @@ def test_statistics_returned_match_oracle():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_layers_match_torch_nn(dtype, channels_last, kernel_mode):
+@pytest.mark.parametrize("c", [8, 64, 128])  # channels_last: lanes of 64 // C rows, of 64, of 128
+def test_layers_match_torch_nn(dtype, channels_last, c, kernel_mode):
     torch.manual_seed(0)
-    x0 = torch.randn(3, 8, 5, 7) * 2 + 1
+    x0 = torch.randn(3, c, 5, 7) * 2 + 1
     fmt = CL if channels_last else torch.contiguous_format
     pairs = [
-        (torch.nn.BatchNorm2d(8), NF.batch_norm, "bn"),
-        (torch.nn.GroupNorm(4, 8), None, "gn"),
-        (torch.nn.InstanceNorm2d(8, affine=True), None, "in"),
+        (torch.nn.BatchNorm2d(c), NF.batch_norm, "bn"),
+        (torch.nn.GroupNorm(4, c), None, "gn"),
+        (torch.nn.InstanceNorm2d(c, affine=True), None, "in"),
     ]
     if not channels_last:
         pairs += [(torch.nn.LayerNorm((5, 7)), None, "ln"), (torch.nn.RMSNorm(7), None, "rms")]
     import normlab as nl
 
-    ours_of = {"bn": lambda: nl.BatchNorm2d(8), "gn": lambda: nl.GroupNorm(4, 8),
-               "in": lambda: nl.InstanceNorm2d(8, affine=True), "ln": lambda: nl.LayerNorm((5, 7)),
+    ours_of = {"bn": lambda: nl.BatchNorm2d(c), "gn": lambda: nl.GroupNorm(4, c),
+               "in": lambda: nl.InstanceNorm2d(c, affine=True), "ln": lambda: nl.LayerNorm((5, 7)),
                "rms": lambda: nl.RMSNorm(7)}
     for ref, _, name in pairs:
         ours = ours_of[name]()
@@ -549,14 +549,14 @@ def test_importing_numba_keeps_torch_threads():
 def _record_chunks(p):
     """Test body: for each chunk it claims, ``ends[lo] = hi`` and ``runs[lo] += 1``
     (arguments 0 and 1, float64)."""
-    job = _bodies._job_of(p)
-    ends = _bodies._f64(job, 0)
-    runs = _bodies._f64(job, 1)
-    lo, hi = _bodies._claim(p, job)
+    job = _kernels._job_of(p)
+    ends = _kernels._f64(job, 0)
+    runs = _kernels._f64(job, 1)
+    lo, hi = _kernels._claim(p, job)
     while lo < hi:
         ends[lo] = hi
         runs[lo] += 1
-        lo, hi = _bodies._claim(p, job)
+        lo, hi = _kernels._claim(p, job)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """What entering a parallel kernel through Python costs, against normlab's C team bodies.
 
 normlab's parallel kernels run on torch's OpenMP threads, which enter a C "team body"
-(``normlab.backends.cpu._bodies``, started by ``team.launch``) that claims chunks of the
+(in ``normlab.backends.cpu._kernels``, started by ``team.launch``) that claims chunks of the
 work and calls the kernel with no Python in between. Earlier versions entered each
 chunk through a Python callback instead -- the way one would write it first. This
 script rebuilds that callback team (:func:`callback_team`) and measures, on the
@@ -32,8 +32,7 @@ from numba import cfunc, njit, types
 
 from normlab.backends.cpu import runtime, team
 
-runtime.kernels()  # numba's cache directory chosen as normlab does
-from normlab.backends.cpu import _bodies  # noqa: E402
+_kernels = runtime.kernels()  # numba imported, its cache directory chosen as normlab does
 
 _FM = {"reassoc", "contract"}
 
@@ -48,13 +47,13 @@ def _scale_shift(x, y, a, b, lo, hi):
 
 def _scale_shift_body(p):
     """Team body of ``_scale_shift``: x, y (float32 arrays), a, b (floats)."""
-    job = _bodies._job_of(p)
-    x, y = _bodies._x(job, 0, p), _bodies._x(job, 1, p)
-    a, b = np.float32(_bodies._float(job, 2)), np.float32(_bodies._float(job, 3))
-    lo, hi = _bodies._claim(p, job)
+    job = _kernels._job_of(p)
+    x, y = _kernels._x(job, 0, p), _kernels._x(job, 1, p)
+    a, b = np.float32(_kernels._float(job, 2)), np.float32(_kernels._float(job, 3))
+    lo, hi = _kernels._claim(p, job)
     while lo < hi:
         _scale_shift(x, y, a, b, lo, hi)
-        lo, hi = _bodies._claim(p, job)
+        lo, hi = _kernels._claim(p, job)
 
 
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
@@ -137,7 +136,7 @@ def main() -> None:
     print(f"cl_apply (32, 64, 56, 56) channels_last, {blocks} row blocks, {threads} threads, callback team:")
     trace(kernels.cl_apply, apply_args, blocks, threads)
 
-    apply_body = _bodies.body_address("cl_apply", "float32")
+    apply_body = _kernels.body_address("cl_apply", "float32")
     scale_body = cfunc(types.void(types.CPointer(types.float32)), fastmath=_FM)(_scale_shift_body).address
     n = x.numel()
     tx, ty = torch.from_numpy(xf), torch.from_numpy(yf)

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import llvmlite.ir as llvm_ir
 import numpy as np
-from numba import carray, njit, types
+from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -765,12 +765,17 @@ def _slice_sums(x, base, rows, stride, shift, W, sd, sq):
 
 
 @njit(**_OPTS)
-def _cl_channel_sums(x, base, rows, C, shift):
+def _cl_channel_sums(x, base, rows, C, shift, wide=False):
     """Per channel, float64 ``(sum(x - shift), sum((x - shift)^2))`` over ``rows``
-    channels-last rows from ``base`` (shift: (C,), x's compute dtype)."""
+    channels-last rows from ``base`` (shift: (C,), x's compute dtype); ``wide``: in
+    float64 lanes throughout (tile lanes)."""
     sd = np.zeros(C)
     sq = np.zeros(C)
-    if C % 128 == 0:  # slices of 128 channels, each down all rows
+    if wide:
+        R = max(1, _TILE // C)
+        lanes_d, lanes_q = _cl_tile_sums(x, base, rows, C, _tiled(shift.astype(np.float64), R))
+        _add_lanes(lanes_d, lanes_q, C, sd, sq)
+    elif C % 128 == 0:  # slices of 128 channels, each down all rows
         for c0 in range(0, C, 128):
             _slice_sums(x, base + c0, rows, C, shift[c0:c0 + 128], 128, sd[c0:c0 + 128], sq[c0:c0 + 128])
     elif C % 64 == 0:
@@ -828,8 +833,10 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
             total += first[g * K + k]
         for k in range(K):
             shift[g * K + k] = dt(total / (ns * K))
-    for attempt in range(2):
-        sd, sq = _cl_channel_sums(x, base, rows, C, shift)
+    for attempt in range(3):
+        # (a third time in float64 lanes: a float32 square that overflowed even about
+        # the mean, values near 1e19; a NaN or Inf input takes that path too, to no effect)
+        sd, sq = _cl_channel_sums(x, base, rows, C, shift, attempt == 2)
         again = False
         for g in range(G):
             a = 0.0
@@ -846,10 +853,13 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
             # (an overflowed or NaN sum fails the test: summed again too)
             if attempt == 0 and not (q < np.inf and a * a <= _RECENTER * n * q):
                 again = True
+            if attempt == 1 and not q < np.inf:
+                again = True
         if not again:
             break
-        for g in range(G):  # a shift far from its group's mean: again, about the mean
-            shift[g * K:(g + 1) * K] = dt(mean[g])
+        if attempt == 0:
+            for g in range(G):  # a shift far from its group's mean: again, about the mean
+                shift[g * K:(g + 1) * K] = dt(mean[g])
 
 
 @njit(inline="always", **_OPTS)
@@ -913,14 +923,53 @@ def cl_coefficients(pcnt, pmu, pm2, N, B, G, K, eps, fixed, w, b, mean, var, rst
                 sh[n, c] = b[c] - (m - mr) * a
 
 
+@njit(inline="always", **_OPTS)
+def _slice_affine(x, y, start, runs, mc, sc, sh, W):
+    """y = (x - mc) * sc + sh over ``runs`` consecutive runs of W elements (W a constant)
+    from ``start``, with the W coefficients of each kind in registers (see ``_lanes``)."""
+    dt = mc.dtype.type
+    m = carray(_lanes(dt(0)), W)
+    a = carray(_lanes(dt(0)), W)
+    b = carray(_lanes(dt(0)), W)
+    for c in range(W):
+        m[c] = mc[c]
+        a[c] = sc[c]
+        b[c] = sh[c]
+    for r in range(runs):
+        xs = x[start + r * W:start + (r + 1) * W]
+        ys = y[start + r * W:start + (r + 1) * W]
+        for c in range(W):
+            ys[c] = _enc((_ld(xs[c]) - m[c]) * a[c] + b[c], ys)
+
+
 @njit(**_OPTS)
 def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C):
-    """y = (x - mc[c]) * sc[c] + sh[c] for channels-last rows [s0, s1) from ``base``,
-    in tiles of rows (see ``_TILE``).
+    """y = (x - mc[c]) * sc[c] + sh[c] for channels-last rows [s0, s1) from ``base``:
+    with the coefficients in registers for C = 64 or 128 (a run is a row) or C dividing
+    64 (a run is 64 // C rows; interleaved, one thread, 1.06-1.22x faster than tiles),
+    else -- and for the last rows short of a run -- in tiles of rows (see ``_TILE``).
 
     ``mc`` is the mean rounded to x's dtype (``x - mc`` is exact near the mean) and
     ``sh = b - (mean - mc) * sc`` carries the rounding remainder: an input offset by
     1e4 in float32 loses nothing beyond its own rounding."""
+    start = base + s0 * C
+    if C == 64:
+        _slice_affine(x, y, start, s1 - s0, mc, sc, sh, 64)
+        return
+    if C == 128:
+        _slice_affine(x, y, start, s1 - s0, mc, sc, sh, 128)
+        return
+    if 64 % C == 0:
+        per = 64 // C
+        runs = (s1 - s0) // per
+        _slice_affine(x, y, start, runs, _tiled(mc, per), _tiled(sc, per), _tiled(sh, per), 64)
+        s0 += runs * per
+    _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C)
+
+
+@njit(inline="always", **_OPTS)
+def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C):
+    """:func:`_cl_affine_rows` in tiles of rows (see ``_TILE``)."""
     R = max(1, _TILE // C)
     mt = _tiled(mc, R)
     st = _tiled(sc, R)
@@ -1138,10 +1187,49 @@ def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
         _cl_affine_rows(x, y, mcn, scn, shn, n * S * C, 0, S, C)
 
 
+@njit(inline="always", **_OPTS)
+def _slice_dx(dy, x, dx, start, runs, mc, ca, cb, cc, W):
+    """dx = ca * dy + cb * (x - mc) + cc over ``runs`` runs of W elements (W a constant)
+    from ``start``, the coefficients in registers (as :func:`_slice_affine`)."""
+    dt = mc.dtype.type
+    m = carray(_lanes(dt(0)), W)
+    a = carray(_lanes(dt(0)), W)
+    b = carray(_lanes(dt(0)), W)
+    k = carray(_lanes(dt(0)), W)
+    for c in range(W):
+        m[c] = mc[c]
+        a[c] = ca[c]
+        b[c] = cb[c]
+        k[c] = cc[c]
+    for r in range(runs):
+        o = start + r * W
+        xs = x[o:o + W]
+        dys = dy[o:o + W]
+        dxs = dx[o:o + W]
+        for c in range(W):
+            dxs[c] = _enc(a[c] * _ld(dys[c]) + b[c] * (_ld(xs[c]) - m[c]) + k[c], dxs)
+
+
 @njit(**_OPTS)
 def _cl_dx_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx):
-    """dx = ca[c] * dy + cb[c] * (x - mc[c]) + cc[c] for channels-last rows [s0, s1)
-    (in tiles of rows, as :func:`_cl_affine_rows`)."""
+    """dx = ca[c] * dy + cb[c] * (x - mc[c]) + cc[c] for channels-last rows [s0, s1):
+    the coefficients in registers for C = 64 or C dividing 64 (as
+    :func:`_cl_affine_rows`; four kinds of 128 would not fit), else in tiles."""
+    start = base + s0 * C
+    if C == 64:
+        _slice_dx(dy, x, dx, start, s1 - s0, mc, ca, cb, cc, 64)
+        return
+    if 64 % C == 0:
+        per = 64 // C
+        runs = (s1 - s0) // per
+        _slice_dx(dy, x, dx, start, runs, _tiled(mc, per), _tiled(ca, per), _tiled(cb, per), _tiled(cc, per), 64)
+        s0 += runs * per
+    _cl_dx_tile_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx)
+
+
+@njit(inline="always", **_OPTS)
+def _cl_dx_tile_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx):
+    """:func:`_cl_dx_rows` in tiles of rows (as :func:`_cl_affine_tile_rows`)."""
     R = max(1, _TILE // C)
     mt = _tiled(mc, R)
     at = _tiled(ca, R)
@@ -1324,3 +1412,226 @@ def update_running(running_mean, running_var, mean, var, momentum, correction):
         if running_mean.size:
             running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * (m / rows)
         running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (v / rows * correction)
+
+
+# ---------------------------------------------------------------------- team bodies
+#
+# The parallel kernels as C functions that claim their own chunks. A body is what each
+# thread of a team runs (see :func:`normlab.backends.cpu.team.launch`): it reads its
+# kernel's arguments from a *job* -- an int64 array built by the caller -- then claims
+# chunks of the work with an atomic counter in the job and calls the kernel on each,
+# until none is left. It is a numba ``cfunc``: a thread enters it straight from the
+# OpenMP runtime, without Python and without the GIL. (Through a Python callback, each
+# thread took the GIL to claim a chunk and to enter the kernel; measured on the 2-core
+# benchmark machine, the second thread started its first chunk 32-105 us late, with
+# every cache already cold from the previous pass.)
+#
+# Job layout (int64): ``[counter, items, chunks, arg0, size0, arg1, size1, ...]`` --
+# two slots per kernel argument: an array's address and element count, an integer or
+# bool as itself, a float as the bits of a float64 (see :func:`team.job`).
+#
+# Each body is compiled on first use for one storage dtype (x's: float32, float64, or
+# the raw bits of bfloat16/float16 as uint16/int16), with numba's on-disk cache; the
+# dtype is carried by the type of the body's single argument -- the job's address typed
+# as a pointer to x's elements -- so one Python definition serves every dtype.
+#
+# (The bodies live in this file because numba's on-disk cache checks only the source
+# file of the function it compiled: a body cached from another file would keep running
+# the kernels it was compiled with after this file changed.)
+
+
+_HEADER = 3  # counter, items, chunks
+
+
+@intrinsic
+def _job_of(typingctx, p):
+    """The job (int64 words) at the body's argument ``p``, as a pointer."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(64).as_pointer())
+    return types.CPointer(types.int64)(p), codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, p, value):
+    """Atomically add ``value`` to the job's counter (its first word); the old value."""
+    def codegen(context, builder, signature, args):
+        counter = builder.bitcast(args[0], llvm_ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", counter, args[1], "monotonic")
+    return types.int64(p, types.int64), codegen
+
+
+@intrinsic
+def _typed(typingctx, addr, p):
+    """The address ``addr`` as a pointer of ``p``'s type (x's elements)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return p(types.int64, p), codegen
+
+
+@intrinsic
+def _as_float(typingctx, bits):
+    """The float64 whose bits are the int64 ``bits``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+_BODY_OPTS = {"inline": "always", "fastmath": _FM}
+
+
+@njit(**_BODY_OPTS)
+def _claim(p, job):
+    """The next unclaimed chunk ``(lo, hi)`` of the job, or ``(0, 0)`` when none is left."""
+    i = _fetch_add(p, 1)
+    items, chunks = job[1], job[2]
+    if i >= chunks:
+        return 0, 0
+    return i * items // chunks, (i + 1) * items // chunks
+
+
+@njit(**_BODY_OPTS)
+def _x(job, i, p):
+    """Argument ``i``: an array of x's storage dtype."""
+    return carray(_typed(job[_HEADER + 2 * i], p), job[_HEADER + 2 * i + 1])
+
+
+@njit(**_BODY_OPTS)
+def _c(job, i, p):
+    """Argument ``i``: an array of the compute dtype (float32 for 16-bit storage)."""
+    x = carray(p, 0)
+    return carray(_address(job[_HEADER + 2 * i]), job[_HEADER + 2 * i + 1], _ctype(x))
+
+
+@njit(**_BODY_OPTS)
+def _f64(job, i):
+    """Argument ``i``: a float64 array."""
+    return carray(_address(job[_HEADER + 2 * i]), job[_HEADER + 2 * i + 1], np.float64)
+
+
+@njit(**_BODY_OPTS)
+def _int(job, i):
+    return job[_HEADER + 2 * i]
+
+
+@njit(**_BODY_OPTS)
+def _float(job, i):
+    return _as_float(job[_HEADER + 2 * i])
+
+
+# One body per parallel kernel above; the argument numbers follow the
+# kernel's own signature (see each kernel for what the arguments are). Those kernels are
+# ``inline="always"``: each is compiled once, inside its body (as a separate function it
+# would be optimized twice, alone and again when linked into the body: 4.0 s instead of
+# 3.3 s for BatchNorm2d's first forward with an empty cache).
+
+
+def dispatch_grouped_forward_body(p):
+    job = _job_of(p)
+    A, P, K_, S, G = _int(job, 4), _int(job, 5), _int(job, 6), _int(job, 7), _int(job, 8)
+    eps, center, compute, short = _float(job, 9), _int(job, 10) != 0, _int(job, 11) != 0, _int(job, 12) != 0
+    x, y, w, b = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p), _c(job, 3, p)
+    mean, var, rstd = _c(job, 13, p), _c(job, 14, p), _c(job, 15, p)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        dispatch_grouped_forward(x, y, w, b, A, P, K_, S, G, eps, center, compute, short, mean, var, rstd, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def dispatch_grouped_backward_body(p):
+    job = _job_of(p)
+    A, P, K_, S, G = _int(job, 5), _int(job, 6), _int(job, 7), _int(job, 8), _int(job, 9)
+    center, batch, need_dx = _int(job, 10) != 0, _int(job, 11) != 0, _int(job, 12) != 0
+    T, short = _int(job, 13), _int(job, 14) != 0
+    dy, x, w, mean, rstd = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p), _c(job, 3, p), _c(job, 4, p)
+    dx, dwp, dbp = _x(job, 15, p), _f64(job, 16).reshape(T, -1), _f64(job, 17).reshape(T, -1)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K_, S, G, center, batch, need_dx, T, short,
+                                    dx, dwp, dbp, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def cl_forward_fused_body(p):
+    job = _job_of(p)
+    N, S, G, K_, eps = _int(job, 4), _int(job, 5), _int(job, 6), _int(job, 7), _float(job, 8)
+    x, y, w, b = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p), _c(job, 3, p)
+    mean, var, rstd = _c(job, 9, p).reshape(N, G), _c(job, 10, p).reshape(N, G), _c(job, 11, p).reshape(N, G)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        cl_forward_fused(x, y, w, b, N, S, G, K_, eps, mean, var, rstd, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def cl_backward_fused_body(p):
+    job = _job_of(p)
+    N, S, G, K_ = _int(job, 5), _int(job, 6), _int(job, 7), _int(job, 8)
+    center, batch, need_dx = _int(job, 9) != 0, _int(job, 10) != 0, _int(job, 11) != 0
+    dy, x, w = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p)
+    mean, rstd = _c(job, 3, p).reshape(N, G), _c(job, 4, p).reshape(N, G)
+    dwp, dbp, dx = _f64(job, 12).reshape(N, G * K_), _f64(job, 13).reshape(N, G * K_), _x(job, 14, p)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K_, center, batch, need_dx, dwp, dbp, dx, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def cl_stats_body(p):
+    job = _job_of(p)
+    N, S, G, K_, B = _int(job, 1), _int(job, 2), _int(job, 3), _int(job, 4), _int(job, 5)
+    x = _x(job, 0, p)
+    pcnt, pmu, pm2 = _f64(job, 6).reshape(N * B, G), _f64(job, 7).reshape(N * B, G), _f64(job, 8).reshape(N * B, G)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        cl_stats(x, N, S, G, K_, B, pcnt, pmu, pm2, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def cl_apply_body(p):
+    job = _job_of(p)
+    N, S, C, B = _int(job, 5), _int(job, 6), _int(job, 7), _int(job, 8)
+    x, y = _x(job, 0, p), _x(job, 1, p)
+    mc, sc, sh = _c(job, 2, p).reshape(N, C), _c(job, 3, p).reshape(N, C), _c(job, 4, p).reshape(N, C)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        cl_apply(x, y, mc, sc, sh, N, S, C, B, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def cl_grad_sums_body(p):
+    job = _job_of(p)
+    N, S, G, K_, B = _int(job, 4), _int(job, 5), _int(job, 6), _int(job, 7), _int(job, 8)
+    dy, x = _x(job, 0, p), _x(job, 1, p)
+    mean, rstd = _c(job, 2, p).reshape(N, G), _c(job, 3, p).reshape(N, G)
+    psdy, psdyx = _f64(job, 9).reshape(N * B, G * K_), _f64(job, 10).reshape(N * B, G * K_)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        cl_grad_sums(dy, x, mean, rstd, N, S, G, K_, B, psdy, psdyx, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def cl_dx_body(p):
+    job = _job_of(p)
+    N, S, C, B = _int(job, 6), _int(job, 7), _int(job, 8), _int(job, 9)
+    dy, x, dx = _x(job, 0, p), _x(job, 1, p), _x(job, 10, p)
+    mc, ca = _c(job, 2, p).reshape(N, C), _c(job, 3, p).reshape(N, C)
+    cb, cc = _c(job, 4, p).reshape(N, C), _c(job, 5, p).reshape(N, C)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+_STORAGE = {"float32": types.float32, "float64": types.float64, "bfloat16": types.uint16,
+            "float16": types.int16}
+_compiled: dict[tuple[str, str], object] = {}
+
+
+def body_address(name: str, dtype: str) -> int:
+    """The C address of body ``name`` for x's storage ``dtype`` (torch's dtype name),
+    compiled (or loaded from numba's cache) on first use."""
+    key = (name, dtype)
+    body = _compiled.get(key)
+    if body is None:
+        sig = types.void(types.CPointer(_STORAGE[dtype]))
+        body = _compiled[key] = cfunc(sig, cache=True, fastmath=_FM, error_model="numpy")(globals()[name + "_body"])
+    return body.address

@@ -118,24 +118,15 @@ class _Call:
 
 #: 16-bit floats reach the kernels as their raw bits (see the module docstring).
 _BITS = {torch.bfloat16: np.uint16, torch.float16: np.int16}
-#: x's storage dtype as the team bodies are compiled for it (``_bodies.body_address``).
+#: x's storage dtype as the team bodies are compiled for it (``_kernels.body_address``).
 _STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
             torch.float16: "float16"}
 
 
-_body_module = None
-
-
 def _launch(name: str, dtype: str, items: int, threads: int, args: tuple) -> None:
-    """Run the team body ``name`` (see :mod:`normlab.backends.cpu._bodies`) of x's
+    """Run the team body of kernel ``name`` (see ``_kernels.body_address``) for x's
     storage ``dtype`` over ``range(items)`` on up to ``threads`` threads."""
-    global _body_module
-    if _body_module is None:
-        runtime.kernels()  # numba imported and its cache directory chosen
-        from . import _bodies
-
-        _body_module = _bodies
-    team.launch(_body_module.body_address(name, dtype), *team.job(items, threads, args))
+    team.launch(runtime.kernels().body_address(name, dtype), *team.job(items, threads, args))
 
 
 #: NumPy scalar type of each compute dtype.

@@ -11,7 +11,7 @@
   ``$TMPDIR/normlab-numba-cache`` (numba's own fallback to a user-wide directory is
   tried first).
 * **Threads.** The kernels are serial numba functions; several threads run them on
-  chunks of the work through C team bodies (:mod:`normlab.backends.cpu._bodies`,
+  chunks of the work through C team bodies (the team bodies of :mod:`normlab.backends.cpu._kernels`,
   started by :mod:`normlab.backends.cpu.team`) -- on torch's own OpenMP threads, at
   most ``torch.get_num_threads()`` of them. numba's parallel backend is not used (its
   thread pool would fight torch's), so there is no threading layer to choose and

@@ -1,7 +1,7 @@
 """Running a kernel on several threads -- torch's own OpenMP threads where possible.
 
 :func:`launch` runs a *team body* -- a C function compiled by numba
-(:mod:`normlab.backends.cpu._bodies`) -- on up to ``threads`` threads; each thread
+(the team bodies of :mod:`normlab.backends.cpu._kernels`) -- on up to ``threads`` threads; each thread
 claims chunks of ``[0, items)`` from an atomic counter in the *job* (:func:`job`) and
 runs its kernel on them, until none is left. No thread enters Python or takes the GIL.
 
@@ -142,7 +142,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def job(items: int, threads: int, args: Sequence) -> tuple[np.ndarray, int]:
     """The job array of a :func:`launch` over ``range(items)`` with the kernel
-    arguments ``args`` (see :mod:`normlab.backends.cpu._bodies` for the layout), and the
+    arguments ``args`` (see the team bodies of :mod:`normlab.backends.cpu._kernels` for the layout), and the
     number of threads to run it on. Tensors and arrays must be dense (tensors: their
     storage from ``data_ptr()`` on, in memory order); the caller keeps them alive until
     the launch returns. (Tensors are the cheaper argument: ``data_ptr()`` costs ~2 us
