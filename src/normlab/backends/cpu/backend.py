@@ -1,11 +1,11 @@
 """The ``cpu-numba`` backend: same ``forward``/``backward`` contract as
 :mod:`normlab.backends.reference`, computed by the fused kernels.
 
-Data path: CPU tensors are handed to numba as zero-copy NumPy views of their
-storage (``.detach().numpy()``) in the layout they already have -- contiguous or
-channels_last -- and outputs are allocated in the same layout, large ones from a cache
-of buffers that spares them the page faults of fresh memory
-(:mod:`normlab.backends.cpu.outputs`).
+Data path: CPU tensors reach the kernels by address (the parallel kernels through a
+job array, see :func:`normlab.backends.cpu.team.job`; small inputs through the ``*_at``
+kernels) in the layout they already have -- contiguous or channels_last -- and outputs
+are allocated in the same layout, large ones from a cache of buffers that spares them
+the page faults of fresh memory (:mod:`normlab.backends.cpu.outputs`).
 bfloat16 and float16 inputs are read and written as raw 16-bit patterns and converted
 inside the kernels (numba has no 16-bit float type), with float32 arithmetic and without
 the conversion passes of upcasting (bfloat16: the same bits as upcasting; float16: the
@@ -78,7 +78,6 @@ class _Call:
     numel: int
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
-    flat_params: bool  # weight/bias are 1-D already (no reshape to view them flat)
     unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
     by_address: bool  # grouped view, dtype the kernels read: the *_at kernels can run it
 
@@ -153,7 +152,6 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  numel=numel,
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_rows=rows and plan.dims[2] <= SHORT_ROW,
-                 flat_params=len(spec.param_shape) == 1,
                  unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
                  by_address=plan.kind == "grouped" and (dtype == cdt or dtype in _BITS))
 
@@ -165,20 +163,6 @@ def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
         raise ValueError(f"cpu-numba: no kernel for {spec.family} on input of shape "
                          f"{tuple(x.shape)} and strides {x.stride()}")
     return call
-
-
-def _flat(t: torch.Tensor) -> np.ndarray:
-    """Zero-copy 1-D NumPy view of a dense tensor's storage in memory order (NumPy's
-    ``ravel("K")`` follows the strides, so channels_last needs no permute); 16-bit floats
-    as their raw bits -- bfloat16 as uint16, float16 as int16 -- which the kernels decode."""
-    bits = _BITS.get(t.dtype)
-    if bits is None:
-        flat = t.numpy(force=True).ravel("K")  # force: detached, zero-copy on CPU
-    else:
-        flat = t.detach().view(torch.int16).numpy().view(bits).ravel("K")
-    if flat.flags.owndata and flat.size > 1:  # a copy: writes would be lost
-        raise RuntimeError(f"cpu-numba: no flat view of a tensor with strides {t.stride()}")
-    return flat
 
 
 #: (n, fill, NumPy dtype) -> the array and a tensor sharing its memory.
