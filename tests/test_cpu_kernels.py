@@ -297,7 +297,7 @@ def test_channels_last_channel_sums_match_float64(channels, dtype):
     rows, base = 203, 5 * channels
     x = (rng.standard_normal(base + rows * channels + 7) * 3 + 100).astype(dtype)
     shift = (rng.standard_normal(channels) + 100).astype(dtype)
-    sd, sq = runtime.kernels()._cl_channel_sums(x, base, rows, channels, shift)
+    sd, sq = _kernels._cl_channel_sums(x, base, rows, channels, shift)
     d = x[base:base + rows * channels].reshape(rows, channels).astype(np.float64) - shift
     tol = 1e-6 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(sd, d.sum(0), rtol=tol, atol=tol * np.abs(d).sum(0).max())
@@ -316,7 +316,7 @@ def test_channels_last_gradient_sums_match_float64(channels, dtype):
     dy = rng.standard_normal(rows * channels).astype(dtype)
     mc = (rng.standard_normal(channels) + 100).astype(dtype)
     sdy, sdyx = np.ones(channels), np.full(channels, 2.0)
-    runtime.kernels()._cl_grad_rows(dy, x, mc, 0, s0, s1, channels, sdy, sdyx)
+    _kernels._cl_grad_rows(dy, x, mc, 0, s0, s1, channels, sdy, sdyx)
     g = dy.reshape(rows, channels)[s0:s1].astype(np.float64)
     d = x.reshape(rows, channels)[s0:s1].astype(np.float64) - mc
     tol = 1e-6 if dtype == np.float32 else 1e-12

@@ -772,9 +772,7 @@ def _cl_channel_sums(x, base, rows, C, shift, wide=False):
     sd = np.zeros(C)
     sq = np.zeros(C)
     if wide:
-        R = max(1, _TILE // C)
-        lanes_d, lanes_q = _cl_tile_sums(x, base, rows, C, _tiled(shift.astype(np.float64), R))
-        _add_lanes(lanes_d, lanes_q, C, sd, sq)
+        _cl_tile_channel_sums(x, base, rows, C, shift.astype(np.float64), sd, sq)
     elif C % 128 == 0:  # slices of 128 channels, each down all rows
         for c0 in range(0, C, 128):
             _slice_sums(x, base + c0, rows, C, shift[c0:c0 + 128], 128, sd[c0:c0 + 128], sq[c0:c0 + 128])
@@ -795,10 +793,16 @@ def _cl_channel_sums(x, base, rows, C, shift, wide=False):
             sd[i % C] += d
             sq[i % C] += d * d
     else:  # tile lanes in memory
-        R = max(1, _TILE // C)
-        lanes_d, lanes_q = _cl_tile_sums(x, base, rows, C, _tiled(shift, R))
-        _add_lanes(lanes_d, lanes_q, C, sd, sq)
+        _cl_tile_channel_sums(x, base, rows, C, shift, sd, sq)
     return sd, sq
+
+
+@njit(inline="always", **_OPTS)
+def _cl_tile_channel_sums(x, base, rows, C, shift, sd, sq):
+    """:func:`_cl_channel_sums` through tile lanes in ``shift``'s dtype (:func:`_cl_tile_sums`)."""
+    R = max(1, _TILE // C)
+    lanes_d, lanes_q = _cl_tile_sums(x, base, rows, C, _tiled(shift, R))
+    _add_lanes(lanes_d, lanes_q, C, sd, sq)
 
 
 @njit(**_OPTS)
@@ -1123,37 +1127,46 @@ def cl_grad_sums(dy, x, mean, rstd, N, S, G, K, B, psdy, psdyx, lo, hi):
             sdyx[c] *= np.float64(rstd[n, c // K])
 
 
+@njit(inline="always", **_OPTS)
+def _dx_coefficients(sdy, sdyx, w, rstd, G, K, count, center, batch, ca, cb, cc):
+    """One sample's coefficients of ``dx = ca * dy + cb * (x - mc) + cc`` (C,), in float64
+    and rounded once, from its per-channel ``sum(dy)`` and ``sum(dy * xhat)`` (sdy/sdyx)
+    and per-group rstd (G,): ``ca = rstd * w``; with batch statistics ``cb = -rstd^2 *
+    sum_g(w * dy * xhat) / count`` and, when centering, ``cc = -rstd * sum_g(w * dy) /
+    count`` (else 0), count the elements per group."""
+    for g in range(G):
+        r = np.float64(rstd[g])
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(K):
+            c = g * K + k
+            s1 += w[c] * sdy[c]
+            s2 += w[c] * sdyx[c]
+        for k in range(K):
+            c = g * K + k
+            ca[c] = r * w[c]
+            cb[c] = -r * r * s2 / count if batch else 0.0
+            cc[c] = -r * s1 / count if (batch and center) else 0.0
+
+
 @njit(**_OPTS)
 def cl_dx_coefficients(psdy, psdyx, N, S, B, G, K, center, batch, w, mean, rstd, mc, ca, cb, cc):
     """Between :func:`cl_grad_sums` and :func:`cl_dx`: the per-(n, c) coefficients of
-    ``dx = ca * dy + cb * (x - mc) + cc`` (N, G * K), in float64, from the per-block sums
-    psdy/psdyx (N * B, G * K) -- ``ca = rstd * w``; with batch statistics
-    ``cb = -rstd^2 * mean_g(w * dy * xhat)`` and, when centering,
-    ``cc = -rstd * mean_g(w * dy)`` (else 0); mc the mean rounded to x's dtype."""
+    ``dx = ca * dy + cb * (x - mc) + cc`` (N, G * K) from the per-block sums psdy/psdyx
+    (N * B, G * K; see :func:`_dx_coefficients`), and mc, the mean rounded to x's dtype."""
+    C = G * K
     dt = mc.dtype.type
-    count = S * K
+    sdy = np.empty(C)
+    sdyx = np.empty(C)
     for n in range(N):
-        for g in range(G):
-            r = np.float64(rstd[n * G + g])
-            s1 = 0.0
-            s2 = 0.0
-            for k in range(K):
-                c = g * K + k
-                sdy = 0.0
-                sdyx = 0.0
-                for bi in range(B):
-                    sdy += psdy[n * B + bi, c]
-                    sdyx += psdyx[n * B + bi, c]
-                s1 += sdy * w[c]
-                s2 += sdyx * w[c]
-            m1 = s1 / count if (batch and center) else 0.0
-            m2 = s2 / count if batch else 0.0
-            for k in range(K):
-                c = g * K + k
-                mc[n, c] = dt(mean[n * G + g])
-                ca[n, c] = r * w[c]
-                cb[n, c] = -(m2 * r * r)
-                cc[n, c] = -(m1 * r)
+        for c in range(C):
+            sdy[c] = 0.0
+            sdyx[c] = 0.0
+            for bi in range(B):
+                sdy[c] += psdy[n * B + bi, c]
+                sdyx[c] += psdyx[n * B + bi, c]
+            mc[n, c] = dt(mean[n * G + c // K])
+        _dx_coefficients(sdy, sdyx, w, rstd[n * G:(n + 1) * G], G, K, S * K, center, batch, ca[n], cb[n], cc[n])
 
 
 @njit(inline="always", **_OPTS)
@@ -1264,24 +1277,12 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
             sdy[c] = 0.0
             sdyx[c] = 0.0
         _cl_grad_rows(dy, x, mcn, n * S * C, 0, S, C, sdy, sdyx)
+        for c in range(C):
+            sdyx[c] *= np.float64(rstd[n, c // K])  # now sum dy * xhat
         ca = np.empty(C, _ctype(x))
         cb = np.empty(C, _ctype(x))
         cc = np.empty(C, _ctype(x))
-        count = S * K
-        for g in range(G):
-            r = np.float64(rstd[n, g])
-            s1 = 0.0
-            s2 = 0.0
-            for k in range(K):
-                c = g * K + k
-                sdyx[c] *= r  # now sum dy * xhat
-                s1 += w[c] * sdy[c]
-                s2 += w[c] * sdyx[c]
-            for k in range(K):
-                c = g * K + k
-                ca[c] = dt(r * w[c])
-                cb[c] = dt(-r * r * s2 / count) if batch else dt(0.0)
-                cc[c] = dt(-r * s1 / count) if (batch and center) else dt(0.0)
+        _dx_coefficients(sdy, sdyx, w, rstd[n], G, K, S * K, center, batch, ca, cb, cc)
         if not need_dx:
             continue
         _cl_dx_rows(dy, x, mcn, ca, cb, cc, n * S * C, 0, S, C, dx)
