@@ -1,7 +1,7 @@
 """Running a kernel on several threads -- torch's own OpenMP threads where possible.
 
-:func:`launch` runs a *team body* -- a C function compiled by numba
-(the team bodies of :mod:`normlab.backends.cpu._kernels`) -- on up to ``threads`` threads; each thread
+:func:`launch` runs a *team body* -- a C function compiled by numba (see the end of
+:mod:`normlab.backends.cpu._kernels`) -- on up to ``threads`` threads; each thread
 claims chunks of ``[0, items)`` from an atomic counter in the *job* (:func:`job`) and
 runs its kernel on them, until none is left. No thread enters Python or takes the GIL.
 
@@ -142,8 +142,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def job(items: int, threads: int, args: Sequence) -> tuple[np.ndarray, int]:
     """The job array of a :func:`launch` over ``range(items)`` with the kernel
-    arguments ``args`` (see the team bodies of :mod:`normlab.backends.cpu._kernels` for the layout), and the
-    number of threads to run it on. Tensors and arrays must be dense (tensors: their
+    arguments ``args`` (layout: see the team bodies in :mod:`normlab.backends.cpu._kernels`),
+    and the number of threads to run it on. Tensors and arrays must be dense (tensors: their
     storage from ``data_ptr()`` on, in memory order); the caller keeps them alive until
     the launch returns. (Tensors are the cheaper argument: ``data_ptr()`` costs ~2 us
     right after a memory-bound pass, an array's address ~8-12 us.)"""
@@ -166,7 +166,8 @@ def job(items: int, threads: int, args: Sequence) -> tuple[np.ndarray, int]:
 _FLOAT = struct.Struct("d")
 _FLOAT_BITS = struct.Struct("q")
 _BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_bodies: dict[int, Callable] = {}
+#: body address -> a ctypes function calling it (fallback pool and single-thread calls)
+_callers: dict[int, Callable] = {}
 
 
 def launch(body: int, work: np.ndarray, threads: int) -> None:
@@ -176,15 +177,15 @@ def launch(body: int, work: np.ndarray, threads: int) -> None:
     The threads are torch's OpenMP team (see the module docstring); they enter the body
     directly: no Python, no GIL. Without OpenMP the fallback pool's threads call it
     through ctypes (which releases the GIL)."""
-    at = work.ctypes.data
+    at = work.__array_interface__["data"][0]  # (``work.ctypes`` costs ~10 us with cold caches)
     if threads > 1:
         parallel = _openmp()
         if parallel is not None:
             parallel(body, at, threads, 0)
             return
-    call = _bodies.get(body)
+    call = _callers.get(body)
     if call is None:
-        call = _bodies[body] = _BODY(body)
+        call = _callers[body] = _BODY(body)
     if threads <= 1:
         call(at)
         return
