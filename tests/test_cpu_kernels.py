@@ -9,6 +9,7 @@ routing, no compilation at enable().
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import sys
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 pytest.importorskip("numba")
+from numba import njit  # noqa: E402
 
 import normlab.functional as NF  # noqa: E402
 from normlab import reference as R  # noqa: E402
@@ -324,6 +326,100 @@ def test_channels_last_gradient_sums_match_float64(channels, dtype):
     np.testing.assert_allclose(sdyx, 2 + (g * d).sum(0), rtol=tol, atol=tol * np.abs(g * d).sum(0).max())
 
 
+# ------------------------------------------------------------------ streaming stores
+# Outputs of at least _kernels._STREAM_FROM bytes are written with non-temporal stores
+# (whole 64-byte lines, after a head of ordinary stores up to the first line boundary).
+
+@njit
+def _stream_copy(dst, d, src, n):
+    """``_kernels._stream`` (an inline helper) from numba, then the store fence."""
+    _kernels._stream(dst, d, src, n)
+    _kernels._store_fence()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_stream_writes_exactly_its_run(dtype):
+    """``_stream(dst, d, src, n)`` -- ordinary stores up to the first 64-byte boundary,
+    then whole lines streamed, then the tail -- writes dst[d:d + n] and nothing else,
+    for every start offset within a line and lengths around the line size."""
+    itemsize = np.dtype(dtype).itemsize
+    per = 64 // itemsize  # elements per line
+    src = np.arange(1, 4 * per + 8).astype(dtype)
+    for d in range(per + 2):
+        for n in (0, 1, per - 1, per, per + 1, 2 * per + 3, 4 * per + 7):
+            raw = np.zeros(10 * per, dtype)
+            first = (-raw.ctypes.data % 64) // itemsize
+            dst = raw[first:first + 8 * per]  # eight lines from a line boundary
+            _stream_copy(dst, d, src, n)
+            expected = np.zeros_like(dst)
+            expected[d:d + n] = src[:n]
+            np.testing.assert_array_equal(dst, expected, err_msg=f"offset {d}, length {n}")
+
+
+# (norm, shape, layout, groups): each output at least _STREAM_FROM bytes in float32, with
+# planes/rows whose starts fall off the 64-byte lines (odd spatial sizes, rows of 1023,
+# channels_last rows of 3 or 24 channels), on every write loop: grouped NCHW (BN/IN/GN),
+# LayerNorm/RMSNorm long and short rows, channels_last BN (register runs of 16 channels,
+# tiles of 3 and 24) and the per-sample channels_last GN/IN kernels.
+_STREAMED = [
+    ("bn", (8, 16, 129, 131), "contiguous", None),
+    ("in", (8, 16, 129, 131), "contiguous", None),
+    ("gn", (8, 16, 129, 131), "contiguous", 4),
+    ("ln", (2113, 1023), "contiguous", None),
+    ("rms", (2113, 1023), "contiguous", None),
+    ("ln", (16901, 128), "contiguous", None),
+    ("bn", (8, 16, 129, 131), "channels_last", None),
+    ("bn", (8, 3, 300, 301), "channels_last", None),
+    ("bn", (8, 24, 107, 107), "channels_last", None),
+    ("gn", (8, 16, 129, 131), "channels_last", 4),
+    ("in", (8, 24, 107, 107), "channels_last", None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("norm,shape,layout,groups", _STREAMED)
+def test_streamed_outputs_match_torch(norm, shape, layout, groups, dtype):
+    """Forward and input gradient of large outputs -- written with streaming stores --
+    against torch.nn in float64 on the same input (torch.nn's own float32 channels_last
+    BatchNorm is off by ~2e-4 at 700k values per channel), at the dtype's tolerance
+    (16-bit: twice the elements, so that they stream too)."""
+    if dtype == torch.bfloat16:
+        shape = (2 * shape[0], *shape[1:])
+    numel = int(np.prod(shape))
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    assert numel * itemsize >= _kernels._STREAM_FROM, "case too small to stream"
+    gen = torch.Generator().manual_seed(len(shape) + shape[1])
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    if layout == "channels_last":
+        x, dy = x.contiguous(memory_format=CL), dy.contiguous(memory_format=CL)
+    c = shape[1]
+    make = {
+        "bn": lambda m: m.BatchNorm2d(c),
+        "in": lambda m: m.InstanceNorm2d(c, affine=True),
+        "gn": lambda m: m.GroupNorm(groups or 1, c),
+        "ln": lambda m: m.LayerNorm(shape[-1]),
+        "rms": lambda m: m.RMSNorm(shape[-1]),
+    }[norm]
+    import normlab as nl
+
+    ours, theirs = make(nl).to(dtype), make(torch.nn).double()
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+            p.copy_(torch.randn(p.shape, generator=gen))
+            q.copy_(p)
+    results = []
+    for module, xm, dym in ((ours, x, dy), (theirs, x.double(), dy.double())):
+        xi = xm.clone().requires_grad_()
+        y = module(xi)
+        y.backward(dym)
+        results.append((y.detach(), xi.grad))
+    (y, dx), (ey, edx) = results
+    what = f"{norm} {shape} {layout} {dtype}"
+    assert_close(y, ey, dtype, scale=2, what=f"{what} y")
+    assert_close(dx, edx, dtype, scale=8, what=f"{what} dx")
+
+
 def test_float32_block_gradients_match_float64():
     """Backward sums through float32 blocks: dx, dweight, dbias of long groups against
     the float64 kernels on the same float32 input (torch.nn's tolerance for float32)."""
@@ -357,7 +453,9 @@ def test_float32_block_gradients_match_float64():
 def test_short_row_kernels_equal_the_row_kernels(rows, k, dtype):
     """The tile-phased kernels for short LayerNorm/RMSNorm rows do the row kernels'
     arithmetic in another order of rows: results must be bit-identical (forward and
-    backward, centred or not, batch or fixed statistics, ragged tiles and chunks)."""
+    backward, centred or not, batch or fixed statistics, ragged tiles and chunks), with
+    ordinary and with streaming stores (``stream``: what the dispatchers pass for large
+    outputs)."""
     kern = runtime.kernels()
     rng = np.random.default_rng(rows * k)
     x = (rng.standard_normal(rows * k) * 3 + 1e3).astype(dtype)  # offset: exercises the mean correction
@@ -366,26 +464,28 @@ def test_short_row_kernels_equal_the_row_kernels(rows, k, dtype):
     b = rng.standard_normal(k).astype(dtype)
     for center in (True, False):
         outs = []
-        for fwd in ("grouped_forward", "short_rows_forward"):
+        for fwd, stream in itertools.product(("grouped_forward", "short_rows_forward"), (False, True)):
             y = np.empty_like(x)
             stats = [np.empty(rows, dtype) for _ in range(3)]
             if fwd == "grouped_forward":
-                kern.grouped_forward(x, y, w, b, 1, rows, k, 1, 1, 1e-5, center, True, *stats, 0, rows)
+                kern.grouped_forward(x, y, w, b, 1, rows, k, 1, 1, 1e-5, center, True, *stats, stream, 0, rows)
             else:
-                kern.short_rows_forward(x, y, w, b, rows, k, 1e-5, center, *stats, 0, rows)
+                kern.short_rows_forward(x, y, w, b, rows, k, 1e-5, center, *stats, stream, 0, rows)
             outs.append((y, *stats))
-        for got, want in zip(outs[1], outs[0], strict=True):
-            np.testing.assert_array_equal(got, want)
+        for other in outs[1:]:
+            for got, want in zip(other, outs[0], strict=True):
+                np.testing.assert_array_equal(got, want)
         mean, rstd = outs[0][1], outs[0][3]
         for batch in (True, False):
             grads = []
-            for bwd in (kern.rows_backward, kern.short_rows_backward):
+            for bwd, stream in itertools.product((kern.rows_backward, kern.short_rows_backward), (False, True)):
                 dx = np.empty_like(x)
                 dwp, dbp = np.zeros((3, k)), np.zeros((3, k))
-                bwd(dy, x, w, mean, rstd, rows, k, center, batch, True, 3, dx, dwp, dbp, 0, 3)
+                bwd(dy, x, w, mean, rstd, rows, k, center, batch, True, 3, dx, dwp, dbp, stream, 0, 3)
                 grads.append((dx, dwp, dbp))
-            for got, want in zip(grads[1], grads[0], strict=True):
-                np.testing.assert_array_equal(got, want)
+            for other in grads[1:]:
+                for got, want in zip(other, grads[0], strict=True):
+                    np.testing.assert_array_equal(got, want)
 
 
 def _same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
