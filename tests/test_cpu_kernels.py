@@ -331,29 +331,51 @@ def test_channels_last_gradient_sums_match_float64(channels, dtype):
 # (whole 64-byte lines, after a head of ordinary stores up to the first line boundary).
 
 @njit
-def _stream_copy(dst, d, src, n):
-    """``_kernels._stream`` (an inline helper) from numba, then the store fence."""
-    _kernels._stream(dst, d, src, n)
+def _write_loop_copy(dst, o, e, src, stream):
+    """``dst[o:e] = src[o:e]`` in the shape of the kernels' write loops (see "The write
+    loops" in ``_kernels``): ordinary stores up to the first line boundary (or all of
+    them), whole spans streamed, the tail; then the store fence. Returns where the
+    first ordinary segment ended."""
+    span = _kernels._SPAN
+    buf = np.empty(span, dst.dtype)
+    i, j = o, _kernels._plain_end(dst, o, e, stream)
+    head = j
+    while True:
+        dst[i:j] = src[i:j]
+        if j == e:
+            break
+        while j + span <= e:
+            buf[:] = src[j:j + span]
+            _kernels._stream_span(dst, j, buf, 0)
+            j += span
+        i, j = j, e
     _kernels._store_fence()
+    return head
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
-def test_stream_writes_exactly_its_run(dtype):
-    """``_stream(dst, d, src, n)`` -- ordinary stores up to the first 64-byte boundary,
-    then whole lines streamed, then the tail -- writes dst[d:d + n] and nothing else,
-    for every start offset within a line and lengths around the line size."""
+def test_write_loop_streams_exactly_its_run(dtype):
+    """``_plain_end`` and ``_stream_span`` in the write-loop shape write dst[o:e] and
+    nothing else, for every start offset within a line and lengths around the line and
+    span sizes; the ordinary head ends on the first line boundary (all of the run when
+    not streaming)."""
     itemsize = np.dtype(dtype).itemsize
     per = 64 // itemsize  # elements per line
-    src = np.arange(1, 4 * per + 8).astype(dtype)
-    for d in range(per + 2):
-        for n in (0, 1, per - 1, per, per + 1, 2 * per + 3, 4 * per + 7):
-            raw = np.zeros(10 * per, dtype)
+    span = _kernels._SPAN
+    for o in range(per + 2):
+        for n in (0, 1, per - 1, per, per + 1, span - 1, span, span + per + 3, 3 * span + 7):
+            raw = np.zeros(3 * span + 4 * per + 64, dtype)
             first = (-raw.ctypes.data % 64) // itemsize
-            dst = raw[first:first + 8 * per]  # eight lines from a line boundary
-            _stream_copy(dst, d, src, n)
-            expected = np.zeros_like(dst)
-            expected[d:d + n] = src[:n]
-            np.testing.assert_array_equal(dst, expected, err_msg=f"offset {d}, length {n}")
+            dst = raw[first:first + 3 * span + 3 * per]  # from a line boundary
+            src = np.arange(1, dst.size + 1).astype(dtype)
+            for stream in (True, False):
+                dst[:] = 0
+                head = _write_loop_copy(dst, o, o + n, src, stream)
+                expected = np.zeros_like(dst)
+                expected[o:o + n] = src[o:o + n]
+                np.testing.assert_array_equal(dst, expected, err_msg=f"offset {o}, length {n}, stream {stream}")
+                to_line = (-o) % per
+                assert head == (o + min(n, to_line) if stream else o + n), (o, n, stream, head)
 
 
 # (norm, shape, layout, groups): each output at least _STREAM_FROM bytes in float32, with

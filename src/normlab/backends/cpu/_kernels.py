@@ -187,10 +187,11 @@ def _ctype_impl(x):
 # slower, 0.24 against 0.18 ms -- hence a size threshold. (torch.nn's kernels use
 # ordinary stores; glibc's memcpy, and so ``copy_``, streams large copies.)
 #
-# A write loop computes a run of output into a buffer on the stack (registers or L1)
-# and :func:`_stream` stores it, the 64-byte-aligned lines with non-temporal stores.
-# Streaming stores are weakly ordered: every team body ends with :func:`_store_fence`,
-# so the outputs are visible before the team's closing barrier.
+# A write loop computes spans of output into a buffer on the stack (kept in registers)
+# and :func:`_stream_span` stores each as whole 64-byte lines with non-temporal stores
+# (see the write loops below). Streaming stores are weakly ordered: every team body
+# ends with :func:`_store_fence`, so the outputs are visible before the team's closing
+# barrier.
 
 #: Outputs of at least this many bytes are streamed (see above).
 _STREAM_FROM = 8 << 20
@@ -248,23 +249,6 @@ def _store_fence(typingctx):
     return types.void(), codegen
 
 
-@njit(inline="always", **_OPTS)
-def _stream(dst, d, src, n):
-    """``dst[d:d + n] = src[:n]``, the 64-byte-aligned lines of dst with streaming stores
-    (src: a run of output just computed into a buffer on the stack). Takes dst whole
-    and an offset: a slice would cost a reference-count call per run."""
-    per = _LINE // dst.itemsize
-    head = min(n, _to_line(dst, d))
-    for k in range(head):
-        dst[d + k] = src[k]
-    i = head
-    while i + per <= n:
-        _stream_line(dst, d + i, src, i)
-        i += per
-    for k in range(i, n):
-        dst[d + k] = src[k]
-
-
 def _stack_buffer(count: int, zero: bool):
     """An intrinsic ``f(like)``: ``count`` elements of ``like``'s type on the stack (zeros
     if ``zero``), as a pointer valid in the calling function (allocated once in its entry
@@ -292,28 +276,40 @@ _span = _stack_buffer(_SPAN, zero=False)
 
 
 @njit(inline="always", **_OPTS)
-def _plain_head(dst, d, n, stream):
-    """How many of the n outputs from ``dst[d]`` a write loop stores the ordinary way
-    before its streamed spans: all of them when not streaming, else those before the
-    first 64-byte boundary. The spans then start on a boundary and, being whole lines
-    (``_SPAN * itemsize`` is a multiple of 64 bytes), stay on one."""
-    return min(n, _to_line(dst, d)) if stream else n
+def _plain_end(dst, i, e, stream):
+    """Where the first segment of ordinary stores of a write loop over ``dst[i:e]`` ends:
+    at e when not streaming, else at the first 64-byte boundary (at most e). The spans
+    after it start on a boundary and, being whole lines (``_SPAN * itemsize`` is a
+    multiple of 64 bytes), stay on one."""
+    return i + min(e - i, _to_line(dst, i)) if stream else e
 
 
 @njit(inline="always", **_OPTS)
-def _stream_span(dst, d, src):
-    """``dst[d:d + _SPAN] = src`` through streaming stores; ``dst[d]`` on a 64-byte boundary."""
+def _stream_span(dst, d, src, s):
+    """``dst[d:d + _SPAN] = src[s:s + _SPAN]`` through streaming stores; ``dst[d]`` on a
+    64-byte boundary."""
     per = _LINE // dst.itemsize
     for i in range(0, _SPAN, per):
-        _stream_line(dst, d + i, src, i)
+        _stream_line(dst, d + i, src, s + i)
 
 # The write loops. Each computes a run of output into ``out`` -- the output itself, or
 # a stack buffer then streamed -- and a caller that may stream calls it once per
-# target: the elements before the first 64-byte boundary (all of them when not
-# streaming) into the output, whole spans of ``_SPAN`` into the buffer, the rest into
-# the output. (One call on a target chosen at run time -- a pointer phi -- measured 30 %
-# slower with ordinary stores and 6x slower streaming: LLVM then keeps neither the
-# buffer in registers nor the loop vectorized.)
+# target, in this shape (one copy of each call)::
+#
+#     i, j = o, _plain_end(y, o, e, stream)
+#     while True:
+#         run(x[i:j] -> y[i:j])                 # ordinary stores: all of [o, e) when
+#         if j == e:                            # not streaming, else the head up to the
+#             break                             # first line boundary, then the tail
+#         while j + _SPAN <= e:
+#             run(x[j:j + _SPAN] -> buf)        # whole spans, streamed
+#             _stream_span(y, j, buf, 0)
+#             j += _SPAN
+#         i, j = j, e
+#
+# (One call on a target chosen at run time -- a pointer phi -- measured 30 % slower
+# with ordinary stores and 6x slower streaming: LLVM then keeps neither the buffer in
+# registers nor the loop vectorized.)
 
 
 @njit(inline="always", **_OPTS)
@@ -436,13 +432,17 @@ def _grad_sums(xs, dys, mc):
 def _row_affine(x, y, o, K, mc, rc, sh, w, b, buf, stream):
     """y = ((x - mc) * rc + sh) * w + b over the row of K elements at offset o
     (streaming: see the write loops)."""
-    h = _plain_head(y, o, K, stream)
-    _row_affine_run(x[o:o + h], y[o:o + h], mc, rc, sh, w, b, h)
-    while h + _SPAN <= K:
-        _row_affine_run(x[o + h:o + h + _SPAN], buf, mc, rc, sh, w[h:h + _SPAN], b[h:h + _SPAN], _SPAN)
-        _stream_span(y, o + h, buf)
-        h += _SPAN
-    _row_affine_run(x[o + h:o + K], y[o + h:o + K], mc, rc, sh, w[h:], b[h:], K - h)
+    e = o + K
+    i, j = o, _plain_end(y, o, e, stream)
+    while True:
+        _row_affine_run(x[i:j], y[i:j], mc, rc, sh, w[i - o:], b[i - o:], j - i)
+        if j == e:
+            break
+        while j + _SPAN <= e:
+            _row_affine_run(x[j:j + _SPAN], buf, mc, rc, sh, w[j - o:], b[j - o:], _SPAN)
+            _stream_span(y, j, buf, 0)
+            j += _SPAN
+        i, j = j, e
 
 
 @njit(**_OPTS)
@@ -515,28 +515,34 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                     sc = r * ws[k]
                     ca = dt(sc)
                     cb = dt(bs[k] - dm * sc)
-                    o = base + k * S
-                    e = o + S
-                    h = o + _plain_head(y, o, S, stream)  # (write loops: see _scaled_run)
-                    _scaled_run(x[o:h], y[o:h], mc, ca, cb, h - o)
-                    while h + _SPAN <= e:
-                        _scaled_run(x[h:h + _SPAN], buf, mc, ca, cb, _SPAN)
-                        _stream_span(y, h, buf)
-                        h += _SPAN
-                    _scaled_run(x[h:e], y[h:e], mc, ca, cb, e - h)
+                    e = base + (k + 1) * S
+                    i, j = e - S, _plain_end(y, e - S, e, stream)  # (write loops: see _scaled_run)
+                    while True:
+                        _scaled_run(x[i:j], y[i:j], mc, ca, cb, j - i)
+                        if j == e:
+                            break
+                        while j + _SPAN <= e:
+                            _scaled_run(x[j:j + _SPAN], buf, mc, ca, cb, _SPAN)
+                            _stream_span(y, j, buf, 0)
+                            j += _SPAN
+                        i, j = j, e
 
 
 @njit(inline="always", **_OPTS)
 def _row_dx(dy, x, o, K, ws, mc, rc, cb, cc, dx, buf, stream):
     """dx = (rc * w) * dy + cb * (x - mc) + cc over the row of K elements at offset o
     (streaming: see the write loops)."""
-    h = _plain_head(dx, o, K, stream)
-    _row_dx_run(dy[o:o + h], x[o:o + h], dx[o:o + h], mc, rc, ws, cb, cc, h)
-    while h + _SPAN <= K:
-        _row_dx_run(dy[o + h:o + h + _SPAN], x[o + h:o + h + _SPAN], buf, mc, rc, ws[h:h + _SPAN], cb, cc, _SPAN)
-        _stream_span(dx, o + h, buf)
-        h += _SPAN
-    _row_dx_run(dy[o + h:o + K], x[o + h:o + K], dx[o + h:o + K], mc, rc, ws[h:], cb, cc, K - h)
+    e = o + K
+    i, j = o, _plain_end(dx, o, e, stream)
+    while True:
+        _row_dx_run(dy[i:j], x[i:j], dx[i:j], mc, rc, ws[i - o:], cb, cc, j - i)
+        if j == e:
+            break
+        while j + _SPAN <= e:
+            _row_dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mc, rc, ws[j - o:], cb, cc, _SPAN)
+            _stream_span(dx, j, buf, 0)
+            j += _SPAN
+        i, j = j, e
 
 
 @njit(**_OPTS)
@@ -608,15 +614,17 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                 else:
                     for k in range(K):
                         ca = rc * ws[k]
-                        o = base + k * S
-                        e = o + S
-                        h = o + _plain_head(dx, o, S, stream)
-                        _scaled_dx_run(dy[o:h], x[o:h], dx[o:h], mc, ca, cb, cc, h - o)
-                        while h + _SPAN <= e:
-                            _scaled_dx_run(dy[h:h + _SPAN], x[h:h + _SPAN], buf, mc, ca, cb, cc, _SPAN)
-                            _stream_span(dx, h, buf)
-                            h += _SPAN
-                        _scaled_dx_run(dy[h:e], x[h:e], dx[h:e], mc, ca, cb, cc, e - h)
+                        e = base + (k + 1) * S
+                        i, j = e - S, _plain_end(dx, e - S, e, stream)
+                        while True:
+                            _scaled_dx_run(dy[i:j], x[i:j], dx[i:j], mc, ca, cb, cc, j - i)
+                            if j == e:
+                                break
+                            while j + _SPAN <= e:
+                                _scaled_dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mc, ca, cb, cc, _SPAN)
+                                _stream_span(dx, j, buf, 0)
+                                j += _SPAN
+                            i, j = j, e
 
 
 @njit(**_OPTS)
@@ -1142,11 +1150,15 @@ def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream):
         a[c] = sc[c]
         b[c] = sh[c]
     buf = carray(_lanes(y.dtype.type(0)), W)
+    # runs of whole lines: streamed when the first is (a row of C >= 16 float32 channels
+    # always is; runs of a few shorter rows may fall off the lines, then none is)
+    stream = stream and _to_line(y, start) == 0
     for r in range(runs):
         o = start + r * W
-        if stream:  # (two calls, not one on a chosen target: see _stream)
+        if stream:  # (two calls, not one on a chosen target: see the write loops)
             _affine_run(x[o:o + W], buf, m, a, b, W)
-            _stream(y, o, buf, W)
+            for i in range(0, W, _SPAN):
+                _stream_span(y, o + i, buf, i)
         else:
             _affine_run(x[o:o + W], y[o:o + W], m, a, b, W)
 
@@ -1188,13 +1200,17 @@ def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
     while s < s1:
         n = min(R, s1 - s) * C  # (a last, shorter tile uses the coefficients' prefix)
         o = base + s * C
-        h = _plain_head(y, o, n, stream)  # (write loops: see _affine_run)
-        _affine_run(x[o:o + h], y[o:o + h], mt, st, ht, h)
-        while h + _SPAN <= n:
-            _affine_run(x[o + h:o + h + _SPAN], buf, mt[h:h + _SPAN], st[h:h + _SPAN], ht[h:h + _SPAN], _SPAN)
-            _stream_span(y, o + h, buf)
-            h += _SPAN
-        _affine_run(x[o + h:o + n], y[o + h:o + n], mt[h:], st[h:], ht[h:], n - h)
+        e = o + n
+        i, j = o, _plain_end(y, o, e, stream)  # (write loops: see _affine_run)
+        while True:
+            _affine_run(x[i:j], y[i:j], mt[i - o:], st[i - o:], ht[i - o:], j - i)
+            if j == e:
+                break
+            while j + _SPAN <= e:
+                _affine_run(x[j:j + _SPAN], buf, mt[j - o:], st[j - o:], ht[j - o:], _SPAN)
+                _stream_span(y, j, buf, 0)
+                j += _SPAN
+            i, j = j, e
         s += R
 
 
@@ -1426,11 +1442,13 @@ def _slice_dx(dy, x, dx, start, runs, mc, ca, cb, cc, W, stream):
         b[c] = cb[c]
         k[c] = cc[c]
     buf = carray(_lanes(dx.dtype.type(0)), W)
+    stream = stream and _to_line(dx, start) == 0  # (as in _slice_affine)
     for r in range(runs):
         o = start + r * W
         if stream:
             _dx_run(dy[o:o + W], x[o:o + W], buf, m, a, b, k, W)
-            _stream(dx, o, buf, W)
+            for i in range(0, W, _SPAN):
+                _stream_span(dx, o + i, buf, i)
         else:
             _dx_run(dy[o:o + W], x[o:o + W], dx[o:o + W], m, a, b, k, W)
 
@@ -1466,14 +1484,17 @@ def _cl_dx_tile_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx, stream):
     while s < s1:
         n = min(R, s1 - s) * C  # (as in _cl_affine_rows)
         o = base + s * C
-        h = _plain_head(dx, o, n, stream)
-        _dx_run(dy[o:o + h], x[o:o + h], dx[o:o + h], mt, at, bt, ct, h)
-        while h + _SPAN <= n:
-            _dx_run(dy[o + h:o + h + _SPAN], x[o + h:o + h + _SPAN], buf, mt[h:h + _SPAN], at[h:h + _SPAN],
-                    bt[h:h + _SPAN], ct[h:h + _SPAN], _SPAN)
-            _stream_span(dx, o + h, buf)
-            h += _SPAN
-        _dx_run(dy[o + h:o + n], x[o + h:o + n], dx[o + h:o + n], mt[h:], at[h:], bt[h:], ct[h:], n - h)
+        e = o + n
+        i, j = o, _plain_end(dx, o, e, stream)
+        while True:
+            _dx_run(dy[i:j], x[i:j], dx[i:j], mt[i - o:], at[i - o:], bt[i - o:], ct[i - o:], j - i)
+            if j == e:
+                break
+            while j + _SPAN <= e:
+                _dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mt[j - o:], at[j - o:], bt[j - o:], ct[j - o:], _SPAN)
+                _stream_span(dx, j, buf, 0)
+                j += _SPAN
+            i, j = j, e
         s += R
 
 
