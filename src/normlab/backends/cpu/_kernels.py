@@ -190,19 +190,12 @@ def _ctype_impl(x):
 # A write loop computes spans of output into a buffer on the stack (kept in registers)
 # and :func:`_stream_span` stores each as whole 64-byte lines with non-temporal stores
 # (see the write loops below). Streaming stores are weakly ordered: every team body
-# ends with :func:`_store_fence`, so the outputs are visible before the team's closing
-# barrier.
+# that may stream ends with :func:`_store_fence`, so the outputs are visible before the
+# team's closing barrier. Whether a call streams is the caller's ``stream`` argument (the backend
+# decides by the output's size against the cache, see ``backend.STREAM_FROM``).
 
-#: Outputs of at least this many bytes are streamed (see above).
-_STREAM_FROM = 8 << 20
 _LINE = 64  # bytes per non-temporal vector store: a cache line
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
-
-
-@njit(inline="always", **_OPTS)
-def _streams(out):
-    """Whether the output array ``out`` (a kernel's whole y or dx) is large enough to stream."""
-    return out.size * out.itemsize >= _STREAM_FROM
 
 
 @intrinsic
@@ -824,13 +817,12 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
 
 
 @njit(inline="always", **_OPTS)
-def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, short_rows, mean, var, rstd, lo,
-                             hi):
+def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, short_rows, mean, var, rstd, stream,
+                             lo, hi):
     """The grouped-view forward over groups [lo, hi): the tile-phased kernel for short
     LayerNorm/RMSNorm rows (``short_rows``) with batch statistics, else
     :func:`grouped_forward`. The one place that choice is made, for the threaded calls
-    and the by-address ones alike."""
-    stream = _streams(y)
+    and the by-address ones alike. ``stream``: write y with streaming stores."""
     if compute and short_rows:
         short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, lo, hi)
     else:
@@ -839,11 +831,10 @@ def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, sh
 
 @njit(inline="always", **_OPTS)
 def dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx,
-                              dwp, dbp, lo, hi):
+                              dwp, dbp, stream, lo, hi):
     """The grouped-view backward over partial chunks [lo, hi) (see
     :func:`dispatch_grouped_forward`): the row kernels for LayerNorm/RMSNorm rows (the
     tile-phased one for short rows), else :func:`grouped_backward`."""
-    stream = _streams(dx)
     if A == 1 and S == 1 and G == 1:
         if short_rows:
             short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi)
@@ -1215,10 +1206,9 @@ def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
 
 
 @njit(inline="always", **_OPTS)
-def cl_apply(x, y, mc, sc, sh, N, S, C, B, lo, hi):
+def cl_apply(x, y, mc, sc, sh, N, S, C, B, stream, lo, hi):
     """y = (x - mc[n, c]) * sc[n, c] + sh[n, c] on the channels-last (N, S, C) view (see
     :func:`_cl_affine_rows`)."""
-    stream = _streams(y)
     for item in range(lo, hi):
         n = item // B
         bi = item % B
@@ -1397,7 +1387,7 @@ def cl_dx_coefficients(psdy, psdyx, N, S, B, G, K, center, batch, w, mean, rstd,
 
 
 @njit(inline="always", **_OPTS)
-def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
+def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, stream, lo, hi):
     """Per-sample statistics (GroupNorm/InstanceNorm channels-last) and the output in
     one sweep per sample: the apply pass re-reads the sample from cache, not memory.
     mean/var/rstd: (N, G) outputs."""
@@ -1424,7 +1414,7 @@ def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, lo, hi):
                 mcn[c] = m
                 scn[c] = dt(a)
                 shn[c] = dt(b[c] - ml * a)
-        _cl_affine_rows(x, y, mcn, scn, shn, n * S * C, 0, S, C, _streams(y))
+        _cl_affine_rows(x, y, mcn, scn, shn, n * S * C, 0, S, C, stream)
 
 
 @njit(inline="always", **_OPTS)
@@ -1499,7 +1489,7 @@ def _cl_dx_tile_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx, stream):
 
 
 @njit(inline="always", **_OPTS)
-def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, dwp, dbp, dx, lo, hi):
+def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, dwp, dbp, dx, stream, lo, hi):
     """Per-sample backward (GroupNorm/InstanceNorm channels-last): the gradient sums of
     sample n, then its dx while x and dy are still in cache. dwp/dbp: (N, C) partial
     dweight/dbias (the caller sums over n)."""
@@ -1524,14 +1514,13 @@ def cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K, center, batch, need_dx, 
         _dx_coefficients(sdy, sdyx, w, rstd[n], G, K, S * K, center, batch, ca, cb, cc)
         if not need_dx:
             continue
-        _cl_dx_rows(dy, x, mcn, ca, cb, cc, n * S * C, 0, S, C, dx, _streams(dx))
+        _cl_dx_rows(dy, x, mcn, ca, cb, cc, n * S * C, 0, S, C, dx, stream)
 
 
 @njit(inline="always", **_OPTS)
-def cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, lo, hi):
+def cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, stream, lo, hi):
     """dx = ca[n, c] * dy + cb[n, c] * (x - mc[n, c]) + cc[n, c] on (N, S, C), where
     the caller folded rstd, weight and the two group means into the coefficients."""
-    stream = _streams(dx)
     for item in range(lo, hi):
         n = item // B
         bi = item % B
@@ -1600,7 +1589,7 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
     mean = _at(mean_at, P, like_c)
     var = _at(var_at, P, like_c)
     rstd = _at(rstd_at, P, like_c)
-    dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_rows, mean, var, rstd, 0, P)
+    dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_rows, mean, var, rstd, False, 0, P)
     if running_var_at:
         update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
                        mean.reshape(P // G, G), var.reshape(P // G, G), momentum, correction)
@@ -1772,11 +1761,13 @@ def dispatch_grouped_forward_body(p):
     eps, center, compute, short = _float(job, 9), _int(job, 10) != 0, _int(job, 11) != 0, _int(job, 12) != 0
     x, y, w, b = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p), _c(job, 3, p)
     mean, var, rstd = _c(job, 13, p), _c(job, 14, p), _c(job, 15, p)
+    stream = _int(job, 16) != 0
     lo, hi = _claim(p, job)
     while lo < hi:
-        dispatch_grouped_forward(x, y, w, b, A, P, K_, S, G, eps, center, compute, short, mean, var, rstd, lo, hi)
+        dispatch_grouped_forward(x, y, w, b, A, P, K_, S, G, eps, center, compute, short, mean, var, rstd, stream,
+                                 lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
+    _store_fence()  # (streaming stores: see _stream_span)
 
 
 def dispatch_grouped_backward_body(p):
@@ -1786,12 +1777,13 @@ def dispatch_grouped_backward_body(p):
     T, short = _int(job, 13), _int(job, 14) != 0
     dy, x, w, mean, rstd = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p), _c(job, 3, p), _c(job, 4, p)
     dx, dwp, dbp = _x(job, 15, p), _f64(job, 16).reshape(T, -1), _f64(job, 17).reshape(T, -1)
+    stream = _int(job, 18) != 0
     lo, hi = _claim(p, job)
     while lo < hi:
         dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K_, S, G, center, batch, need_dx, T, short,
-                                    dx, dwp, dbp, lo, hi)
+                                  dx, dwp, dbp, stream, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
+    _store_fence()  # (streaming stores: see _stream_span)
 
 
 def cl_forward_fused_body(p):
@@ -1799,11 +1791,12 @@ def cl_forward_fused_body(p):
     N, S, G, K_, eps = _int(job, 4), _int(job, 5), _int(job, 6), _int(job, 7), _float(job, 8)
     x, y, w, b = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p), _c(job, 3, p)
     mean, var, rstd = _c(job, 9, p).reshape(N, G), _c(job, 10, p).reshape(N, G), _c(job, 11, p).reshape(N, G)
+    stream = _int(job, 12) != 0
     lo, hi = _claim(p, job)
     while lo < hi:
-        cl_forward_fused(x, y, w, b, N, S, G, K_, eps, mean, var, rstd, lo, hi)
+        cl_forward_fused(x, y, w, b, N, S, G, K_, eps, mean, var, rstd, stream, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
+    _store_fence()  # (streaming stores: see _stream_span)
 
 
 def cl_backward_fused_body(p):
@@ -1813,11 +1806,12 @@ def cl_backward_fused_body(p):
     dy, x, w = _x(job, 0, p), _x(job, 1, p), _c(job, 2, p)
     mean, rstd = _c(job, 3, p).reshape(N, G), _c(job, 4, p).reshape(N, G)
     dwp, dbp, dx = _f64(job, 12).reshape(N, G * K_), _f64(job, 13).reshape(N, G * K_), _x(job, 14, p)
+    stream = _int(job, 15) != 0
     lo, hi = _claim(p, job)
     while lo < hi:
-        cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K_, center, batch, need_dx, dwp, dbp, dx, lo, hi)
+        cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K_, center, batch, need_dx, dwp, dbp, dx, stream, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
+    _store_fence()  # (streaming stores: see _stream_span)
 
 
 def cl_stats_body(p):
@@ -1829,7 +1823,6 @@ def cl_stats_body(p):
     while lo < hi:
         cl_stats(x, N, S, G, K_, B, pcnt, pmu, pm2, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
 
 
 def cl_apply_body(p):
@@ -1837,11 +1830,12 @@ def cl_apply_body(p):
     N, S, C, B = _int(job, 5), _int(job, 6), _int(job, 7), _int(job, 8)
     x, y = _x(job, 0, p), _x(job, 1, p)
     mc, sc, sh = _c(job, 2, p).reshape(N, C), _c(job, 3, p).reshape(N, C), _c(job, 4, p).reshape(N, C)
+    stream = _int(job, 9) != 0
     lo, hi = _claim(p, job)
     while lo < hi:
-        cl_apply(x, y, mc, sc, sh, N, S, C, B, lo, hi)
+        cl_apply(x, y, mc, sc, sh, N, S, C, B, stream, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
+    _store_fence()  # (streaming stores: see _stream_span)
 
 
 def cl_grad_sums_body(p):
@@ -1854,7 +1848,6 @@ def cl_grad_sums_body(p):
     while lo < hi:
         cl_grad_sums(dy, x, mean, rstd, N, S, G, K_, B, psdy, psdyx, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
 
 
 def cl_dx_body(p):
@@ -1863,11 +1856,12 @@ def cl_dx_body(p):
     dy, x, dx = _x(job, 0, p), _x(job, 1, p), _x(job, 10, p)
     mc, ca = _c(job, 2, p).reshape(N, C), _c(job, 3, p).reshape(N, C)
     cb, cc = _c(job, 4, p).reshape(N, C), _c(job, 5, p).reshape(N, C)
+    stream = _int(job, 11) != 0
     lo, hi = _claim(p, job)
     while lo < hi:
-        cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, lo, hi)
+        cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, stream, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream)
+    _store_fence()  # (streaming stores: see _stream_span)
 
 
 _STORAGE = {"float32": types.float32, "float64": types.float64, "bfloat16": types.uint16,

@@ -4,9 +4,10 @@
   on the first call. The first call of each kernel and dtype compiles it and stores it
   with numba's ``cache=True``; later processes load it from the cache. Measured on the
   2-core benchmark machine (AMD EPYC), BatchNorm2d float32 (8, 64, 32, 32): first
-  forward 3.3 s and first backward 3.2 s with an empty cache; 0.54 s and 0.01 s with a
-  warm cache (numba's import and its one-time setup included); later calls cost only
-  the kernel. When the
+  forward 9.6-9.8 s and first backward 9.9-11.1 s with an empty cache; 1.1 s and 0.02 s
+  with a warm cache (numba's import and its one-time setup included); later calls cost
+  only the kernel. (The same machine gave 3.3 s and 3.2 s in a faster period; the code
+  before streaming stores, measured alongside, 8.1 s and 8.6 s.) When the
   package directory is read-only and ``NUMBA_CACHE_DIR`` is unset, the cache goes to
   ``$TMPDIR/normlab-numba-cache`` (numba's own fallback to a user-wide directory is
   tried first).
