@@ -1611,7 +1611,7 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
     dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx, dwp,
-                              dbp, 0, T)
+                              dbp, False, 0, T)
     sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
 

@@ -1,0 +1,98 @@
+"""Streaming stores on and off, side by side: what writing large outputs as whole cache
+lines straight to memory buys each normalization.
+
+normlab's CPU kernels write outputs (y, dx) of at least ``backend.STREAM_FROM`` bytes
+with non-temporal stores (see ``normlab.backends.cpu._kernels``, "streaming stores").
+The choice is made per call from that threshold, so this script times the same layers in
+one process with the threshold at 0 (every parallel call streams) and out of reach (none
+does), interleaved round by round in a shuffled order, and prints the medians and their
+ratio -- per layer, for the forward (no grad) and a training step (forward + backward).
+
+    python benchmarks/cpu/streaming.py [--threads 2] [--rounds 21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import normlab as nl
+from normlab.backends.cpu import backend
+
+_SHAPE = (32, 64, 56, 56)
+_ROWS = (16384, 768)
+
+
+def _cases() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    cl = torch.channels_last
+    image = torch.randn(_SHAPE)
+    return [
+        ("BatchNorm2d NCHW", nl.BatchNorm2d(64), image),
+        ("BatchNorm2d channels_last", nl.BatchNorm2d(64), image.contiguous(memory_format=cl)),
+        ("InstanceNorm2d NCHW", nl.InstanceNorm2d(64, affine=True), image),
+        ("GroupNorm(32) NCHW", nl.GroupNorm(32, 64), image),
+        ("GroupNorm(32) channels_last", nl.GroupNorm(32, 64), image.contiguous(memory_format=cl)),
+        ("LayerNorm(768) rows", nl.LayerNorm(768), torch.randn(_ROWS)),
+        ("RMSNorm(768) rows", nl.RMSNorm(768), torch.randn(_ROWS)),
+    ]
+
+
+def _forward(module, x):
+    def run():
+        with torch.no_grad():
+            module(x)
+    return run
+
+
+def _step(module, x, dy):
+    xg = x.detach().requires_grad_()
+
+    def run():
+        xg.grad = None
+        for p in module.parameters():
+            p.grad = None
+        module(xg).backward(dy)
+    return run
+
+
+def _timed(run, stream: bool) -> float:
+    backend.STREAM_FROM = 0 if stream else 1 << 62
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=21)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    default = backend.STREAM_FROM
+    print(f"threads {args.threads}, rounds {args.rounds}, STREAM_FROM here {default / 2**20:.0f} MiB "
+          f"(the cases' outputs: 25.7 MB and 50.3 MB float32)")
+    print(f"{'layer':30s} {'mode':18s} {'ordinary ms':>12s} {'streaming ms':>13s} {'speed-up':>9s}")
+    try:
+        for name, module, x in _cases():
+            dy = torch.randn_like(x)
+            for mode, run in (("forward", _forward(module, x)), ("forward+backward", _step(module, x, dy))):
+                for stream in (False, True):  # compile, fill the output cache
+                    _timed(run, stream)
+                samples: dict[bool, list[float]] = {False: [], True: []}
+                for _ in range(args.rounds):
+                    order = [False, True]
+                    random.shuffle(order)
+                    for stream in order:
+                        samples[stream].append(_timed(run, stream))
+                plain, streamed = statistics.median(samples[False]), statistics.median(samples[True])
+                print(f"{name:30s} {mode:18s} {plain * 1e3:12.3f} {streamed * 1e3:13.3f} {plain / streamed:8.2f}x")
+    finally:
+        backend.STREAM_FROM = default
+
+
+if __name__ == "__main__":
+    main()
