@@ -184,15 +184,15 @@ def _ctype_impl(x):
 # and writes y moves three streams, not two, and pushes x's lines out of the cache. On
 # the 2-core benchmark machine, ``y = x * a + b`` on 25.7 MB, one thread: 2.26 ms with
 # ordinary stores, 1.75 ms streaming; on 4 MB (which the caches hold) streaming was
-# slower, 0.24 against 0.18 ms -- hence a size threshold. (torch.nn's kernels use
-# ordinary stores; glibc's memcpy, and so ``copy_``, streams large copies.)
+# slower, 0.24 against 0.18 ms -- hence a size threshold. (torch.nn's normalization
+# kernels use ordinary stores.)
 #
 # A write loop computes spans of output into a buffer on the stack (kept in registers)
 # and :func:`_stream_span` stores each as whole 64-byte lines with non-temporal stores
 # (see the write loops below). Streaming stores are weakly ordered: every team body
 # that may stream ends with :func:`_store_fence`, so the outputs are visible before the
-# team's closing barrier. Whether a call streams is the caller's ``stream`` argument (the backend
-# decides by the output's size against the cache, see ``backend.STREAM_FROM``).
+# team's closing barrier. Whether a call streams is the caller's ``stream`` argument
+# (the backend decides by the output's size against the cache: ``backend.STREAM_FROM``).
 
 _LINE = 64  # bytes per non-temporal vector store: a cache line
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
