@@ -1,4 +1,5 @@
-"""``os.environ.get`` for the switches read on every normalization call.
+"""Environment switches: ``os.environ.get`` for those read on every normalization call,
+and sizes given in MiB.
 
 Backend choice reads ``NORMLAB_BACKEND`` (and the Triton backend its CPU-interpreter
 switches) on every call, so that a test or the benchmark can flip them at any time.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["getenv"]
+__all__ = ["getenv", "mebibytes"]
 
 _environ = os.environ
 # the encoded key -> value mapping os.environ reads and writes (CPython's os._Environ)
@@ -29,3 +30,18 @@ def getenv(name: str) -> str | None:
         key = _keys[name] = _environ.encodekey(name)
     value = _data.get(key)
     return None if value is None else _environ.decodevalue(value)
+
+
+def mebibytes(name: str, default: int) -> int:
+    """The byte count the environment variable ``name`` gives in MiB (a float; negative
+    values count as 0), or ``default`` bytes when it is unset.
+
+    Raises ValueError naming the variable when its value is not a number.
+    """
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return max(0, int(float(text) * (1 << 20)))
+    except ValueError:
+        raise ValueError(f"{name}: expected a number of MiB, got {text!r}") from None

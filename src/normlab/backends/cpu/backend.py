@@ -28,7 +28,7 @@ import torch
 
 from ...core.spec import NormSpec
 from ...core.stats import RunningStats, compute_dtype, fold_running_stats
-from .._env import getenv
+from .._env import getenv, mebibytes
 from . import outputs, runtime, team
 from .plan import Plan, layout_of, plan_for
 
@@ -69,13 +69,7 @@ def _last_level_cache_bytes() -> int:
 def _stream_from() -> int:
     """Default of :data:`STREAM_FROM`: ``NORMLAB_STREAM_MB`` if set, else half the
     level-3 cache."""
-    text = os.environ.get("NORMLAB_STREAM_MB")
-    if text is None:
-        return _last_level_cache_bytes() // 2
-    try:
-        return int(float(text) * (1 << 20))
-    except ValueError:
-        raise ValueError(f"NORMLAB_STREAM_MB: expected a number of MiB, got {text!r}") from None
+    return mebibytes("NORMLAB_STREAM_MB", _last_level_cache_bytes() // 2)
 
 
 #: Outputs (y, dx) of at least this many bytes are written with streaming stores (see

@@ -49,6 +49,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .._env import mebibytes
+
 __all__ = ["empty_like", "clear", "cached_bytes", "CACHE_FROM", "HUGE_PAGES_FROM"]
 
 #: Outputs smaller than this come from torch.empty (glibc's heap reuses their memory).
@@ -89,11 +91,7 @@ if sys.platform.startswith("linux"):
 
 
 def _limit() -> int:
-    text = os.environ.get("NORMLAB_OUTPUT_CACHE_MB", "512")
-    try:
-        return max(0, int(float(text) * (1 << 20)))
-    except ValueError:
-        raise ValueError(f"NORMLAB_OUTPUT_CACHE_MB: expected a number of MiB, got {text!r}") from None
+    return mebibytes("NORMLAB_OUTPUT_CACHE_MB", 512 << 20)
 
 
 def _advise_huge_pages(ptr: int, nbytes: int) -> None:
