@@ -438,6 +438,23 @@ def _row_affine(x, y, o, K, mc, rc, sh, w, b, buf, stream):
         i, j = j, e
 
 
+@njit(inline="always", **_OPTS)
+def _plane_affine(x, y, o, S, mc, ca, cb, buf, stream):
+    """y = (x - mc) * ca + cb over the plane of S elements at offset o (one channel's
+    coefficients; streaming: see the write loops)."""
+    e = o + S
+    i, j = o, _plain_end(y, o, e, stream)
+    while True:
+        _scaled_run(x[i:j], y[i:j], mc, ca, cb, j - i)
+        if j == e:
+            break
+        while j + _SPAN <= e:
+            _scaled_run(x[j:j + _SPAN], buf, mc, ca, cb, _SPAN)
+            _stream_span(y, j, buf, 0)
+            j += _SPAN
+        i, j = j, e
+
+
 @njit(**_OPTS)
 def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd, stream, lo, hi):
     """y = (x - mean_p) * rstd_p * w[c] + b[c] on the (A, P, K, S) view.
@@ -506,19 +523,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
             else:
                 for k in range(K):
                     sc = r * ws[k]
-                    ca = dt(sc)
-                    cb = dt(bs[k] - dm * sc)
-                    e = base + (k + 1) * S
-                    i, j = e - S, _plain_end(y, e - S, e, stream)  # (write loops: see _scaled_run)
-                    while True:
-                        _scaled_run(x[i:j], y[i:j], mc, ca, cb, j - i)
-                        if j == e:
-                            break
-                        while j + _SPAN <= e:
-                            _scaled_run(x[j:j + _SPAN], buf, mc, ca, cb, _SPAN)
-                            _stream_span(y, j, buf, 0)
-                            j += _SPAN
-                        i, j = j, e
+                    _plane_affine(x, y, base + k * S, S, mc, dt(sc), dt(bs[k] - dm * sc), buf, stream)
 
 
 @njit(inline="always", **_OPTS)
@@ -533,6 +538,23 @@ def _row_dx(dy, x, o, K, ws, mc, rc, cb, cc, dx, buf, stream):
             break
         while j + _SPAN <= e:
             _row_dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mc, rc, ws[j - o:], cb, cc, _SPAN)
+            _stream_span(dx, j, buf, 0)
+            j += _SPAN
+        i, j = j, e
+
+
+@njit(inline="always", **_OPTS)
+def _plane_dx(dy, x, o, S, mc, ca, cb, cc, dx, buf, stream):
+    """dx = ca * dy + cb * (x - mc) + cc over the plane of S elements at offset o
+    (streaming: see the write loops)."""
+    e = o + S
+    i, j = o, _plain_end(dx, o, e, stream)
+    while True:
+        _scaled_dx_run(dy[i:j], x[i:j], dx[i:j], mc, ca, cb, cc, j - i)
+        if j == e:
+            break
+        while j + _SPAN <= e:
+            _scaled_dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mc, ca, cb, cc, _SPAN)
             _stream_span(dx, j, buf, 0)
             j += _SPAN
         i, j = j, e
@@ -606,18 +628,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                     _row_dx(dy, x, base, K, ws, mc, rc, cb, cc, dx, buf, stream)
                 else:
                     for k in range(K):
-                        ca = rc * ws[k]
-                        e = base + (k + 1) * S
-                        i, j = e - S, _plain_end(dx, e - S, e, stream)
-                        while True:
-                            _scaled_dx_run(dy[i:j], x[i:j], dx[i:j], mc, ca, cb, cc, j - i)
-                            if j == e:
-                                break
-                            while j + _SPAN <= e:
-                                _scaled_dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mc, ca, cb, cc, _SPAN)
-                                _stream_span(dx, j, buf, 0)
-                                j += _SPAN
-                            i, j = j, e
+                        _plane_dx(dy, x, base + k * S, S, mc, rc * ws[k], cb, cc, dx, buf, stream)
 
 
 @njit(**_OPTS)
