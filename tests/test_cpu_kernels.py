@@ -438,6 +438,96 @@ def test_streamed_outputs_match_torch(norm, shape, layout, groups, dtype, monkey
     assert_close(dx, edx, dtype, scale=8, what=f"{what} dx")
 
 
+_SMALL_PLANES = [(16, 512, 4, 4), (9, 300, 7, 7), (8, 96, 13), (6, 64, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", _SMALL_PLANES)
+def test_small_planes_match_torch(shape, dtype, monkeypatch):
+    """BatchNorm with small planes (NCHW: visited in memory order, ``planes_*`` kernels)
+    in training: y, the gradients, the batch statistics and the updated running
+    statistics against torch.nn in float64; one channel's first sample is offset so far
+    from the rest that its rough mean is summed about again."""
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    gen = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    x[0, 1] += 1e3  # the rough mean of channel 1 comes from this plane alone
+    x = x.to(dtype)
+    import normlab as nl
+
+    make = {3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    ours, theirs = getattr(nl, make)(shape[1]).to(dtype), getattr(torch.nn, make)(shape[1]).double()
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            q.copy_(p)
+    call = numba_backend.call_for(batch_norm_spec(shape), "contiguous", dtype)
+    assert numba_backend._memory_order(call.plan, x)
+    xo, xt = x.clone().requires_grad_(), x.double().requires_grad_()
+    y, ey = ours(xo), theirs(xt)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    y.backward(dy)
+    ey.backward(dy.double())
+    what = f"{shape} {dtype}"
+    assert_close(y, ey, dtype, scale=2, what=f"{what} y")
+    assert_close(xo.grad, xt.grad, dtype, scale=8, what=f"{what} dx")
+    assert_close(ours.weight.grad, theirs.weight.grad, dtype, 1 + float(theirs.weight.grad.abs().max()),
+                 what=f"{what} dweight")
+    assert_close(ours.bias.grad, theirs.bias.grad, dtype, 1 + float(theirs.bias.grad.abs().max()), what=f"{what} dbias")
+    assert_close(ours.running_mean, theirs.running_mean, dtype, what=f"{what} running_mean")
+    assert_close(ours.running_var, theirs.running_var, dtype, what=f"{what} running_var")
+    spec = batch_norm_spec(shape)
+    _, mean, var, _ = numba_backend.forward_impl(x, ours.weight, ours.bias, spec, 1e-5)
+    xd = x.double().transpose(0, 1).reshape(shape[1], -1)
+    assert_close(mean.reshape(-1), xd.mean(1), dtype, what=f"{what} mean")
+    assert_close(var.reshape(-1), xd.var(1, unbiased=False), dtype, what=f"{what} var")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 96, 5, 6), (3, 8, 24, 24)])  # small planes; large (fixed only)
+def test_memory_order_equals_channel_order(shape, dtype, monkeypatch):
+    """Memory order changes where the kernels read, not what they add: forward (batch
+    and fixed statistics) and backward (with and without dx) are bit-identical to the
+    channel-order kernels."""
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    spec = batch_norm_spec(shape)
+    c = shape[1]
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen) * 3 + 40).to(dtype)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    fixed_mean, fixed_var = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.1
+    results = []
+    for order in ("memory", "channel"):
+        if order == "channel":
+            monkeypatch.setattr(numba_backend, "_memory_order", lambda plan, x, fixed=False: False)
+        y, mean, var, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5)
+        y_fixed = numba_backend.forward_impl(x, w, b, spec, 1e-5, fixed_mean, fixed_var)[0]
+        grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, True)
+        fixed_grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, False, (False, True, True))
+        results.append((y, mean, var, rstd, y_fixed, *grads, *fixed_grads[1:]))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_memory_order_threshold():
+    """A per-channel view with more than one element per plane and more than one sample
+    is visited in memory order with fixed statistics, and with batch statistics when
+    its planes have at most ``SMALL_PLANE_BYTES``."""
+    def memory_order(shape, dtype=torch.float32, fixed=False):
+        x = torch.empty(shape, dtype=dtype)
+        plan = numba_backend.call_for(batch_norm_spec(shape), "contiguous", dtype).plan
+        return numba_backend._memory_order(plan, x, fixed)
+
+    limit = numba_backend.SMALL_PLANE_BYTES
+    assert memory_order((8, 16, limit // 4)) and not memory_order((8, 16, limit // 4 + 1))
+    assert memory_order((8, 16, limit // 8), torch.float64) and not memory_order((8, 16, limit // 4), torch.float64)
+    assert memory_order((8, 16, 4 * limit), fixed=True)
+    assert not memory_order((8, 16)) and not memory_order((8, 16, 1))  # one element per plane: rows of channels
+    # one sample: its channels' planes are already in memory order
+    assert not memory_order((1, 16, 5, 5)) and not memory_order((1, 16, 5, 5), fixed=True)
+
+
 def test_stream_threshold_from_cache_and_environment(monkeypatch):
     """``STREAM_FROM`` defaults to half the level-3 cache; ``NORMLAB_STREAM_MB`` sets it,
     and a value that is not a number is refused with the variable's name."""
@@ -748,13 +838,15 @@ def test_team_runs_on_torchs_openmp_runtime():
     assert team.uses_openmp()
 
 
-@pytest.mark.parametrize("case", ["bn", "bn_cl", "gn_cl_few_samples", "gn_cl", "in", "ln", "ln_short", "gn"])
+@pytest.mark.parametrize("case", ["bn", "bn_small_planes", "bn_cl", "gn_cl_few_samples", "gn_cl", "in", "ln",
+                                  "ln_short", "gn"])
 def test_results_are_the_same_on_any_number_of_threads(case):
     """Work splits and dweight/dbias partials depend on the input's size, never on the
     thread count: 1, 2 and 3 threads give the same bits (a DataLoader worker with one
     thread computes what the main process does)."""
     torch.manual_seed(13)
     shapes = {"bn": ((4, 16, 48, 48), batch_norm_spec, None, False),
+              "bn_small_planes": ((9, 256, 7, 9), batch_norm_spec, None, False),
               "bn_cl": ((4, 16, 48, 48), batch_norm_spec, None, True),
               "gn_cl_few_samples": ((2, 16, 96, 48), group_norm_spec, 4, True),
               "gn_cl": ((9, 16, 32, 32), group_norm_spec, 4, True),

@@ -14,10 +14,8 @@ ratio -- per layer, for the forward (no grad) and a training step (forward + bac
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 
+import _ab
 import torch
 
 import normlab as nl
@@ -41,29 +39,8 @@ def _cases() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
     ]
 
 
-def _forward(module, x):
-    def run():
-        with torch.no_grad():
-            module(x)
-    return run
-
-
-def _step(module, x, dy):
-    xg = x.detach().requires_grad_()
-
-    def run():
-        xg.grad = None
-        for p in module.parameters():
-            p.grad = None
-        module(xg).backward(dy)
-    return run
-
-
-def _timed(run, stream: bool) -> float:
-    backend.STREAM_FROM = 0 if stream else 1 << 62
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+def _set(threshold: int) -> None:
+    backend.STREAM_FROM = threshold
 
 
 def main() -> None:
@@ -79,16 +56,10 @@ def main() -> None:
     try:
         for name, module, x in _cases():
             dy = torch.randn_like(x)
-            for mode, run in (("forward", _forward(module, x)), ("forward+backward", _step(module, x, dy))):
-                for stream in (False, True):  # compile, fill the output cache
-                    _timed(run, stream)
-                samples: dict[bool, list[float]] = {False: [], True: []}
-                for _ in range(args.rounds):
-                    order = [False, True]
-                    random.shuffle(order)
-                    for stream in order:
-                        samples[stream].append(_timed(run, stream))
-                plain, streamed = statistics.median(samples[False]), statistics.median(samples[True])
+            for mode, run in (("forward", _ab.forward(module, x)), ("forward+backward", _ab.step(module, x, dy))):
+                medians = _ab.compare(run, {"ordinary": lambda: _set(1 << 62), "streaming": lambda: _set(0)},
+                                      args.rounds)
+                plain, streamed = medians["ordinary"], medians["streaming"]
                 print(f"{name:30s} {mode:18s} {plain * 1e3:12.3f} {streamed * 1e3:13.3f} {plain / streamed:8.2f}x")
     finally:
         backend.STREAM_FROM = default

@@ -422,6 +422,19 @@ def _grad_sums(xs, dys, mc):
 
 
 @njit(inline="always", **_OPTS)
+def _group_sums(x, A, P, p, ks, mc):
+    """(sum(x - mc), sum((x - mc)^2)) as float64 over group p of the (A, P, ks) view:
+    :func:`_dev_sums` of each of its A slabs, added in order."""
+    sd = 0.0
+    sq = 0.0
+    for a in range(A):
+        ad, aq = _dev_sums(x[(a * P + p) * ks:(a * P + p + 1) * ks], mc)
+        sd += ad
+        sq += aq
+    return sd, sq
+
+
+@njit(inline="always", **_OPTS)
 def _row_affine(x, y, o, K, mc, rc, sh, w, b, buf, stream):
     """y = ((x - mc) * rc + sh) * w + b over the row of K elements at offset o
     (streaming: see the write loops)."""
@@ -483,17 +496,11 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     for p in range(lo, hi):
         if compute:
             mc = _rough_mean(x[p * ks:p * ks + min(ks, _SAMPLE)]) if center else z
-            for attempt in range(2):
-                sd = 0.0
-                sq = 0.0
-                for a in range(A):
-                    ad, aq = _dev_sums(x[(a * P + p) * ks:(a * P + p + 1) * ks], mc)
-                    sd += ad
-                    sq += aq
-                # (an overflowed or NaN sq fails the test: summed again too)
-                if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * n * sq):
-                    break
+            sd, sq = _group_sums(x, A, P, p, ks, mc)
+            # (an overflowed or NaN sq fails the test: summed again too)
+            if center and not (sq < np.inf and sd * sd <= _RECENTER * n * sq):
                 mc = dt(mc + sd / n)  # the sample's mean was far from the group's: again
+                sd, sq = _group_sums(x, A, P, p, ks, mc)
             if center:
                 dm = sd / n
                 m2 = sq - sd * dm
@@ -699,6 +706,142 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
                 if center:
                     cc = dt(-r * s1 / K)
             _row_dx(dy, x, p * K, K, w, mc, rc, cb, cc, dx, buf, stream)
+
+
+# --------------------------------------------------------------- small planes, in order
+#
+# BatchNorm on NCHW (the grouped view with A = N samples, K = 1) visits a channel's N
+# planes before the next channel's: runs of S elements C * S apart. With small planes
+# (7x7: 196 bytes) each run touches new pages, and the forward ran at 16 % of the copy
+# floor ((32, 2048, 7, 7) float32, one thread). These kernels visit x in memory order
+# instead -- sample by sample, all channels -- in three steps: per-sample sums of each
+# plane, the channels' statistics from them, then the output pass.
+# Measured on the 2-core machine, one thread, (32, 2048, 7, 7): 2.3x faster; from
+# (32, 1024, 14, 14) on, the channel order was as fast or faster.
+
+
+@njit(inline="always", **_OPTS)
+def planes_rough_means(x, P, S, center, mc, lo, hi):
+    """Rough mean of channels [lo, hi): of its first plane's first ``_SAMPLE``
+    elements, as :func:`grouped_forward` takes it (0 when not centering)."""
+    dt = _ctype(x)
+    for p in range(lo, hi):
+        mc[p] = _rough_mean(x[p * S:p * S + min(S, _SAMPLE)]) if center else dt(0.0)
+
+
+@njit(inline="always", **_OPTS)
+def planes_sums(x, P, S, mc, psd, psq, lo, hi):
+    """For samples [lo, hi) and every channel p: ``sum(x - mc[p])`` and ``sum((x -
+    mc[p])^2)`` of plane (a, p) of the (A, P, S) view, as float64, into psd/psq (A, P)."""
+    for a in range(lo, hi):
+        for p in range(P):
+            o = (a * P + p) * S
+            psd[a, p], psq[a, p] = _dev_sums(x[o:o + S], mc[p])
+
+
+@njit(inline="always", **_OPTS)
+def planes_coefficients(x, psd, psq, A, P, S, eps, center, compute, w, b, mc, mean, var, rstd, ca, cb, lo, hi):
+    """Output coefficients ``y = (x - mc) * ca + cb`` of channels [lo, hi), as
+    :func:`grouped_forward` computes them. ``compute``: from the per-sample sums (added
+    in sample order, as grouped_forward adds its slabs; summed again about the mean
+    found when the rough mean was far from it), writing mean/var/rstd; otherwise from
+    the fixed mean/rstd given (mc is then written too)."""
+    dt = _ctype(x)
+    n = A * S
+    for p in range(lo, hi):
+        if compute:
+            sd = 0.0
+            sq = 0.0
+            for a in range(A):
+                sd += psd[a, p]
+                sq += psq[a, p]
+            m = mc[p]
+            # (an overflowed or NaN sq fails the test: summed again too)
+            if center and not (sq < np.inf and sd * sd <= _RECENTER * n * sq):
+                m = dt(m + sd / n)
+                sd, sq = _group_sums(x, A, P, p, S, m)
+                mc[p] = m
+            if center:
+                dm = sd / n
+                m2 = sq - sd * dm
+                if m2 < 0.0:  # rounding of a constant channel; a NaN fails the test and stays
+                    m2 = 0.0
+            else:
+                dm = 0.0
+                m2 = sq
+            v = m2 / n
+            r = 1.0 / np.sqrt(v + eps)
+            mean[p] = m + dm
+            var[p] = v
+            rstd[p] = r
+        else:
+            mc[p] = dt(mean[p])
+            dm = 0.0
+            r = np.float64(rstd[p])
+        sc = r * w[p]
+        ca[p] = dt(sc)
+        cb[p] = dt(b[p] - dm * sc)
+
+
+@njit(inline="always", **_OPTS)
+def planes_apply(x, y, P, S, mc, ca, cb, stream, lo, hi):
+    """``y = (x - mc[p]) * ca[p] + cb[p]`` over samples [lo, hi), plane by plane in
+    memory order."""
+    buf = carray(_span(y.dtype.type(0)), _SPAN)
+    for a in range(lo, hi):
+        for p in range(P):
+            _plane_affine(x, y, (a * P + p) * S, S, mc[p], ca[p], cb[p], buf, stream)
+
+
+@njit(inline="always", **_OPTS)
+def planes_grad_sums(dy, x, P, S, mean, psdy, psdyx, lo, hi):
+    """For samples [lo, hi) and every channel p: ``sum(dy)`` and ``sum(dy * (x -
+    mean[p]))`` of plane (a, p), as float64, into psdy/psdyx (A, P)."""
+    dt = _ctype(x)
+    for a in range(lo, hi):
+        for p in range(P):
+            o = (a * P + p) * S
+            psdy[a, p], psdyx[a, p] = _grad_sums(x[o:o + S], dy[o:o + S], dt(mean[p]))
+
+
+@njit(inline="always", **_OPTS)
+def planes_dx_coefficients(psdy, psdyx, A, P, S, center, batch, w, mean, rstd, dw, db, mc, ca, cb, cc, lo, hi):
+    """dweight/dbias (float64) of channels [lo, hi) from the per-sample sums, and the
+    coefficients of ``dx = ca * dy + cb * (x - mc) + cc``, with
+    :func:`grouped_backward`'s arithmetic and order of sums."""
+    dt = mc.dtype.type
+    n = A * S
+    for p in range(lo, hi):
+        r = np.float64(rstd[p])
+        wc = np.float64(w[p])
+        sw = 0.0
+        sb = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        for a in range(A):
+            sdy = psdy[a, p]
+            sdyx = psdyx[a, p] * r
+            sw += sdyx
+            sb += sdy
+            s1 += wc * sdy
+            s2 += wc * sdyx
+        dw[p] = sw
+        db[p] = sb
+        rc = dt(r)
+        mc[p] = dt(mean[p])
+        ca[p] = rc * w[p]
+        cb[p] = dt(-r * r * s2 / n) if batch else dt(0.0)
+        cc[p] = dt(-r * s1 / n) if batch and center else dt(0.0)
+
+
+@njit(inline="always", **_OPTS)
+def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
+    """``dx = ca[p] * dy + cb[p] * (x - mc[p]) + cc[p]`` over samples [lo, hi), plane by
+    plane in memory order."""
+    buf = carray(_span(dx.dtype.type(0)), _SPAN)
+    for a in range(lo, hi):
+        for p in range(P):
+            _plane_dx(dy, x, (a * P + p) * S, S, mc[p], ca[p], cb[p], cc[p], dx, buf, stream)
 
 
 # ------------------------------------------------------------------------ short rows
@@ -1793,6 +1936,88 @@ def dispatch_grouped_backward_body(p):
     while lo < hi:
         dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K_, S, G, center, batch, need_dx, T, short,
                                   dx, dwp, dbp, stream, lo, hi)
+        lo, hi = _claim(p, job)
+    _store_fence()  # (streaming stores: see _stream_span)
+
+
+def planes_rough_means_body(p):
+    job = _job_of(p)
+    P, S, center = _int(job, 1), _int(job, 2), _int(job, 3) != 0
+    x, mc = _x(job, 0, p), _c(job, 4, p)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        planes_rough_means(x, P, S, center, mc, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def planes_sums_body(p):
+    job = _job_of(p)
+    A, P, S = _int(job, 1), _int(job, 2), _int(job, 3)
+    x, mc = _x(job, 0, p), _c(job, 4, p)
+    psd, psq = _f64(job, 5).reshape(A, P), _f64(job, 6).reshape(A, P)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        planes_sums(x, P, S, mc, psd, psq, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def planes_coefficients_body(p):
+    job = _job_of(p)
+    A, P, S, eps = _int(job, 3), _int(job, 4), _int(job, 5), _float(job, 6)
+    center, compute = _int(job, 7) != 0, _int(job, 8) != 0
+    x, psd, psq = _x(job, 0, p), _f64(job, 1).reshape(-1, P), _f64(job, 2).reshape(-1, P)
+    w, b, mc = _c(job, 9, p), _c(job, 10, p), _c(job, 11, p)
+    mean, var, rstd, ca, cb = _c(job, 12, p), _c(job, 13, p), _c(job, 14, p), _c(job, 15, p), _c(job, 16, p)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        planes_coefficients(x, psd, psq, A, P, S, eps, center, compute, w, b, mc, mean, var, rstd, ca, cb, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def planes_apply_body(p):
+    job = _job_of(p)
+    P, S = _int(job, 2), _int(job, 3)
+    x, y, mc, ca, cb = _x(job, 0, p), _x(job, 1, p), _c(job, 4, p), _c(job, 5, p), _c(job, 6, p)
+    stream = _int(job, 7) != 0
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        planes_apply(x, y, P, S, mc, ca, cb, stream, lo, hi)
+        lo, hi = _claim(p, job)
+    _store_fence()  # (streaming stores: see _stream_span)
+
+
+def planes_grad_sums_body(p):
+    job = _job_of(p)
+    A, P, S = _int(job, 2), _int(job, 3), _int(job, 4)
+    dy, x, mean = _x(job, 0, p), _x(job, 1, p), _c(job, 5, p)
+    psdy, psdyx = _f64(job, 6).reshape(A, P), _f64(job, 7).reshape(A, P)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        planes_grad_sums(dy, x, P, S, mean, psdy, psdyx, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def planes_dx_coefficients_body(p):
+    job = _job_of(p)
+    A, P, S, center, batch = _int(job, 2), _int(job, 3), _int(job, 4), _int(job, 5) != 0, _int(job, 6) != 0
+    psdy, psdyx = _f64(job, 0).reshape(A, P), _f64(job, 1).reshape(A, P)
+    w, mean, rstd, dw, db = _c(job, 7, p), _c(job, 8, p), _c(job, 9, p), _f64(job, 10), _f64(job, 11)
+    mc, ca, cb, cc = _c(job, 12, p), _c(job, 13, p), _c(job, 14, p), _c(job, 15, p)
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        planes_dx_coefficients(psdy, psdyx, A, P, S, center, batch, w, mean, rstd, dw, db, mc, ca, cb, cc, lo, hi)
+        lo, hi = _claim(p, job)
+
+
+def planes_dx_body(p):
+    job = _job_of(p)
+    P, S = _int(job, 3), _int(job, 4)
+    dy, x, dx = _x(job, 0, p), _x(job, 1, p), _x(job, 2, p)
+    mc, ca, cb, cc = _c(job, 5, p), _c(job, 6, p), _c(job, 7, p), _c(job, 8, p)
+    stream = _int(job, 9) != 0
+    lo, hi = _claim(p, job)
+    while lo < hi:
+        planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi)
         lo, hi = _claim(p, job)
     _store_fence()  # (streaming stores: see _stream_span)
 

@@ -267,7 +267,9 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         mean, var, rstd = mean_in, var_out, rstd_in = stats.unbind()
     threads = 1 if call.serial else torch.get_num_threads()
     dtype = _STORAGE[xc.dtype]
-    if plan.kind == "grouped":
+    if _memory_order(plan, xc, fixed):
+        _planes_forward(xc, y, w, b, plan, eps, spec.center, fixed, mean_in, var_out, rstd_in, threads)
+    elif plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
         _launch("dispatch_grouped_forward", dtype, p, threads,
                 (xc, y, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed, call.short_rows,
@@ -283,6 +285,60 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         y = y.to(x.dtype)
     fold_running_stats(running, mean, var, spec.count)
     return y, (mean if spec.center else None), var, rstd
+
+
+#: BatchNorm's planes (NCHW: the H*W values of one sample and channel) of at most this
+#: many bytes are visited in memory order with batch statistics (see
+#: ``_kernels.planes_sums``): in channel order they are runs too short for the hardware
+#: to stream. Measured at 2 threads, float32, forward / forward+backward: (32, 2048, 7,
+#: 7) 1.71x / 1.88x faster, (32, 1024, 14, 14) 1.64x / 1.18x, (32, 512, 16, 16) 0.97x /
+#: 1.05x, (32, 256, 28, 28) 0.98x / 0.93x.
+SMALL_PLANE_BYTES = 1024
+
+
+def _memory_order(plan: Plan, x: torch.Tensor, fixed: bool = False) -> bool:
+    """Whether a per-channel grouped view (BatchNorm on NCHW: A > 1 samples, K = 1,
+    planes of more than one element) is visited in memory order: with fixed statistics
+    always (one pass, which then reads and writes in order: 1.05-1.27x faster from 7x7
+    to 112x112 planes), with batch statistics when its planes are small."""
+    if plan.kind != "grouped":
+        return False
+    a, _, kk, s, _ = plan.dims
+    return a > 1 and kk == 1 and 1 < s and (fixed or s * x.element_size() <= SMALL_PLANE_BYTES)
+
+
+def _planes_forward(x, y, w, b, plan: Plan, eps, center, fixed, mean, var, rstd, threads):
+    """Forward of a per-channel grouped view in memory order (``_kernels.planes_*``):
+    with batch statistics, the rough means and per-sample plane sums first, then the
+    channels' statistics (written into mean/var/rstd) and output coefficients; with
+    fixed ones, the coefficients from mean and rstd. Then the output pass."""
+    a, p, _, s, _ = plan.dims
+    dtype = _STORAGE[x.dtype]
+    mc, ca, cb = torch.empty((3, p), dtype=rstd.dtype).unbind()  # y = (x - mc) * ca + cb
+    psd, psq = np.empty((2, 0 if fixed else a, p))
+    if not fixed:
+        _launch("planes_rough_means", dtype, p, threads, (x, p, s, center, mc))
+        _launch("planes_sums", dtype, a, threads, (x, a, p, s, mc, psd, psq))
+    _launch("planes_coefficients", dtype, p, threads,
+            (x, psd, psq, a, p, s, float(eps), center, not fixed, w, b, mc, mean, var, rstd, ca, cb))
+    _launch("planes_apply", dtype, a, threads, (x, y, p, s, mc, ca, cb, _streams(y)))
+
+
+def _planes_backward(dy, x, w, mean, rstd, plan: Plan, center, batch_statistics, need_dx, dx, threads):
+    """Backward of a per-channel grouped view in memory order (``_kernels.planes_*``):
+    per-sample plane sums, then dweight/dbias and the dx coefficients per channel, then
+    (if ``need_dx``) dx. Returns dweight and dbias as (1, C) float64 partial rows."""
+    a, p, _, s, _ = plan.dims
+    dtype = _STORAGE[x.dtype]
+    psdy, psdyx = np.empty((2, a, p))
+    _launch("planes_grad_sums", dtype, a, threads, (dy, x, a, p, s, mean, psdy, psdyx))
+    dwp, dbp = np.empty((2, 1, p))
+    mc, ca, cb, cc = torch.empty((4, p), dtype=rstd.dtype).unbind()  # dx = ca * dy + cb * (x - mc) + cc
+    _launch("planes_dx_coefficients", dtype, p, threads,
+            (psdy, psdyx, a, p, s, center, batch_statistics, w, mean, rstd, dwp, dbp, mc, ca, cb, cc))
+    if need_dx:
+        _launch("planes_dx", dtype, a, threads, (dy, x, dx, p, s, mc, ca, cb, cc, _streams(dx)))
+    return dwp, dbp
 
 
 def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float,
@@ -385,7 +441,10 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     threads = 1 if call.serial else torch.get_num_threads()
     dtype = _STORAGE[xc.dtype]
     channels = plan.channels
-    if plan.kind == "grouped":
+    if _memory_order(plan, xc):
+        dwp, dbp = _planes_backward(dy, xc, w, mean_in, rstd_in, plan, spec.center, batch_statistics, need_dx,
+                                    dx_out, threads)
+    elif plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
         t = call.partials
         dwp, dbp = np.zeros((2, t, channels))
