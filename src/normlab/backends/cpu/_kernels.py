@@ -496,11 +496,12 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     for p in range(lo, hi):
         if compute:
             mc = _rough_mean(x[p * ks:p * ks + min(ks, _SAMPLE)]) if center else z
-            sd, sq = _group_sums(x, A, P, p, ks, mc)
-            # (an overflowed or NaN sq fails the test: summed again too)
-            if center and not (sq < np.inf and sd * sd <= _RECENTER * n * sq):
-                mc = dt(mc + sd / n)  # the sample's mean was far from the group's: again
+            for attempt in range(2):  # (a loop: one inlined copy of the sums to compile)
                 sd, sq = _group_sums(x, A, P, p, ks, mc)
+                # (an overflowed or NaN sq fails the test: summed again too)
+                if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * n * sq):
+                    break
+                mc = dt(mc + sd / n)  # the sample's mean was far from the group's: again
             if center:
                 dm = sd / n
                 m2 = sq - sd * dm

@@ -4,10 +4,12 @@
   on the first call. The first call of each kernel and dtype compiles it and stores it
   with numba's ``cache=True``; later processes load it from the cache. Measured on the
   2-core benchmark machine (AMD EPYC), BatchNorm2d float32 (8, 64, 32, 32): first
-  forward 9.6-9.8 s and first backward 9.9-11.1 s with an empty cache; 1.1 s and 0.02 s
-  with a warm cache (numba's import and its one-time setup included); later calls cost
-  only the kernel. (The same machine gave 3.3 s and 3.2 s in a faster period; the code
-  before streaming stores, measured alongside, 8.1 s and 8.6 s.) When the
+  forward 9.2-9.9 s and first backward 10.7-12.3 s with an empty cache; 1.0-1.1 s and
+  0.6-0.7 s with a warm cache (numba's import and its one-time setup included); later
+  calls cost only the kernel. Its first eval-mode forward compiles the memory-order
+  kernels (``planes_*``): 3.9-5.0 s more; a BatchNorm with small planes (7x7) in
+  training, 5.8-7.4 s more. (The same machine gave 3.3 s and 3.2 s for the first
+  forward and backward in a faster period.) When the
   package directory is read-only and ``NUMBA_CACHE_DIR`` is unset, the cache goes to
   ``$TMPDIR/normlab-numba-cache`` (numba's own fallback to a user-wide directory is
   tried first).
