@@ -422,6 +422,23 @@ def _grad_sums(xs, dys, mc):
 
 
 @njit(inline="always", **_OPTS)
+def _moments(sd, sq, n, center, eps):
+    """``(dm, var, rstd)`` of a group from the float64 sums of ``d = x - mc`` and ``d^2``
+    over its n values: ``dm = mean(d)`` (0 when not centering), ``var = M2 / n`` with
+    ``M2 = sq - sd * dm`` (the corrected two-pass formula), ``rstd = 1 / sqrt(var + eps)``."""
+    if center:
+        dm = sd / n
+        m2 = sq - sd * dm
+        if m2 < 0.0:  # rounding of a constant group; a NaN fails the test and stays
+            m2 = 0.0
+    else:
+        dm = 0.0
+        m2 = sq
+    v = m2 / n
+    return dm, v, 1.0 / np.sqrt(v + eps)
+
+
+@njit(inline="always", **_OPTS)
 def _group_sums(x, A, P, p, ks, mc):
     """(sum(x - mc), sum((x - mc)^2)) as float64 over group p of the (A, P, ks) view:
     :func:`_dev_sums` of each of its A slabs, added in order."""
@@ -502,16 +519,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
                 if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * n * sq):
                     break
                 mc = dt(mc + sd / n)  # the sample's mean was far from the group's: again
-            if center:
-                dm = sd / n
-                m2 = sq - sd * dm
-                if m2 < 0.0:  # rounding of a constant group; a NaN fails the test and stays
-                    m2 = 0.0
-            else:
-                dm = 0.0
-                m2 = sq
-            v = m2 / n
-            r = 1.0 / np.sqrt(v + eps)
+            dm, v, r = _moments(sd, sq, n, center, eps)
             mean[p] = mc + dm
             var[p] = v
             rstd[p] = r
@@ -762,16 +770,7 @@ def planes_coefficients(x, psd, psq, A, P, S, eps, center, compute, w, b, mc, me
                 m = dt(m + sd / n)
                 sd, sq = _group_sums(x, A, P, p, S, m)
                 mc[p] = m
-            if center:
-                dm = sd / n
-                m2 = sq - sd * dm
-                if m2 < 0.0:  # rounding of a constant channel; a NaN fails the test and stays
-                    m2 = 0.0
-            else:
-                dm = 0.0
-                m2 = sq
-            v = m2 / n
-            r = 1.0 / np.sqrt(v + eps)
+            dm, v, r = _moments(sd, sq, n, center, eps)
             mean[p] = m + dm
             var[p] = v
             rstd[p] = r
