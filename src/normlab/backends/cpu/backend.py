@@ -290,9 +290,9 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
 #: BatchNorm's planes (NCHW: the H*W values of one sample and channel) of at most this
 #: many bytes are visited in memory order with batch statistics (see
 #: ``_kernels.planes_sums``): in channel order they are runs too short for the hardware
-#: to stream. Measured at 2 threads, float32, forward / forward+backward: (32, 2048, 7,
-#: 7) 1.71x / 1.88x faster, (32, 1024, 14, 14) 1.64x / 1.18x, (32, 512, 16, 16) 0.97x /
-#: 1.05x, (32, 256, 28, 28) 0.98x / 0.93x.
+#: to stream. Measured at 2 threads, float32, forward / forward+backward
+#: (``benchmarks/cpu/memory_order.py``): (32, 2048, 7, 7) 1.80x / 1.97x faster, (32, 1024,
+#: 14, 14) 1.18x / 1.15x, (32, 512, 16, 16) 0.96x / 1.05x, (32, 256, 28, 28) 0.95x / 0.95x.
 SMALL_PLANE_BYTES = 1024
 
 
