@@ -723,10 +723,10 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
 # planes before the next channel's: runs of S elements C * S apart. With small planes
 # (7x7: 196 bytes) each run touches new pages, and the forward ran at 16 % of the copy
 # floor ((32, 2048, 7, 7) float32, one thread). These kernels visit x in memory order
-# instead -- sample by sample, all channels -- in three steps: per-sample sums of each
-# plane, the channels' statistics from them, then the output pass.
-# Measured on the 2-core machine, one thread, (32, 2048, 7, 7): 2.3x faster; from
-# (32, 1024, 14, 14) on, the channel order was as fast or faster.
+# instead -- sample by sample, all channels: rough means, per-sample sums of each plane,
+# the channels' statistics and coefficients from them, then the output pass (backward
+# likewise). The backend takes them for small planes, and for fixed statistics (one
+# pass) at any plane size; the measurements are at ``backend.SMALL_PLANE_BYTES``.
 
 
 @njit(inline="always", **_OPTS)
