@@ -3,12 +3,24 @@ and an interleaved comparison of two settings of a backend switch."""
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+
+def arguments(doc: str, rounds: int) -> argparse.Namespace:
+    """``--threads`` (applied with ``torch.set_num_threads``) and ``--rounds`` (default
+    ``rounds``), with the script's docstring as the description."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def forward(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:

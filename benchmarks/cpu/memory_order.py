@@ -14,13 +14,12 @@ their ratio: forward (training), training step (forward + backward) and eval for
 
 from __future__ import annotations
 
-import argparse
-
 import _ab
 import torch
 
 import normlab as nl
 from normlab.backends.cpu import backend
+from normlab.core.spec import batch_norm_spec
 
 #: ResNet-50's BatchNorm planes at batch 32 (float32: 25.7 MB per input at most).
 _SHAPES = ((32, 2048, 7, 7), (32, 1024, 14, 14), (32, 512, 16, 16), (32, 256, 28, 28), (32, 64, 56, 56))
@@ -36,16 +35,13 @@ def _order(memory: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = _ab.arguments(__doc__, rounds=15)
     print(f"threads {args.threads}, rounds {args.rounds}, SMALL_PLANE_BYTES here {backend.SMALL_PLANE_BYTES}")
     print(f"{'shape':22s} {'mode':17s} {'channel ms':>11s} {'memory ms':>10s} {'speed-up':>9s} {'default':>8s}")
     try:
         for shape in _SHAPES:
             x = torch.randn(shape)
+            plan = backend.call_for(batch_norm_spec(shape), "contiguous", x.dtype).plan
             module = nl.BatchNorm2d(shape[1])
             evaluated = nl.BatchNorm2d(shape[1]).eval()
             runs = (("forward", _ab.forward(module, x)), ("forward+backward", _ab.step(module, x, torch.randn_like(x))),
@@ -54,8 +50,7 @@ def main() -> None:
                 medians = _ab.compare(run, {"channel": lambda: _order(False), "memory": lambda: _order(True)},
                                       args.rounds)
                 channel, memory = medians["channel"], medians["memory"]
-                default = "memory" if mode == "eval forward" or \
-                    shape[2] * shape[3] * x.element_size() <= backend.SMALL_PLANE_BYTES else "channel"
+                default = "memory" if _chosen(plan, x, mode == "eval forward") else "channel"
                 print(f"{str(shape):22s} {mode:17s} {channel * 1e3:11.3f} {memory * 1e3:10.3f} "
                       f"{channel / memory:8.2f}x {default:>8s}")
     finally:

@@ -13,8 +13,6 @@ ratio -- per layer, for the forward (no grad) and a training step (forward + bac
 
 from __future__ import annotations
 
-import argparse
-
 import _ab
 import torch
 
@@ -44,11 +42,7 @@ def _set(threshold: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=21)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = _ab.arguments(__doc__, rounds=21)
     default = backend.STREAM_FROM
     print(f"threads {args.threads}, rounds {args.rounds}, STREAM_FROM here {default / 2**20:.0f} MiB "
           f"(the cases' outputs: 25.7 MB and 50.3 MB float32)")
