@@ -439,6 +439,22 @@ def _moments(sd, sq, n, center, eps):
 
 
 @njit(inline="always", **_OPTS)
+def _dx_shifts(r, s1, s2, n, batch, center, dt):
+    """``(cb, cc)`` of ``dx = ca * dy + cb * (x - mc) + cc`` for a group of n values, in
+    the compute dtype ``dt``, from ``r = rstd`` and the float64 sums ``s1 = sum(w * dy)``
+    and ``s2 = sum(w * dy * xhat)``: with batch statistics ``cb = -r^2 * s2 / n`` and,
+    when centering, ``cc = -r * s1 / n``; 0 otherwise (fixed statistics do not move
+    with x)."""
+    cb = dt(0.0)
+    cc = dt(0.0)
+    if batch:
+        cb = dt(-r * r * s2 / n)
+        if center:
+            cc = dt(-r * s1 / n)
+    return cb, cc
+
+
+@njit(inline="always", **_OPTS)
 def _group_sums(x, A, P, p, ks, mc):
     """(sum(x - mc), sum((x - mc)^2)) as float64 over group p of the (A, P, ks) view:
     :func:`_dev_sums` of each of its A slabs, added in order."""
@@ -591,7 +607,6 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
     pass for dx (one subtraction and two fused multiply-adds per element).
     """
     dt = _ctype(x)
-    z = dt(0.0)
     ks = K * S
     n = A * ks
     buf = carray(_span(dx.dtype.type(0)), _SPAN)
@@ -632,12 +647,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
                         s2 += wc * sdyx
             if not need_dx:
                 continue
-            cb = z
-            cc = z
-            if batch:
-                cb = dt(-r * r * s2 / n)
-                if center:
-                    cc = dt(-r * s1 / n)
+            cb, cc = _dx_shifts(r, s1, s2, n, batch, center, dt)
             for a in range(A):
                 base = (a * P + p) * ks
                 if S == 1:
@@ -708,12 +718,7 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
                 pending = 0
             if not need_dx:
                 continue
-            cb = z
-            cc = z
-            if batch:
-                cb = dt(-r * r * s2 / K)
-                if center:
-                    cc = dt(-r * s1 / K)
+            cb, cc = _dx_shifts(r, s1, s2, K, batch, center, dt)
             _row_dx(dy, x, p * K, K, w, mc, rc, cb, cc, dx, buf, stream)
 
 
@@ -830,8 +835,7 @@ def planes_dx_coefficients(psdy, psdyx, A, P, S, center, batch, w, mean, rstd, d
         rc = dt(r)
         mc[p] = dt(mean[p])
         ca[p] = rc * w[p]
-        cb[p] = dt(-r * r * s2 / n) if batch else dt(0.0)
-        cc[p] = dt(-r * s1 / n) if batch and center else dt(0.0)
+        cb[p], cc[p] = _dx_shifts(r, s1, s2, n, batch, center, dt)
 
 
 @njit(inline="always", **_OPTS)
@@ -954,14 +958,7 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
                 if pending == _ROW_BLOCK or p == p_last - 1:
                     _flush_partials(bdw, bdb, dws, dbs)
                     pending = 0
-                cb = z
-                cc = z
-                if batch:
-                    cb = dt(-r * r * np.float64(a2) / K)
-                    if center:
-                        cc = dt(-r * np.float64(a1) / K)
-                cbs[p - p0] = cb
-                ccs[p - p0] = cc
+                cbs[p - p0], ccs[p - p0] = _dx_shifts(r, np.float64(a1), np.float64(a2), K, batch, center, dt)
             if not need_dx:
                 continue
             for p in range(p0, p1):
