@@ -754,6 +754,23 @@ def planes_sums(x, P, S, mc, psd, psq, lo, hi):
 
 
 @njit(inline="always", **_OPTS)
+def _column_sums(pa, pb, lo, hi):
+    """Sums over the rows of the (A, P) float64 arrays pa and pb, columns [lo, hi): each
+    column added in row (sample) order from 0.0, one row at a time. Read column by
+    column instead, the values lie P * 8 bytes apart (16 KiB at P = 2048: every one in the
+    same L1 set), which cost (32, 2048, 7, 7)'s forward 0.5 of its 3.8 ms at one thread."""
+    ta = np.zeros(hi - lo)
+    tb = np.zeros(hi - lo)
+    for a in range(pa.shape[0]):
+        ra = pa[a, lo:hi]
+        rb = pb[a, lo:hi]
+        for i in range(hi - lo):
+            ta[i] += ra[i]
+            tb[i] += rb[i]
+    return ta, tb
+
+
+@njit(inline="always", **_OPTS)
 def planes_coefficients(x, psd, psq, A, P, S, eps, center, compute, w, b, mc, mean, var, rstd, ca, cb, lo, hi):
     """Output coefficients ``y = (x - mc) * ca + cb`` of channels [lo, hi), as
     :func:`grouped_forward` computes them. ``compute``: from the per-sample sums (added
@@ -762,13 +779,12 @@ def planes_coefficients(x, psd, psq, A, P, S, eps, center, compute, w, b, mc, me
     the fixed mean/rstd given (mc is then written too)."""
     dt = _ctype(x)
     n = A * S
+    if compute:
+        sds, sqs = _column_sums(psd, psq, lo, hi)
     for p in range(lo, hi):
         if compute:
-            sd = 0.0
-            sq = 0.0
-            for a in range(A):
-                sd += psd[a, p]
-                sq += psq[a, p]
+            sd = sds[p - lo]
+            sq = sqs[p - lo]
             m = mc[p]
             # (an overflowed or NaN sq fails the test: summed again too)
             if center and not (sq < np.inf and sd * sd <= _RECENTER * n * sq):
@@ -816,26 +832,33 @@ def planes_dx_coefficients(psdy, psdyx, A, P, S, center, batch, w, mean, rstd, d
     :func:`grouped_backward`'s arithmetic and order of sums."""
     dt = mc.dtype.type
     n = A * S
-    for p in range(lo, hi):
-        r = np.float64(rstd[p])
-        wc = np.float64(w[p])
-        sw = 0.0
-        sb = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        for a in range(A):
-            sdy = psdy[a, p]
-            sdyx = psdyx[a, p] * r
-            sw += sdyx
-            sb += sdy
-            s1 += wc * sdy
-            s2 += wc * sdyx
-        dw[p] = sw
-        db[p] = sb
-        rc = dt(r)
+    m = hi - lo
+    r = np.empty(m)
+    wc = np.empty(m)
+    for i in range(m):
+        r[i] = np.float64(rstd[lo + i])
+        wc[i] = np.float64(w[lo + i])
+    sw = np.zeros(m)
+    sb = np.zeros(m)
+    s1 = np.zeros(m)
+    s2 = np.zeros(m)
+    for a in range(A):  # a row at a time, each channel's terms in sample order (see _column_sums)
+        rdy = psdy[a, lo:hi]
+        rdyx = psdyx[a, lo:hi]
+        for i in range(m):
+            sdy = rdy[i]
+            sdyx = rdyx[i] * r[i]
+            sw[i] += sdyx
+            sb[i] += sdy
+            s1[i] += wc[i] * sdy
+            s2[i] += wc[i] * sdyx
+    for i in range(m):
+        p = lo + i
+        dw[p] = sw[i]
+        db[p] = sb[i]
         mc[p] = dt(mean[p])
-        ca[p] = rc * w[p]
-        cb[p], cc[p] = _dx_shifts(r, s1, s2, n, batch, center, dt)
+        ca[p] = dt(r[i]) * w[p]
+        cb[p], cc[p] = _dx_shifts(r[i], s1[i], s2[i], n, batch, center, dt)
 
 
 @njit(inline="always", **_OPTS)
