@@ -1272,23 +1272,33 @@ def cl_coefficients(pcnt, pmu, pm2, N, B, G, K, eps, fixed, w, b, mean, var, rst
     ``mc = mean`` rounded to x's dtype, ``sc = rstd * w``, ``sh = b - (mean - mc) * sc``
     (N, G * K)."""
     dt = mc.dtype.type
+    tot = np.zeros(G)
+    mu = np.zeros(G)
+    m2 = np.zeros(G)
     for n in range(N):
+        if not fixed:
+            # a block's row at a time (a column is strided by G, see _column_sums), each
+            # group's terms in block order
+            tot[:] = 0.0
+            mu[:] = 0.0
+            m2[:] = 0.0
+            for bi in range(n * B, (n + 1) * B):
+                for g in range(G):
+                    tot[g] += pcnt[bi, g]
+                    mu[g] += pcnt[bi, g] * pmu[bi, g]
+            for g in range(G):
+                mu[g] = mu[g] / tot[g]
+            for bi in range(n * B, (n + 1) * B):
+                for g in range(G):
+                    d = pmu[bi, g] - mu[g]
+                    m2[g] += pm2[bi, g] + pcnt[bi, g] * d * d
         for g in range(G):
             if fixed:
                 m = np.float64(mean[n * G + g])
                 r = np.float64(rstd[n * G + g])
             else:
-                tot = 0.0
-                s = 0.0
-                for bi in range(B):
-                    tot += pcnt[n * B + bi, g]
-                    s += pcnt[n * B + bi, g] * pmu[n * B + bi, g]
-                m = s / tot
-                m2 = 0.0
-                for bi in range(B):
-                    d = pmu[n * B + bi, g] - m
-                    m2 += pm2[n * B + bi, g] + pcnt[n * B + bi, g] * d * d
-                v = m2 / tot
+                m = mu[g]
+                v = m2[g] / tot[g]
                 r = 1.0 / np.sqrt(v + eps)
                 mean[n * G + g] = m
                 var[n * G + g] = v
@@ -1547,15 +1557,9 @@ def cl_dx_coefficients(psdy, psdyx, N, S, B, G, K, center, batch, w, mean, rstd,
     (N * B, G * K; see :func:`_dx_coefficients`), and mc, the mean rounded to x's dtype."""
     C = G * K
     dt = mc.dtype.type
-    sdy = np.empty(C)
-    sdyx = np.empty(C)
     for n in range(N):
+        sdy, sdyx = _column_sums(psdy[n * B:(n + 1) * B], psdyx[n * B:(n + 1) * B], 0, C)
         for c in range(C):
-            sdy[c] = 0.0
-            sdyx[c] = 0.0
-            for bi in range(B):
-                sdy[c] += psdy[n * B + bi, c]
-                sdyx[c] += psdyx[n * B + bi, c]
             mc[n, c] = dt(mean[n * G + c // K])
         _dx_coefficients(sdy, sdyx, w, rstd[n * G:(n + 1) * G], G, K, S * K, center, batch, ca[n], cb[n], cc[n])
 
@@ -1707,14 +1711,10 @@ def sum_partials(dwp, dbp, dw, db):
     """dw[c] = sum_t dwp[t, c] and db[c] = sum_t dbp[t, c]: the per-chunk float64 partial
     sums of dweight/dbias added in a fixed order (deterministic), rounded once into the
     outputs (x's dtype)."""
+    sw, sb = _column_sums(dwp, dbp, 0, dw.size)
     for c in range(dw.size):
-        sw = 0.0
-        sb = 0.0
-        for t in range(dwp.shape[0]):
-            sw += dwp[t, c]
-            sb += dbp[t, c]
-        dw[c] = sw
-        db[c] = sb
+        dw[c] = sw[c]
+        db[c] = sb[c]
 
 
 # ------------------------------------------------------------ small inputs, by address
