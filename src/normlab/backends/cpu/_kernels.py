@@ -1100,13 +1100,17 @@ def _cl_tile_sums(x, base, rows, C, shT):
 # Statistics with the lanes in registers. The tile lanes above live in memory: every
 # sweep loads and stores them again, and a pass that does so reads x at ~22 GB/s on one
 # thread where a plain sum reaches ~35 (DRAM, measured on the 2-core benchmark machine).
-# Where the channels split into slices of 64 or 128 lanes -- C a multiple of 64, or a
-# divisor of 64 (then 64 elements hold 64 // C whole rows) -- the lanes are arrays on
-# the stack (:func:`_lanes`) indexed by constants once LLVM unrolls the lane loop, so
-# they stay in vector registers (float32: 4 or 8 zmm per array): statistics of
-# (32, 64, 56, 56) channels_last in 64 row blocks, one thread, 1.28x faster than the
-# tile lanes. The lanes are added into float64 totals every _RUN rows (each lane then
-# holds at most _RUN values: relative error ~1e-7 before the float64 sum).
+# Where a row is one slice of 64 or 128 lanes -- C = 64 or 128, or a divisor of 64
+# (then 64 elements hold 64 // C whole rows) -- the lanes are arrays on the stack
+# (:func:`_lanes`) indexed by constants once LLVM unrolls the lane loop, so they stay in
+# vector registers (float32: 4 or 8 zmm per array): statistics of (32, 64, 56, 56)
+# channels_last in 64 row blocks, one thread, 1.28x faster than the tile lanes. The
+# lanes are added into float64 totals every _RUN rows (each lane then holds at most _RUN
+# values: relative error ~1e-7 before the float64 sum). Wider rows take the tile lanes:
+# slices of 64 or 128 channels walked down a block read runs of 256-512 bytes a row
+# (C * itemsize) apart, too short for the hardware to stream, and the statistics of
+# 12-26 MB float32 inputs with C = 192 to 2048 took 1.27-2.21x as long as the tiles'
+# (one thread, in-process).
 _MAX_LANES = 128
 _RUN = 32
 
@@ -1148,12 +1152,10 @@ def _cl_channel_sums(x, base, rows, C, shift, wide=False):
     sq = np.zeros(C)
     if wide:
         _cl_tile_channel_sums(x, base, rows, C, shift.astype(np.float64), sd, sq)
-    elif C % 128 == 0:  # slices of 128 channels, each down all rows
-        for c0 in range(0, C, 128):
-            _slice_sums(x, base + c0, rows, C, shift[c0:c0 + 128], 128, sd[c0:c0 + 128], sq[c0:c0 + 128])
-    elif C % 64 == 0:
-        for c0 in range(0, C, 64):
-            _slice_sums(x, base + c0, rows, C, shift[c0:c0 + 64], 64, sd[c0:c0 + 64], sq[c0:c0 + 64])
+    elif C == 128:  # a row is one slice of lanes (wider rows: tiles, see _MAX_LANES)
+        _slice_sums(x, base, rows, 128, shift, 128, sd, sq)
+    elif C == 64:
+        _slice_sums(x, base, rows, 64, shift, 64, sd, sq)
     elif 64 % C == 0:  # runs of 64 elements: 64 // C whole rows, lane j channel j % C
         full = rows * C // 64
         shift64 = _tiled(shift, 64 // C)
@@ -1430,14 +1432,10 @@ def _cl_grad_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
     :func:`_cl_channel_sums`), else in tiles (:func:`_cl_grad_tile_rows`)."""
     rows = s1 - s0
     start = base + s0 * C
-    if C % 128 == 0:
-        for c0 in range(0, C, 128):
-            _slice_grad_sums(dy, x, start + c0, rows, C, mcn[c0:c0 + 128], 128, sdy[c0:c0 + 128],
-                             sdyx[c0:c0 + 128])
-    elif C % 64 == 0:
-        for c0 in range(0, C, 64):
-            _slice_grad_sums(dy, x, start + c0, rows, C, mcn[c0:c0 + 64], 64, sdy[c0:c0 + 64],
-                             sdyx[c0:c0 + 64])
+    if C == 128:  # a row is one slice of lanes (wider rows: tiles, see _MAX_LANES)
+        _slice_grad_sums(dy, x, start, rows, 128, mcn, 128, sdy, sdyx)
+    elif C == 64:
+        _slice_grad_sums(dy, x, start, rows, 64, mcn, 64, sdy, sdyx)
     elif 64 % C == 0:  # runs of 64 elements: 64 // C whole rows, lane j channel j % C
         full = rows * C // 64
         ty = np.zeros(64)
