@@ -70,9 +70,15 @@ def _channel_structure(spec: NormSpec) -> tuple[str, int] | None:
 #: thread count -- so that the statistics (merged per block) come out bit-identical on
 #: any number of threads: one block per ``_BLOCK_ELEMENTS`` elements, at most
 #: ``_MAX_BLOCKS``; per-sample statistics (GroupNorm/InstanceNorm) use one sweep per
-#: sample once there are ``_MIN_SAMPLES`` samples to share out.
+#: sample once there are ``_MIN_SAMPLES`` samples to share out. A block has at least
+#: ``_MIN_BLOCK_ROWS`` rows where that still leaves ``_FEW_BLOCKS`` blocks to share out:
+#: each block's statistics cost a few passes over per-channel arrays, as much as the
+#: data of a block of ~32 wide rows (C = 2048: one thread, 32-row blocks took 1.4x as
+#: long as 64-row ones; 128 rows gained no more).
 _BLOCK_ELEMENTS = 1 << 16
 _MAX_BLOCKS = 64
+_MIN_BLOCK_ROWS = 64
+_FEW_BLOCKS = 4
 _MIN_SAMPLES = 8
 
 
@@ -113,7 +119,8 @@ def make_plan(spec: NormSpec, layout: str) -> Plan | None:
         return None
     if kind == "batch":
         rows = n * s
-        blocks = max(1, min(rows, _MAX_BLOCKS, rows * c // _BLOCK_ELEMENTS))
+        blocks = max(1, min(rows, _MAX_BLOCKS, rows * c // _BLOCK_ELEMENTS,
+                            max(rows // _MIN_BLOCK_ROWS, _FEW_BLOCKS)))
         return Plan("cl", (1, rows, groups, k), c, blocks)
     blocks = 1 if n >= _MIN_SAMPLES else max(1, min(s, -(-_MIN_SAMPLES // n)))
     return Plan("cl", (n, s, groups, k), c, blocks)
