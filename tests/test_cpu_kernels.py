@@ -528,6 +528,24 @@ def test_memory_order_threshold():
     assert not memory_order((1, 16, 5, 5)) and not memory_order((1, 16, 5, 5), fixed=True)
 
 
+def test_channels_last_batch_norm_blocks():
+    """Channels-last BatchNorm rows are split into blocks by size alone: one per
+    ``_BLOCK_ELEMENTS`` elements, at most ``_MAX_BLOCKS``, and of at least
+    ``_MIN_BLOCK_ROWS`` rows unless that would leave fewer than ``_FEW_BLOCKS``."""
+    from normlab.backends.cpu import plan as cpu_plan
+
+    def blocks(shape):
+        return cpu_plan.make_plan(batch_norm_spec(shape), "channels_last").blocks
+
+    rows_min, few = cpu_plan._MIN_BLOCK_ROWS, cpu_plan._FEW_BLOCKS
+    assert blocks((32, 64, 56, 56)) == cpu_plan._MAX_BLOCKS  # many rows: the cap
+    wide = (32, 2048, 7, 7)  # 1568 rows of 2048: 49 blocks by size, of 32 rows
+    assert 32 * 2048 * 7 * 7 // cpu_plan._BLOCK_ELEMENTS > 1568 // rows_min
+    assert blocks(wide) == 1568 // rows_min
+    assert blocks((few * rows_min - 1, 4096)) == few  # short of the rows: still `few` blocks
+    assert blocks((8, 4096)) == 1  # below one block's elements
+
+
 def test_stream_threshold_from_cache_and_environment(monkeypatch):
     """``STREAM_FROM`` defaults to half the level-3 cache; ``NORMLAB_STREAM_MB`` sets it,
     and a value that is not a number is refused with the variable's name."""
@@ -838,8 +856,8 @@ def test_team_runs_on_torchs_openmp_runtime():
     assert team.uses_openmp()
 
 
-@pytest.mark.parametrize("case", ["bn", "bn_small_planes", "bn_cl", "gn_cl_few_samples", "gn_cl", "in", "ln",
-                                  "ln_short", "gn"])
+@pytest.mark.parametrize("case", ["bn", "bn_small_planes", "bn_cl", "bn_cl_wide", "gn_cl_few_samples", "gn_cl",
+                                  "in", "ln", "ln_short", "gn"])
 def test_results_are_the_same_on_any_number_of_threads(case):
     """Work splits and dweight/dbias partials depend on the input's size, never on the
     thread count: 1, 2 and 3 threads give the same bits (a DataLoader worker with one
@@ -848,6 +866,7 @@ def test_results_are_the_same_on_any_number_of_threads(case):
     shapes = {"bn": ((4, 16, 48, 48), batch_norm_spec, None, False),
               "bn_small_planes": ((9, 256, 7, 9), batch_norm_spec, None, False),
               "bn_cl": ((4, 16, 48, 48), batch_norm_spec, None, True),
+              "bn_cl_wide": ((8, 512, 8, 8), batch_norm_spec, None, True),  # tile lanes, 4 blocks
               "gn_cl_few_samples": ((2, 16, 96, 48), group_norm_spec, 4, True),
               "gn_cl": ((9, 16, 32, 32), group_norm_spec, 4, True),
               "in": ((4, 16, 48, 48), instance_norm_spec, None, False),
