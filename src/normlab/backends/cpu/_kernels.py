@@ -1104,8 +1104,10 @@ def _cl_tile_sums(x, base, rows, C, shT):
 # Where a row is one slice of 64 or 128 lanes -- C = 64 or 128, or a divisor of 64
 # (then 64 elements hold 64 // C whole rows) -- the lanes are arrays on the stack
 # (:func:`_lanes`) indexed by constants once LLVM unrolls the lane loop, so they stay in
-# vector registers (float32: 4 or 8 zmm per array): statistics of (32, 64, 56, 56)
-# channels_last in 64 row blocks, one thread, 1.28x faster than the tile lanes. The
+# vector registers (float32: 4 or 8 zmm per array; where numba compiles AVX2 only, as on
+# the EPYC benchmark machine, 8 or 16 ymm of 16, so LLVM spills some): statistics of
+# (32, 64, 56, 56) channels_last in 64 row blocks, one thread, 1.28x faster than the
+# tile lanes on the Intel machine, 1.07x on the EPYC (C = 128: 1.02-1.25x). The
 # lanes are added into float64 totals every _RUN rows (each lane then holds at most _RUN
 # values: relative error ~1e-7 before the float64 sum). Wider rows take the tile lanes:
 # slices of 64 or 128 channels walked down a block read runs of 256-512 bytes a row
