@@ -422,6 +422,15 @@ def _grad_sums(xs, dys, mc):
 
 
 @njit(inline="always", **_OPTS)
+def _near_enough(sd, sq, n):
+    """Whether the float64 sums ``sd = sum(x - mc)`` and ``sq = sum((x - mc)^2)`` of n
+    values were taken about a shift mc near enough to their mean (see ``_RECENTER``):
+    ``sd^2 / n`` at most ``_RECENTER`` of ``sq``. False for an overflowed or NaN sq,
+    which is then summed again too."""
+    return sq < np.inf and sd * sd <= _RECENTER * n * sq
+
+
+@njit(inline="always", **_OPTS)
 def _moments(sd, sq, n, center, eps):
     """``(dm, var, rstd)`` of a group from the float64 sums of ``d = x - mc`` and ``d^2``
     over its n values: ``dm = mean(d)`` (0 when not centering), ``var = M2 / n`` with
@@ -549,8 +558,7 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
             mc = _rough_mean(x[p * ks:p * ks + min(ks, _SAMPLE)]) if center else z
             for attempt in range(2):  # (a loop: one inlined copy of the sums to compile)
                 sd, sq = _group_sums(x, A, P, p, ks, mc)
-                # (an overflowed or NaN sq fails the test: summed again too)
-                if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * n * sq):
+                if not center or attempt == 1 or _near_enough(sd, sq, n):
                     break
                 mc = dt(mc + sd / n)  # the sample's mean was far from the group's: again
             dm, v, r = _moments(sd, sq, n, center, eps)
@@ -787,8 +795,7 @@ def planes_coefficients(x, psd, psq, A, P, S, eps, center, compute, w, b, mc, me
             sd = sds[p - lo]
             sq = sqs[p - lo]
             m = mc[p]
-            # (an overflowed or NaN sq fails the test: summed again too)
-            if center and not (sq < np.inf and sd * sd <= _RECENTER * n * sq):
+            if center and not _near_enough(sd, sq, n):
                 m = dt(m + sd / n)
                 sd, sq = _group_sums(x, A, P, p, S, m)
                 mc[p] = m
@@ -915,7 +922,7 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, l
                     aq += d * d
                 sd = np.float64(ad)
                 sq = np.float64(aq)
-                if not center or attempt == 1 or (sq < np.inf and sd * sd <= _RECENTER * K * sq):
+                if not center or attempt == 1 or _near_enough(sd, sq, K):
                     break
                 mc = dt(mc + sd / K)  # as in grouped_forward
             mcs[p - p0] = mc
@@ -1237,8 +1244,7 @@ def _cl_rows_stats(x, base, rows, G, K, mean, m2):
             if v < 0.0:  # rounding of a constant group; a NaN (NaN or Inf input) stays
                 v = 0.0
             m2[g] = v
-            # (an overflowed or NaN sum fails the test: summed again too)
-            if attempt == 0 and not (q < np.inf and a * a <= _RECENTER * n * q):
+            if attempt == 0 and not _near_enough(a, q, n):
                 again = True
             if attempt == 1 and not q < np.inf:
                 again = True
