@@ -1040,7 +1040,10 @@ _TILE = 1024
 
 @njit(**_OPTS)
 def _tiled(v, R):
-    """``v`` (C,) repeated R times: (R*C,)."""
+    """``v`` (C,) repeated R times: (R*C,); ``v`` itself when R == 1 (tiles are read,
+    never written: a block of rows of C = 2048 copied its three coefficient arrays)."""
+    if R == 1:
+        return v
     C = v.size
     t = np.empty(R * C, v.dtype)
     for r in range(R):  # (an element loop: numba's slice assignment costs ~50 ns a row)
@@ -1188,9 +1191,9 @@ def _cl_channel_sums(x, base, rows, C, shift, wide=False):
 def _cl_tile_channel_sums(x, base, rows, C, shift):
     """:func:`_cl_channel_sums` through tile lanes in ``shift``'s dtype (:func:`_cl_tile_sums`)."""
     R = max(1, _TILE // C)
-    if R == 1:  # a tile is one row: its lanes are the channels' sums
-        return _cl_tile_sums(x, base, rows, C, shift)
     lanes_d, lanes_q = _cl_tile_sums(x, base, rows, C, _tiled(shift, R))
+    if R == 1:  # a tile is one row: its lanes are the channels' sums
+        return lanes_d, lanes_q
     sd = np.zeros(C)
     sq = np.zeros(C)
     _add_lanes(lanes_d, lanes_q, C, sd, sq)
@@ -1529,7 +1532,7 @@ def _cl_grad_tile_rows(dy, x, mcn, base, s0, s1, C, sdy, sdyx):
     dt = _ctype(x)
     R = max(1, _TILE // C)
     L = R * C
-    mT = mcn if R == 1 else _tiled(mcn, R)
+    mT = _tiled(mcn, R)
     accy = np.zeros(L, dt)
     accx = np.zeros(L, dt)
     ty = np.zeros(L)
