@@ -1347,9 +1347,10 @@ def cl_coefficients(pcnt, pmu, pm2, N, B, G, K, eps, fixed, w, b, mean, var, rst
     ``mc = mean`` rounded to x's dtype, ``sc = rstd * w``, ``sh = b - (mean - mc) * sc``
     (N, G * K)."""
     dt = mc.dtype.type
-    tot = np.zeros(G)
-    mu = np.zeros(G)
-    m2 = np.zeros(G)
+    merged = 0 if fixed else G  # (fixed statistics merge nothing)
+    tot = np.zeros(merged)
+    mu = np.zeros(merged)
+    m2 = np.zeros(merged)
     for n in range(N):
         if not fixed:
             # a block's row at a time (a column is strided by G, see _column_sums), each
