@@ -9,6 +9,7 @@ routing, no compilation at enable().
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -288,12 +289,13 @@ def test_float32_blocks_match_float64_with_offset(channels_last):
             assert err < 1e-5, f"rows: float32 blocks differ from float64 by {err:.2e}"
 
 
-@pytest.mark.parametrize("channels", [1, 3, 16, 32, 48, 64, 128, 192, 256])
+@pytest.mark.parametrize("channels", [1, 3, 16, 32, 48, 64, 128, 192, 256, 640, 1100])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_channels_last_channel_sums_match_float64(channels, dtype):
     """Per-channel sums of x - shift and its square over channels-last rows, on each path
     of ``_cl_channel_sums`` (register lanes of 128 or 64 channels, 64-element runs of
-    several rows with a ragged last run, tile lanes in memory), from an offset base,
+    several rows with a ragged last run, tile lanes in memory -- of several rows, or of
+    one row from C = 513 on, whose lanes are the sums themselves), from an offset base,
     against float64 sums; rows long enough to flush the lanes several times."""
     rng = np.random.default_rng(channels)
     rows, base = 203, 5 * channels
@@ -306,7 +308,7 @@ def test_channels_last_channel_sums_match_float64(channels, dtype):
     np.testing.assert_allclose(sq, (d * d).sum(0), rtol=tol)
 
 
-@pytest.mark.parametrize("channels", [1, 3, 16, 32, 48, 64, 128, 192, 256])
+@pytest.mark.parametrize("channels", [1, 3, 16, 32, 48, 64, 128, 192, 256, 640, 1100])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_channels_last_gradient_sums_match_float64(channels, dtype):
     """The backward's per-channel ``sum(dy)`` and ``sum(dy * (x - mc))`` over rows
@@ -544,6 +546,37 @@ def test_channels_last_batch_norm_blocks():
     assert blocks(wide) == 1568 // rows_min
     assert blocks((few * rows_min - 1, 4096)) == few  # short of the rows: still `few` blocks
     assert blocks((8, 4096)) == 1  # below one block's elements
+
+
+@pytest.mark.parametrize("channels", [1100, 96])
+def test_channels_last_batch_norm_of_offset_inputs_matches_float64(channels):
+    """Channels-last BatchNorm over several row blocks -- rows of more than _TILE
+    channels (one-row tiles: the lanes are the sums, the per-channel arrays used as they
+    are) and of fewer (tiles of several rows) -- with a large per-channel offset: y,
+    mean, var and the three gradients of the float32 kernels against float64 torch."""
+    torch.manual_seed(5)
+    shape = (8, channels, 6, 6) if channels > 1024 else (8, channels, 16, 16)
+    spec = batch_norm_spec(shape)
+    assert cpu.backend.call_for(spec, "channels_last", torch.float32).plan.blocks > 1
+    offset = torch.linspace(-1e3, 1e3, channels).view(1, -1, 1, 1)
+    x = (torch.randn(shape) * 2 + offset).contiguous(memory_format=CL)
+    dy = torch.randn(shape).contiguous(memory_format=CL)
+    w = torch.rand(channels) + 0.5
+    b = torch.randn(channels)
+    y, mean, var, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5)
+    dx, dw, db = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, True)
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    y64 = F.batch_norm(x64, None, None, w64, b64, training=True, eps=1e-5)
+    y64.backward(dy.double())
+    close = functools.partial(torch.testing.assert_close, check_dtype=False)
+    close(y, y64, rtol=1e-5, atol=1e-4)
+    close(mean.reshape(-1), x64.detach().mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    close(var.reshape(-1), x64.detach().var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    close(dx, x64.grad, rtol=1e-4, atol=1e-4)
+    close(dw, w64.grad, rtol=1e-4, atol=1e-3)
+    close(db, b64.grad, rtol=1e-5, atol=1e-3)
 
 
 def test_stream_threshold_from_cache_and_environment(monkeypatch):
@@ -856,8 +889,8 @@ def test_team_runs_on_torchs_openmp_runtime():
     assert team.uses_openmp()
 
 
-@pytest.mark.parametrize("case", ["bn", "bn_small_planes", "bn_cl", "bn_cl_wide", "gn_cl_few_samples", "gn_cl",
-                                  "in", "ln", "ln_short", "gn"])
+@pytest.mark.parametrize("case", ["bn", "bn_small_planes", "bn_cl", "bn_cl_wide", "bn_cl_one_row_tiles",
+                                  "gn_cl_few_samples", "gn_cl", "in", "ln", "ln_short", "gn"])
 def test_results_are_the_same_on_any_number_of_threads(case):
     """Work splits and dweight/dbias partials depend on the input's size, never on the
     thread count: 1, 2 and 3 threads give the same bits (a DataLoader worker with one
@@ -867,6 +900,7 @@ def test_results_are_the_same_on_any_number_of_threads(case):
               "bn_small_planes": ((9, 256, 7, 9), batch_norm_spec, None, False),
               "bn_cl": ((4, 16, 48, 48), batch_norm_spec, None, True),
               "bn_cl_wide": ((8, 512, 8, 8), batch_norm_spec, None, True),  # tile lanes, 4 blocks
+              "bn_cl_one_row_tiles": ((8, 1024, 6, 6), batch_norm_spec, None, True),  # 4 blocks
               "gn_cl_few_samples": ((2, 16, 96, 48), group_norm_spec, 4, True),
               "gn_cl": ((9, 16, 32, 32), group_norm_spec, 4, True),
               "in": ((4, 16, 48, 48), instance_norm_spec, None, False),
