@@ -880,6 +880,13 @@ def test_team_job_encodes_arguments():
     assert work[11:12].view(np.float64)[0] == 0.5
     with pytest.raises(ValueError, match="C-contiguous"):
         team.job(4, 2, (np.zeros((4, 4))[:, 0],))
+    # addresses of views, of read-only arrays and of empty ones (no buffer to view)
+    grid = np.zeros((3, 4, 5), np.float32)
+    frozen = np.arange(6.0)
+    frozen.setflags(write=False)
+    arrays = (grid[1], grid[2, 3], grid[1:2], frozen, np.zeros(0))
+    work, _ = team.job(4, 2, arrays)
+    assert list(work[3::2]) == [v.__array_interface__["data"][0] for v in arrays]
 
 
 def test_team_runs_on_torchs_openmp_runtime():
