@@ -872,12 +872,14 @@ def test_team_job_encodes_arguments():
     their float64 bits; non-contiguous arrays are refused."""
     a = np.zeros(5)
     t = torch.zeros(2, 3)
-    work, width = team.job(10, 2, (a, t, 7, True, 0.5))
+    work, width = team.job(10, 2, (a, t, 7, True, 0.5, np.float64(-2.5), np.int32(9)))
     assert width == 2
     assert list(work[:3]) == [0, 10, team.chunk_count(10, 2)]
     assert list(work[3:7]) == [a.ctypes.data, 5, t.data_ptr(), 6]
     assert list(work[7:11:2]) == [7, 1]
     assert work[11:12].view(np.float64)[0] == 0.5
+    assert work[13:14].view(np.float64)[0] == -2.5  # a NumPy float is a float
+    assert work[15] == 9
     with pytest.raises(ValueError, match="C-contiguous"):
         team.job(4, 2, (np.zeros((4, 4))[:, 0],))
     # addresses of views, of read-only arrays and of empty ones (no buffer to view)
