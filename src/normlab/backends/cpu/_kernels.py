@@ -1283,9 +1283,7 @@ def _repeat_each(v, K):
     if K == 1:
         return v
     out = np.empty(v.size * K, v.dtype)
-    for g in range(v.size):
-        for k in range(K):  # (element stores: numba's slice assignment costs ~50 ns a slice)
-            out[g * K + k] = v[g]
+    _per_channel(v, K, out)
     return out
 
 
@@ -1301,7 +1299,7 @@ def _per_channel(v, K, out):
             out[c] = dt(v[c])
     else:
         for g in range(out.size // K):
-            for k in range(K):
+            for k in range(K):  # (element stores: numba's slice assignment costs ~50 ns a slice)
                 out[g * K + k] = dt(v[g])
 
 
