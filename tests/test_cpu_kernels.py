@@ -464,7 +464,7 @@ def test_small_planes_match_torch(shape, dtype, monkeypatch):
             p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
             q.copy_(p)
     call = numba_backend.call_for(batch_norm_spec(shape), "contiguous", dtype)
-    assert numba_backend._memory_order(call.plan, x)
+    assert numba_backend._memory_order(call.plan, x.element_size())
     xo, xt = x.clone().requires_grad_(), x.double().requires_grad_()
     y, ey = ours(xo), theirs(xt)
     dy = torch.randn(shape, generator=gen).to(dtype)
@@ -502,7 +502,7 @@ def test_memory_order_equals_channel_order(shape, dtype, monkeypatch):
     results = []
     for order in ("memory", "channel"):
         if order == "channel":
-            monkeypatch.setattr(numba_backend, "_memory_order", lambda plan, x, fixed=False: False)
+            monkeypatch.setattr(numba_backend, "_memory_order", lambda plan, itemsize, fixed=False: False)
         y, mean, var, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5)
         y_fixed = numba_backend.forward_impl(x, w, b, spec, 1e-5, fixed_mean, fixed_var)[0]
         grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, True)
@@ -519,7 +519,7 @@ def test_memory_order_threshold():
     def memory_order(shape, dtype=torch.float32, fixed=False):
         x = torch.empty(shape, dtype=dtype)
         plan = numba_backend.call_for(batch_norm_spec(shape), "contiguous", dtype).plan
-        return numba_backend._memory_order(plan, x, fixed)
+        return numba_backend._memory_order(plan, x.element_size(), fixed)
 
     limit = numba_backend.SMALL_PLANE_BYTES
     assert memory_order((8, 16, limit // 4)) and not memory_order((8, 16, limit // 4 + 1))
@@ -838,13 +838,20 @@ def recording_body():
     return cfunc(types.void(types.CPointer(types.float64)))(_record_chunks)
 
 
-def _launch_recorded(body, items, threads):
-    """Launch the recording body over ``items``; the chunks it ran, as (lo, hi)."""
+def _launch_recorded(body, items, threads, from_kernel=False):
+    """Launch the recording body over ``items`` -- from Python (``team.job`` and
+    ``team.launch``) or as a by-address kernel does (``_kernels._run_team``); the chunks
+    it ran, as (lo, hi)."""
     ends = np.zeros(items)
     runs = np.zeros(items)
-    work, width = team.job(items, threads, (ends, runs))
-    assert width == min(threads, team.chunk_count(items, threads))
-    team.launch(body.address, work, width)
+    if from_kernel:
+        at_team = team.team_at(body.address, items, threads)
+        assert at_team[2:] == (min(threads, team.chunk_count(items, threads)), team.chunk_count(items, threads))
+        runtime.kernels()._run_team(at_team, items, (ends, runs))
+    else:
+        work, width = team.job(items, threads, (ends, runs))
+        assert width == min(threads, team.chunk_count(items, threads))
+        team.launch(body.address, work, width)
     chunks = []
     lo = 0
     while lo < items:
@@ -855,14 +862,14 @@ def _launch_recorded(body, items, threads):
     return chunks
 
 
-@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "python-pool"])
+@pytest.mark.parametrize("start", ["openmp", "python-pool", "from-kernel"])
 @pytest.mark.parametrize("items,threads", [(1, 2), (7, 2), (100, 2), (100, 3), (5, 1)])
-def test_team_covers_every_item_once(monkeypatch, recording_body, openmp, items, threads):
-    if not openmp:
+def test_team_covers_every_item_once(monkeypatch, recording_body, start, items, threads):
+    if start == "python-pool":
         monkeypatch.setattr(team, "_forked", True)  # what a forked child uses
     elif not team.uses_openmp():
         pytest.skip("torch here does not run on an OpenMP runtime")
-    chunks = _launch_recorded(recording_body, items, threads)
+    chunks = _launch_recorded(recording_body, items, threads, from_kernel=start == "from-kernel")
     assert chunks[0][0] == 0 and chunks[-1][1] == items
     assert len(chunks) == team.chunk_count(items, threads)
 
@@ -889,6 +896,74 @@ def test_team_job_encodes_arguments():
     arrays = (grid[1], grid[2, 3], grid[1:2], frozen, np.zeros(0))
     work, _ = team.job(4, 2, arrays)
     assert list(work[3::2]) == [v.__array_interface__["data"][0] for v in arrays]
+
+
+def test_kernel_built_job_matches_team_job():
+    """The by-address kernels build the job ``team.job`` builds for the same arguments
+    (arrays they allocate as themselves, callers' buffers as (address, size) pairs)."""
+    a = np.zeros(5)
+    t = torch.zeros(2, 3)
+    args = (a, t, 7, True, False, 0.5, -2.5, 1e-5)
+    want, _ = team.job(10, 2, args)
+    got = runtime.kernels()._job(10, team.chunk_count(10, 2),
+                                 (a, (t.data_ptr(), t.numel()), 7, True, False, 0.5, -2.5, 1e-5))
+    assert got.dtype == np.int64 and list(got) == list(want)
+
+
+def test_team_at_gives_launchs_split_and_needs_openmp_for_threads(monkeypatch):
+    """``team.team_at`` splits as ``team.job`` does; more than one thread needs the
+    OpenMP runtime (the fallback pool is started from Python)."""
+    for items, threads in ((1, 2), (7, 2), (100, 3), (5, 1)):
+        chunks = team.chunk_count(items, threads)
+        gomp, body, width, got_chunks = team.team_at(1234, items, threads)
+        assert (body, width, got_chunks) == (1234, min(threads, chunks), chunks)
+        assert (gomp != 0) == (width > 1 and team.uses_openmp())
+    monkeypatch.setattr(team, "_forked", True)
+    assert team.team_at(1234, 100, 1) == (0, 1234, 1, 1)
+    with pytest.raises(RuntimeError, match="no OpenMP runtime"):
+        team.team_at(1234, 100, 2)
+
+
+@pytest.mark.parametrize("case", ["ln", "ln_short", "gn", "in_running", "bn_running", "bn_cl_running",
+                                  "gn_cl_fused", "gn_cl_few_samples"])
+def test_teams_started_by_kernels_match_launches_from_python(case, monkeypatch):
+    """With batch statistics the by-address kernels build their jobs and start their
+    teams themselves; without OpenMP (a forked child) the same bodies run through
+    ``team.job`` and ``team.launch``. Forward, running statistics and backward (with and
+    without dx) come out bit-identical."""
+    if not team.uses_openmp():
+        pytest.skip("torch here does not run on an OpenMP runtime")
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    torch.manual_seed(17)
+    shapes = {"ln": ((300, 700), layer_norm_spec, (700,), False),
+              "ln_short": ((500, 40), layer_norm_spec, (40,), False),
+              "gn": ((4, 16, 24, 24), group_norm_spec, 4, False),
+              "in_running": ((4, 16, 24, 24), instance_norm_spec, None, False),
+              "bn_running": ((4, 16, 24, 24), batch_norm_spec, None, False),
+              "bn_cl_running": ((8, 512, 8, 8), batch_norm_spec, None, True),  # 4 row blocks
+              "gn_cl_fused": ((9, 16, 12, 12), group_norm_spec, 4, True),  # one block per sample
+              "gn_cl_few_samples": ((2, 16, 24, 12), group_norm_spec, 4, True)}  # blocks per sample
+    shape, make, arg, cl = shapes[case]
+    spec = make(shape) if arg is None else make(shape, arg)
+    fmt = CL if cl else torch.contiguous_format
+    x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+    dy = torch.randn(shape).contiguous(memory_format=fmt)
+    w, b = torch.rand(spec.param_shape) + 0.5, torch.randn(spec.param_shape)
+    call = numba_backend.call_for(spec, "channels_last" if cl else "contiguous", torch.float32)
+    running_mean, running_var = torch.randn(shape[1]), torch.rand(shape[1]) + 0.5
+    results = []
+    for forked in (False, True):
+        monkeypatch.setattr(team, "_forked", forked)
+        assert call.at != forked
+        running = None
+        if case.endswith("running"):
+            running = (running_mean.clone(), running_var.clone(), 0.1)
+        y, mean, var, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5, running=running)
+        grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, True)
+        param_grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, True, (False, True, True))
+        results.append((y, mean, var, rstd, *grads, *param_grads[1:], *(running[:2] if running else ())))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_team_runs_on_torchs_openmp_runtime():
@@ -982,26 +1057,40 @@ def test_fallback_pool_under_concurrent_calls_of_different_widths(monkeypatch, r
     assert not errors, errors
 
 
-def test_thread_count_follows_torch():
-    """Kernels use at most torch.get_num_threads() threads: one when torch has one."""
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_thread_count_follows_torch(layout):
+    """Kernels use at most torch.get_num_threads() threads: one when torch has one.
+    Contiguous GroupNorm starts its team inside the kernel (``team.team_at``);
+    channels_last GroupNorm through ``team.launch``."""
     before = torch.get_num_threads()
     calls = []
-    original = team.launch
+    launch, team_at = team.launch, team.team_at
 
-    def spy(body, work, threads):
+    def launch_spy(body, work, threads):
         calls.append(threads)
-        return original(body, work, threads)
+        return launch(body, work, threads)
+
+    def team_at_spy(body, items, threads):
+        got = team_at(body, items, threads)
+        calls.append(got[2])
+        return got
 
     x = torch.randn(*PARALLEL_SHAPE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(team, "launch", spy)
+        mp.setattr(team, "launch", launch_spy)
+        mp.setattr(team, "team_at", team_at_spy)
         torch.set_num_threads(1)
         try:
             NF.group_norm(x, 2)
         finally:
             torch.set_num_threads(before)
+        alone = calls[:]
         NF.group_norm(x, 2)
-    assert calls == [1, before]
+    launches = 1 if layout == "contiguous" else 2  # (channels_last, 4 samples: statistics, then output)
+    assert alone == [1] * launches
+    assert calls[launches:] == [before] * launches
 
 
 def _child_run(queue):

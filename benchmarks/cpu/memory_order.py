@@ -29,9 +29,10 @@ _chosen = backend._memory_order
 
 def _order(memory: bool) -> None:
     if memory:  # every plane size, batch statistics too
-        backend._memory_order = lambda plan, x, fixed=False: _chosen(plan, x, True)
+        backend._memory_order = lambda plan, itemsize, fixed=False: _chosen(plan, itemsize, True)
     else:
-        backend._memory_order = lambda plan, x, fixed=False: False
+        backend._memory_order = lambda plan, itemsize, fixed=False: False
+    backend.call_for.cache_clear()  # (each configuration's call records its order)
 
 
 def main() -> None:
@@ -50,11 +51,12 @@ def main() -> None:
                 medians = _ab.compare(run, {"channel": lambda: _order(False), "memory": lambda: _order(True)},
                                       args.rounds)
                 channel, memory = medians["channel"], medians["memory"]
-                default = "memory" if _chosen(plan, x, mode == "eval forward") else "channel"
+                default = "memory" if _chosen(plan, x.element_size(), mode == "eval forward") else "channel"
                 print(f"{str(shape):22s} {mode:17s} {channel * 1e3:11.3f} {memory * 1e3:10.3f} "
                       f"{channel / memory:8.2f}x {default:>8s}")
     finally:
         backend._memory_order = _chosen
+        backend.call_for.cache_clear()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The ``cpu-numba`` backend: same ``forward``/``backward`` contract as
 :mod:`normlab.backends.reference`, computed by the fused kernels.
 
-Data path: CPU tensors reach the kernels by address (the parallel kernels through a
-job array, see :func:`normlab.backends.cpu.team.job`; small inputs through the ``*_at``
-kernels) in the layout they already have -- contiguous or channels_last -- and outputs
+Data path: CPU tensors reach the kernels by address, in the layout they already have --
+contiguous or channels_last. For a forward with batch statistics (every training step)
+and for the backward, the ``*_at`` kernels take the addresses, build their launches' jobs and start the thread team
+themselves (:func:`_forward_at`, :func:`_backward_at`); fixed statistics, BatchNorm's
+small planes and a process without OpenMP go through jobs built here
+(:func:`normlab.backends.cpu.team.job`) and ``team.launch``. Outputs
 are allocated in the same layout, large ones from a cache of buffers that spares them
 the page faults of fresh memory (:mod:`normlab.backends.cpu.outputs`).
 bfloat16 and float16 inputs are read and written as raw 16-bit patterns and converted
@@ -117,7 +120,9 @@ class _Call:
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
     unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
-    by_address: bool  # grouped view, dtype the kernels read: the *_at kernels can run it
+    by_address: bool  # a dtype the *_at kernels read (x's, or its 16-bit bits)
+    memory_order: bool  # visited in memory order with batch statistics (see _memory_order)
+    storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
 
     @property
     def serial(self) -> bool:
@@ -125,9 +130,15 @@ class _Call:
         return self.numel < SERIAL_BELOW
 
     @property
-    def small(self) -> bool:
-        """A small input the ``*_at`` kernels take (:func:`_serial_grouped_forward`)."""
-        return self.by_address and self.numel < SERIAL_BELOW
+    def at(self) -> bool:
+        """Batch statistics of this configuration are computed by the ``*_at`` kernels
+        (:func:`_forward_at`): they read its dtype, and they can start its threads --
+        a small input has none; others need the OpenMP runtime (see ``team.team_at``)
+        and not the memory-order passes (BatchNorm's small planes, still launched from
+        Python)."""
+        if self.numel < SERIAL_BELOW:
+            return self.by_address
+        return self.by_address and not self.memory_order and team.uses_openmp()
 
     # The backend contract (:func:`forward`, :func:`backward`) for inputs of this
     # configuration: ``cpu.accepts`` hands this object to ``select_backend``, so a call
@@ -138,8 +149,8 @@ class _Call:
         """:func:`forward` of an input of this configuration."""
         if torch.compiler.is_compiling():
             return forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
-        if fixed_var is None and self.small:  # (as forward_impl; one call level less)
-            return _serial_grouped_forward(self, x, weight, bias, spec, eps, running)
+        if fixed_var is None and self.at:  # (as forward_impl; one call level less)
+            return _forward_at(self, x, weight, bias, spec, eps, running)
         return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self, running=running)
 
     def backward(self, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
@@ -147,9 +158,8 @@ class _Call:
         """:func:`backward` of an input of this configuration."""
         if torch.compiler.is_compiling():
             return backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
-        if self.small and dy.dtype == x.dtype:  # (as backward_impl; one call level less)
-            return _serial_grouped_backward(self, dy, x, weight, mean, rstd, spec, batch_statistics,
-                                            needs_input_grad)
+        if dy.dtype == x.dtype and self.at:  # (as backward_impl; one call level less)
+            return _backward_at(self, dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
         return backward_impl(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad, call=self)
 
 
@@ -163,7 +173,7 @@ _STORAGE = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: 
 def _launch(name: str, dtype: str, items: int, threads: int, args: tuple) -> None:
     """Run the team body of kernel ``name`` (see ``_kernels.body_address``) for x's
     storage ``dtype`` over ``range(items)`` on up to ``threads`` threads."""
-    team.launch(runtime.kernels().body_address(name, dtype), *team.job(items, threads, args))
+    team.launch(_body(name, dtype), *team.job(items, threads, args))
 
 
 #: NumPy scalar type of each compute dtype.
@@ -191,7 +201,9 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_rows=rows and plan.dims[2] <= SHORT_ROW,
                  unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
-                 by_address=plan.kind == "grouped" and (dtype == cdt or dtype in _BITS))
+                 by_address=dtype == cdt or dtype in _BITS,
+                 memory_order=_memory_order(plan, dtype.itemsize),
+                 storage=_STORAGE[dtype if dtype in _BITS else cdt])
 
 
 def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
@@ -247,8 +259,8 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     if call is None:
         call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if fixed_var is None and out is None and call.small:
-        return _serial_grouped_forward(call, x, weight, bias, spec, eps, running)
+    if fixed_var is None and out is None and call.at:
+        return _forward_at(call, x, weight, bias, spec, eps, running)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     # the kernels' arguments as tensors (their addresses are cheaper to take than NumPy
@@ -267,7 +279,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         mean, var, rstd = mean_in, var_out, rstd_in = stats.unbind()
     threads = 1 if call.serial else torch.get_num_threads()
     dtype = _STORAGE[xc.dtype]
-    if _memory_order(plan, xc, fixed):
+    if _memory_order(plan, xc.element_size(), fixed):
         _planes_forward(xc, y, w, b, plan, eps, spec.center, fixed, mean_in, var_out, rstd_in, threads)
     elif plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
@@ -296,15 +308,16 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
 SMALL_PLANE_BYTES = 1024
 
 
-def _memory_order(plan: Plan, x: torch.Tensor, fixed: bool = False) -> bool:
+def _memory_order(plan: Plan, itemsize: int, fixed: bool = False) -> bool:
     """Whether a per-channel grouped view (BatchNorm on NCHW: A > 1 samples, K = 1,
-    planes of more than one element) is visited in memory order: with fixed statistics
-    always (one pass, which then reads and writes in order: 1.05-1.27x faster from 7x7
-    to 112x112 planes), with batch statistics when its planes are small."""
+    planes of more than one element) of x's ``itemsize`` bytes per element is visited
+    in memory order: with fixed statistics always (one pass, which then reads and
+    writes in order: 1.05-1.27x faster from 7x7 to 112x112 planes), with batch
+    statistics when its planes are small."""
     if plan.kind != "grouped":
         return False
     a, _, kk, s, _ = plan.dims
-    return a > 1 and kk == 1 and 1 < s and (fixed or s * x.element_size() <= SMALL_PLANE_BYTES)
+    return a > 1 and kk == 1 and 1 < s and (fixed or s * itemsize <= SMALL_PLANE_BYTES)
 
 
 def _planes_forward(x, y, w, b, plan: Plan, eps, center, fixed, mean, var, rstd, threads):
@@ -341,27 +354,41 @@ def _planes_backward(dy, x, w, mean, rstd, plan: Plan, center, batch_statistics,
     return dwp, dbp
 
 
-def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float,
-                            running: RunningStats | None = None):
-    """:func:`forward_impl` of a small input in the grouped view with batch statistics --
-    every training step of a small layer -- in as few Python and torch calls as the
-    kernel allows: each one costs about as much as the kernel's own work at this size,
-    so the kernel is entered with the tensors' addresses (see ``_kernels.grouped_forward_at``),
-    and updates the running statistics too where it can (see :func:`_running_at`)."""
-    y = torch.empty_like(x)
+def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, running: RunningStats | None = None):
+    """:func:`forward_impl` with batch statistics where the by-address kernels take it
+    (see :attr:`_Call.at`) -- every training step of a LayerNorm, GroupNorm, ... -- in
+    as few Python and torch calls as possible: the kernel is entered with the tensors'
+    addresses (``_kernels.grouped_forward_at``, ``cl_forward_at``), starts its own
+    threads, and updates the running statistics too where it can (see
+    :func:`_running_at`). On a small input each Python or torch call costs about as much
+    as the kernel's own work; on a ~1 MB one, building each launch in Python cost as
+    much as the kernel."""
+    serial = call.serial
+    y = torch.empty_like(x) if serial else outputs.empty_like(x)
     # one NumPy allocation and one from_numpy per statistic: cheaper than torch.empty + unbind
     mean = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
     var = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
     rstd = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
-    a, p, kk, s, g = call.plan.dims
     fused = running is not None and _running_at(running, call)
     running_mean_at, running_var_at = fused or (0, 0)
-    runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(),
-                                         rstd.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g,
-                                         float(eps), spec.center, call.short_rows, running_mean_at, running_var_at,
-                                         float(running[2]) if fused else 0.0, call.unbias)
+    momentum = float(running[2]) if fused else 0.0
+    addresses = (x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(), rstd.data_ptr(),
+                 _LIKE[x.dtype], _LIKE[call.cdt])
+    threads = 1 if serial else torch.get_num_threads()
+    stream = not serial and _streams(y)
+    if call.plan.kind == "grouped":
+        a, p, kk, s, g = call.plan.dims
+        # small inputs: no team (the kernel then compiles its loops without streaming stores)
+        at_team = team.NO_TEAM if serial else _team("dispatch_grouped_forward", call, p, threads)
+        runtime.kernels().grouped_forward_at(*addresses, a, p, kk, s, g, float(eps), spec.center, call.short_rows,
+                                             running_mean_at, running_var_at, momentum, call.unbias, at_team, stream)
+    else:
+        n, s, g, kk = call.plan.dims
+        stats_team, apply_team = _cl_teams(call, threads, "cl_forward_fused", "cl_stats", "cl_apply")
+        runtime.kernels().cl_forward_at(*addresses, n, s, g, kk, call.plan.blocks, float(eps), running_mean_at,
+                                        running_var_at, momentum, call.unbias, stats_team, apply_team, stream)
     if fused:  # written in place: bump the version counters as an in-place torch op would
         running_mean, running_var, _ = running
         torch.autograd.graph.increment_version((running_var,) if running_mean is None else (running_mean, running_var))
@@ -370,12 +397,42 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     return y, (mean if spec.center else None), var, rstd
 
 
+def _team(name: str, call: _Call, items: int, threads: int) -> tuple[int, int, int, int]:
+    """The ``team`` of a by-address kernel (see ``team.team_at``) running team body
+    ``name`` over ``range(items)`` on up to ``threads`` threads."""
+    return team.team_at(_body(name, call.storage), items, threads)
+
+
+def _cl_teams(call: _Call, threads: int, fused: str, first: str, second: str) -> tuple[tuple, tuple]:
+    """The two teams of a channels-last by-address kernel (``cl_forward_at``,
+    ``cl_backward_at``): with one block per sample, none and body ``fused`` over the
+    samples; else bodies ``first`` and ``second`` over the (sample, block) items."""
+    n, nb = call.plan.dims[0], call.plan.blocks
+    if nb == 1:
+        return team.NO_TEAM, _team(fused, call, n, threads)
+    return _team(first, call, n * nb, threads), _team(second, call, n * nb, threads)
+
+
+#: (team body, storage dtype) -> the body's address (``_kernels.body_address``).
+_BODIES: dict[tuple[str, str], int] = {}
+
+
+def _body(name: str, storage: str) -> int:
+    """The address of team body ``name`` for x's ``storage`` dtype (compiled on first use)."""
+    address = _BODIES.get((name, storage))
+    if address is None:
+        address = _BODIES[name, storage] = runtime.kernels().body_address(name, storage)
+    return address
+
+
 def _running_at(running: RunningStats, call: _Call) -> tuple[int, int] | None:
     """(running_mean's address or 0 if absent, running_var's address) when the forward
-    kernel can update the running statistics in place (:func:`_in_place_buffers`, and a
-    per-channel grouped view: K = 1), else None."""
+    kernel can update the running statistics in place (:func:`_in_place_buffers`, and
+    one statistic per channel: K = 1), else None."""
     running_mean, running_var, _ = running
-    if call.plan.dims[2] != 1 or _in_place_buffers(running_mean, running_var, call.cdt, call.plan.dims[4]) is None:
+    dims = call.plan.dims
+    kk, g = (dims[2], dims[4]) if call.plan.kind == "grouped" else (dims[3], dims[2])
+    if kk != 1 or _in_place_buffers(running_mean, running_var, call.cdt, g) is None:
         return None
     return (0 if running_mean is None else running_mean.data_ptr()), running_var.data_ptr()
 
@@ -421,9 +478,8 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     if call is None:
         call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if call.small and dy.dtype == x.dtype:
-        return _serial_grouped_backward(call, dy, x, weight, mean, rstd, spec, batch_statistics,
-                                        needs_input_grad)
+    if dy.dtype == x.dtype and call.at:
+        return _backward_at(call, dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
     need_dx, need_dw, need_db = needs_input_grad
     if x.dtype in _BITS and dy.dtype == x.dtype:
         xc = x
@@ -441,7 +497,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     threads = 1 if call.serial else torch.get_num_threads()
     dtype = _STORAGE[xc.dtype]
     channels = plan.channels
-    if _memory_order(plan, xc):
+    if _memory_order(plan, xc.element_size()):
         dwp, dbp = _planes_backward(dy, xc, w, mean_in, rstd_in, plan, spec.center, batch_statistics, need_dx,
                                     dx_out, threads)
     elif plan.kind == "grouped":
@@ -469,24 +525,36 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
-def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec,
-                             batch_statistics: bool, needs_input_grad):
-    """:func:`backward_impl` of a small input in the grouped view (dy in x's dtype), in
-    as few Python and torch calls as possible (see :func:`_serial_grouped_forward`)."""
+def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool, needs_input_grad):
+    """:func:`backward_impl` where the by-address kernels take it (dy in x's dtype; see
+    :attr:`_Call.at`), in as few Python and torch calls as possible (see
+    :func:`_forward_at`)."""
     need_dx, need_dw, need_db = needs_input_grad
-    if not dy.is_contiguous():  # e.g. an expanded gradient: the kernel reads x's order
-        dy = dy.contiguous()
+    if not dy.is_contiguous(memory_format=call.memory_format):  # e.g. an expanded gradient: x's order
+        dy = dy.contiguous(memory_format=call.memory_format)
     w, w_at = _param_at(weight, call, 1.0)
     mean, mean_at = _stat_at(mean, call)
     rstd, rstd_at = _stat_at(rstd, call)
-    dx = torch.empty_like(x) if need_dx else None
+    serial = call.serial
+    threads = 1 if serial else torch.get_num_threads()
+    dx = None
+    if need_dx:
+        dx = torch.empty_like(x) if serial else outputs.empty_like(x)
     dw = torch.from_numpy(np.empty(call.param_shape, call.npdt))
     db = torch.from_numpy(np.empty(call.param_shape, call.npdt))
-    a, p, kk, s, g = call.plan.dims
-    runtime.kernels().grouped_backward_at(dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at,
-                                          dx.data_ptr() if need_dx else 0, dw.data_ptr(), db.data_ptr(),
-                                          _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, spec.center,
-                                          batch_statistics, need_dx, call.partials, call.short_rows)
+    addresses = (dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at, dx.data_ptr() if need_dx else 0,
+                 dw.data_ptr(), db.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt])
+    stream = need_dx and not serial and _streams(dx)
+    if call.plan.kind == "grouped":
+        a, p, kk, s, g = call.plan.dims
+        at_team = team.NO_TEAM if serial else _team("dispatch_grouped_backward", call, call.partials, threads)
+        runtime.kernels().grouped_backward_at(*addresses, a, p, kk, s, g, spec.center, batch_statistics, need_dx,
+                                              call.partials, call.short_rows, at_team, stream)
+    else:
+        n, s, g, kk = call.plan.dims
+        sums_team, dx_team = _cl_teams(call, threads, "cl_backward_fused", "cl_grad_sums", "cl_dx")
+        runtime.kernels().cl_backward_at(*addresses, n, s, g, kk, call.plan.blocks, spec.center, batch_statistics,
+                                         need_dx, sums_team, dx_team, stream)
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 

@@ -33,6 +33,12 @@ Which chunk covers which items depends only on ``items`` and the chunk count, ne
 which thread ran it: a kernel that writes per-chunk partial sums gives the same result
 whatever the timing.
 
+**Started from a kernel.** Building a job in Python costs ~20 us right after a
+memory-bound pass, as much as the kernel itself on a ~1 MB input. So the kernels
+called by address (``_kernels.grouped_forward_at`` and the like) build their jobs
+themselves and call ``GOMP_parallel`` by its address (:func:`team_at` gives it):
+the same bodies, chunks and threads as :func:`launch`, without Python in between.
+
 **Errors.** The bodies cannot raise: the kernels they run have no error paths (their
 inputs are checked in Python before the launch, and they are compiled with numba's
 ``error_model="numpy"``, so a division by zero gives Inf or NaN as in torch).
@@ -50,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["launch", "job", "chunk_count", "uses_openmp", "CHUNKS_PER_THREAD"]
+__all__ = ["launch", "job", "team_at", "chunk_count", "uses_openmp", "NO_TEAM", "CHUNKS_PER_THREAD"]
 
 #: Chunks per thread: enough to even out a late thread, few enough that claiming one
 #: (an atomic add) and re-entering the kernel stay negligible.
@@ -111,6 +117,20 @@ def uses_openmp() -> bool:
     return _openmp() is not None
 
 
+_gomp_address = 0
+
+
+def _openmp_address() -> int:
+    """The address of the ``GOMP_parallel`` that :func:`launch` calls (0 where it calls none)."""
+    global _gomp_address
+    fn = _openmp()
+    if fn is None:
+        return 0
+    if not _gomp_address:
+        _gomp_address = ctypes.cast(fn, ctypes.c_void_p).value
+    return _gomp_address
+
+
 # ------------------------------------------------------------------ fallback pool
 
 _pool: ThreadPoolExecutor | None = None
@@ -162,6 +182,25 @@ def job(items: int, threads: int, args: Sequence) -> tuple[np.ndarray, int]:
         else:
             words += (int(a), 0)
     return np.array(words, dtype=np.int64), min(threads, chunks)
+
+
+#: The ``team`` of a by-address kernel that runs on the calling thread (no body).
+NO_TEAM = (0, 0, 1, 1)
+
+
+def team_at(body: int, items: int, threads: int) -> tuple[int, int, int, int]:
+    """The ``team`` argument of the by-address kernels that start their own team (see
+    ``_kernels._run_team``): ``(GOMP_parallel's address, body, threads, chunks)`` for
+    the body at ``body`` over ``range(items)`` on up to ``threads`` threads -- the split
+    :func:`job` and :func:`launch` would make, without the ~20 us of Python that building
+    the job costs. Only where :func:`uses_openmp` (or for one thread): the fallback pool
+    needs Python to start its threads."""
+    chunks = chunk_count(items, threads)
+    threads = min(threads, chunks)
+    gomp = _openmp_address() if threads > 1 else 0
+    if threads > 1 and not gomp:
+        raise RuntimeError("team.team_at: more than one thread asked for, but no OpenMP runtime to start them on")
+    return gomp, body, threads, chunks
 
 
 def _address(a: np.ndarray) -> int:
