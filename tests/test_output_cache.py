@@ -26,6 +26,10 @@ def test_outputs_have_the_layout_of_the_input(fmt):
     out = outputs.empty_like(like)
     assert out.shape == like.shape and out.dtype == like.dtype and out.stride() == like.stride()
     out.copy_(torch.arange(out.numel(), dtype=out.dtype).view(like.shape))
+    gc.collect()
+    assert outputs.cached_bytes() == 0, "the buffer of a live output went back to the cache"
+    other = outputs.empty_like(like)
+    other.fill_(-1.0)
     assert torch.equal(out, torch.arange(out.numel(), dtype=out.dtype).view(like.shape))
 
 

@@ -38,7 +38,7 @@ def mebibytes(name: str, default: int) -> int:
 
     Raises ValueError naming the variable when its value is not a number.
     """
-    text = os.environ.get(name)
+    text = getenv(name)
     if text is None:
         return default
     try:
