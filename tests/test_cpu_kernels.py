@@ -487,11 +487,12 @@ def test_small_planes_match_torch(shape, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7, 96, 5, 6), (3, 8, 24, 24)])  # small planes; large (fixed only)
-def test_memory_order_equals_channel_order(shape, dtype, monkeypatch):
+def test_memory_order_equals_channel_order(shape, dtype, monkeypatch, request):
     """Memory order changes where the kernels read, not what they add: forward (batch
     and fixed statistics) and backward (with and without dx) are bit-identical to the
     channel-order kernels."""
     monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    request.addfinalizer(numba_backend.call_for.cache_clear)  # (configurations record their order)
     spec = batch_norm_spec(shape)
     c = shape[1]
     gen = torch.Generator().manual_seed(5)
@@ -503,6 +504,8 @@ def test_memory_order_equals_channel_order(shape, dtype, monkeypatch):
     for order in ("memory", "channel"):
         if order == "channel":
             monkeypatch.setattr(numba_backend, "_memory_order", lambda plan, itemsize, fixed=False: False)
+            numba_backend.call_for.cache_clear()
+        assert numba_backend.call_for(spec, "contiguous", dtype).memory_order == (order == "memory" and shape[2] < 8)
         y, mean, var, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5)
         y_fixed = numba_backend.forward_impl(x, w, b, spec, 1e-5, fixed_mean, fixed_var)[0]
         grads = numba_backend.backward_impl(dy, x, w, mean, rstd, spec, True)
@@ -924,8 +927,8 @@ def test_team_at_gives_launchs_split_and_needs_openmp_for_threads(monkeypatch):
         team.team_at(1234, 100, 2)
 
 
-@pytest.mark.parametrize("case", ["ln", "ln_short", "gn", "in_running", "bn_running", "bn_cl_running",
-                                  "gn_cl_fused", "gn_cl_few_samples"])
+@pytest.mark.parametrize("case", ["ln", "ln_short", "gn", "in_running", "bn_running", "bn_planes_running",
+                                  "bn_cl_running", "gn_cl_fused", "gn_cl_few_samples"])
 def test_teams_started_by_kernels_match_launches_from_python(case, monkeypatch):
     """With batch statistics the by-address kernels build their jobs and start their
     teams themselves; without OpenMP (a forked child) the same bodies run through
@@ -940,6 +943,7 @@ def test_teams_started_by_kernels_match_launches_from_python(case, monkeypatch):
               "gn": ((4, 16, 24, 24), group_norm_spec, 4, False),
               "in_running": ((4, 16, 24, 24), instance_norm_spec, None, False),
               "bn_running": ((4, 16, 24, 24), batch_norm_spec, None, False),
+              "bn_planes_running": ((9, 256, 7, 9), batch_norm_spec, None, False),  # in memory order
               "bn_cl_running": ((8, 512, 8, 8), batch_norm_spec, None, True),  # 4 row blocks
               "gn_cl_fused": ((9, 16, 12, 12), group_norm_spec, 4, True),  # one block per sample
               "gn_cl_few_samples": ((2, 16, 24, 12), group_norm_spec, 4, True)}  # blocks per sample

@@ -1972,6 +1972,52 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at
 
 
 @njit(**_OPTS)
+def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, S, eps, center,
+                      running_mean_at, running_var_at, momentum, correction, means_team, sums_team,
+                      coefficients_team, apply_team, stream):
+    """BatchNorm's forward with batch statistics on its per-channel planes (A, P, S) in
+    memory order: :func:`planes_rough_means`, :func:`planes_sums`,
+    :func:`planes_coefficients` and :func:`planes_apply`, each on its team (see
+    :func:`_run_team`). mean/var/rstd hold the P channels' statistics. Running
+    statistics as :func:`grouped_forward_at`."""
+    n = A * P * S
+    coefficients = np.empty((3, P), like_c.dtype)  # y = (x - mc) * ca + cb
+    mc, ca, cb = coefficients[0], coefficients[1], coefficients[2]
+    psd = np.empty((A, P))
+    psq = np.empty((A, P))
+    _run_team(means_team, P, ((x_at, n), P, S, center, mc))
+    _run_team(sums_team, A, ((x_at, n), A, P, S, mc, psd, psq))
+    _run_team(coefficients_team, P, ((x_at, n), psd, psq, A, P, S, eps, center, True, (w_at, P), (b_at, P), mc,
+                                     (mean_at, P), (var_at, P), (rstd_at, P), ca, cb))
+    _run_team(apply_team, A, ((x_at, n), (y_at, n), P, S, mc, ca, cb, stream))
+    if running_var_at:
+        update_running(_at(running_mean_at, P if running_mean_at else 0, like_c), _at(running_var_at, P, like_c),
+                       _at(mean_at, P, like_c).reshape(1, P), _at(var_at, P, like_c).reshape(1, P), momentum,
+                       correction)
+
+
+@njit(**_OPTS)
+def planes_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, S, center,
+                       batch, need_dx, sums_team, coefficients_team, dx_team, stream):
+    """BatchNorm's backward on its planes in memory order, dweight/dbias into dw/db (P
+    values each): :func:`planes_grad_sums`, :func:`planes_dx_coefficients` and, when
+    need_dx, :func:`planes_dx`, each on its team (see :func:`_run_team`)."""
+    n = A * P * S
+    psdy = np.empty((A, P))
+    psdyx = np.empty((A, P))
+    _run_team(sums_team, A, ((dy_at, n), (x_at, n), A, P, S, (mean_at, P), psdy, psdyx))
+    dwp = np.empty((1, P))
+    dbp = np.empty((1, P))
+    coefficients = np.empty((4, P), like_c.dtype)  # dx = ca * dy + cb * (x - mc) + cc
+    mc, ca, cb, cc = coefficients[0], coefficients[1], coefficients[2], coefficients[3]
+    _run_team(coefficients_team, P, (psdy, psdyx, A, P, S, center, batch, (w_at, P), (mean_at, P), (rstd_at, P),
+                                     dwp, dbp, mc, ca, cb, cc))
+    if need_dx:
+        _run_team(dx_team, A, ((dy_at, n), (x_at, n), (dx_at, n), P, S, mc, ca, cb, cc, stream))
+    sum_partials(dwp, dbp, _at(dw_at, P, like_c), _at(db_at, P, like_c))
+
+
+@njit(**_OPTS)
 def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, N, S, G, K, B, eps,
                   running_mean_at, running_var_at, momentum, correction, stats_team, apply_team, stream):
     """The channels-last forward with batch statistics of N*G groups: with one block per

@@ -4,8 +4,8 @@
 Data path: CPU tensors reach the kernels by address, in the layout they already have --
 contiguous or channels_last. For a forward with batch statistics (every training step)
 and for the backward, the ``*_at`` kernels take the addresses, build their launches' jobs and start the thread team
-themselves (:func:`_forward_at`, :func:`_backward_at`); fixed statistics, BatchNorm's
-small planes and a process without OpenMP go through jobs built here
+themselves (:func:`_forward_at`, :func:`_backward_at`); fixed statistics and a process
+without OpenMP go through jobs built here
 (:func:`normlab.backends.cpu.team.job`) and ``team.launch``. Outputs
 are allocated in the same layout, large ones from a cache of buffers that spares them
 the page faults of fresh memory (:mod:`normlab.backends.cpu.outputs`).
@@ -121,7 +121,7 @@ class _Call:
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
     unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
     by_address: bool  # a dtype the *_at kernels read (x's, or its 16-bit bits)
-    memory_order: bool  # visited in memory order with batch statistics (see _memory_order)
+    memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
 
     @property
@@ -132,13 +132,11 @@ class _Call:
     @property
     def at(self) -> bool:
         """Batch statistics of this configuration are computed by the ``*_at`` kernels
-        (:func:`_forward_at`): they read its dtype, and they can start its threads --
-        a small input has none; others need the OpenMP runtime (see ``team.team_at``)
-        and not the memory-order passes (BatchNorm's small planes, still launched from
-        Python)."""
+        (:func:`_forward_at`): they read its dtype, and they can start its threads (a
+        small input has none; others need the OpenMP runtime, see ``team.team_at``)."""
         if self.numel < SERIAL_BELOW:
             return self.by_address
-        return self.by_address and not self.memory_order and team.uses_openmp()
+        return self.by_address and team.uses_openmp()
 
     # The backend contract (:func:`forward`, :func:`backward`) for inputs of this
     # configuration: ``cpu.accepts`` hands this object to ``select_backend``, so a call
@@ -358,7 +356,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     """:func:`forward_impl` with batch statistics where the by-address kernels take it
     (see :attr:`_Call.at`) -- every training step of a LayerNorm, GroupNorm, ... -- in
     as few Python and torch calls as possible: the kernel is entered with the tensors'
-    addresses (``_kernels.grouped_forward_at``, ``cl_forward_at``), starts its own
+    addresses (``_kernels.grouped_forward_at``, ``planes_forward_at``, ``cl_forward_at``), starts its own
     threads, and updates the running statistics too where it can (see
     :func:`_running_at`). On a small input each Python or torch call costs about as much
     as the kernel's own work; on a ~1 MB one, building each launch in Python cost as
@@ -378,7 +376,15 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
                  _LIKE[x.dtype], _LIKE[call.cdt])
     threads = 1 if serial else torch.get_num_threads()
     stream = not serial and _streams(y)
-    if call.plan.kind == "grouped":
+    if call.memory_order and not serial:
+        a, p, _, s, _ = call.plan.dims
+        runtime.kernels().planes_forward_at(*addresses, a, p, s, float(eps), spec.center, running_mean_at,
+                                            running_var_at, momentum, call.unbias,
+                                            _team("planes_rough_means", call, p, threads),
+                                            _team("planes_sums", call, a, threads),
+                                            _team("planes_coefficients", call, p, threads),
+                                            _team("planes_apply", call, a, threads), stream)
+    elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
         # small inputs: no team (the kernel then compiles its loops without streaming stores)
         at_team = team.NO_TEAM if serial else _team("dispatch_grouped_forward", call, p, threads)
@@ -545,7 +551,13 @@ def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_s
     addresses = (dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at, dx.data_ptr() if need_dx else 0,
                  dw.data_ptr(), db.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt])
     stream = need_dx and not serial and _streams(dx)
-    if call.plan.kind == "grouped":
+    if call.memory_order and not serial:
+        a, p, _, s, _ = call.plan.dims
+        runtime.kernels().planes_backward_at(*addresses, a, p, s, spec.center, batch_statistics, need_dx,
+                                             _team("planes_grad_sums", call, a, threads),
+                                             _team("planes_dx_coefficients", call, p, threads),
+                                             _team("planes_dx", call, a, threads), stream)
+    elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
         at_team = team.NO_TEAM if serial else _team("dispatch_grouped_backward", call, call.partials, threads)
         runtime.kernels().grouped_backward_at(*addresses, a, p, kk, s, g, spec.center, batch_statistics, need_dx,
