@@ -1791,17 +1791,19 @@ def sum_partials(dwp, dbp, dw, db):
 # what surrounds the kernels, and the largest item was handing tensors to numba: a
 # tensor's NumPy view costs ~0.6-0.9 us (``.numpy()`` and a reshape), a dozen of them per
 # step. These entry points take each tensor as its address instead (``data_ptr()``, 0.1
-# us) and build the arrays here. The caller guarantees each address is the start of a
-# dense buffer of the stated length that stays alive during the call. ``like_x``/
-# ``like_c`` are empty arrays whose dtypes (x's, e.g. uint16 for bfloat16 bits, and the
-# compute dtype's) pick the compiled specialization.
+# us). The caller guarantees each address is the start of a dense buffer of the stated
+# length that stays alive during the call. ``like_x``/``like_c`` are empty arrays whose
+# dtypes (x's, e.g. uint16 for bfloat16 bits, and the compute dtype's) pick the compiled
+# specialization.
 #
-# They also start the thread team themselves when given one (``team``: see
-# :func:`_run_team`): building a launch's job in Python (``team.job``) and calling the
-# OpenMP runtime through ctypes cost ~20-50 us right after a memory-bound pass -- as
-# much as the kernel on a ~1 MB input. Measured on the 2-core benchmark machine,
-# LayerNorm (256, 768) forward: 108 us through ``team.job``, 60 us with the job built
-# here (torch.nn: 59 us), the same bits.
+# ``grouped_forward_at``/``grouped_backward_at`` run the kernels here, on the calling
+# thread (small inputs). The others (``*_team_at``, ``planes_*_at``, ``cl_*_at``) start
+# the thread team themselves (``team``: see :func:`_run_team`) on the team bodies, which
+# are compiled per x's dtype: building a launch's job in Python (``team.job``) and
+# calling the OpenMP runtime through ctypes cost ~20-50 us right after a memory-bound
+# pass -- as much as the kernel on a ~1 MB input. Measured on the 2-core benchmark
+# machine, LayerNorm (256, 768) forward: 108 us through ``team.job``, 60 us with the job
+# built here (torch.nn: 59 us), the same bits.
 
 
 @intrinsic
@@ -1923,27 +1925,56 @@ def _run_team(team, items, args):
 
 @njit(**_OPTS)
 def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, K, S, G, eps,
-                       center, short_rows, running_mean_at, running_var_at, momentum, correction, team, stream):
+                       center, short_rows, running_mean_at, running_var_at, momentum, correction):
     """:func:`dispatch_grouped_forward` with batch statistics on all P groups;
-    mean/var/rstd hold P values each. Through ``dispatch_grouped_forward_body`` on
-    ``team`` (see :func:`_run_team`; ``stream``: write y with streaming stores), or --
-    a team without a body, ``(0, 0, 1, 1)``: a small input -- called here with ordinary
-    stores (``stream`` a constant: the short-row loops then compile without the
-    streaming ones around them).
+    mean/var/rstd hold P values each.
 
     ``running_var_at`` not 0 (BatchNorm/InstanceNorm training, K = 1): the running
     statistics of the G channels are then updated from the P = rows * G statistics, as
     :func:`update_running` (``running_mean_at`` 0: absent)."""
     n = A * P * K * S
+    x = _at(x_at, n, like_x)
+    y = _at(y_at, n, like_x)
+    w = _at(w_at, G * K, like_c)
+    b = _at(b_at, G * K, like_c)
+    mean = _at(mean_at, P, like_c)
+    var = _at(var_at, P, like_c)
+    rstd = _at(rstd_at, P, like_c)
+    dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_rows, mean, var, rstd, False, 0, P)
+    if running_var_at:
+        update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
+                       mean.reshape(P // G, G), var.reshape(P // G, G), momentum, correction)
+
+
+@njit(**_OPTS)
+def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, K, S,
+                        G, center, batch, need_dx, T, short_rows):
+    """:func:`dispatch_grouped_backward` over all T partial chunks, summed into
+    dweight/dbias (G*K values each). dx is written when need_dx."""
+    n = A * P * K * S
     C = G * K
-    if team[1]:
-        _run_team(team, P, ((x_at, n), (y_at, n), (w_at, C), (b_at, C), A, P, K, S, G, eps, center, True,
-                            short_rows, (mean_at, P), (var_at, P), (rstd_at, P), stream))
-    else:
-        dispatch_grouped_forward(_at(x_at, n, like_x), _at(y_at, n, like_x), _at(w_at, C, like_c),
-                                 _at(b_at, C, like_c), A, P, K, S, G, eps, center, True, short_rows,
-                                 _at(mean_at, P, like_c), _at(var_at, P, like_c), _at(rstd_at, P, like_c), False,
-                                 0, P)
+    dy = _at(dy_at, n, like_x)
+    x = _at(x_at, n, like_x)
+    dx = _at(dx_at, n if need_dx else 0, like_x)
+    w = _at(w_at, C, like_c)
+    mean = _at(mean_at, P, like_c)
+    rstd = _at(rstd_at, P, like_c)
+    dwp = np.zeros((T, C))
+    dbp = np.zeros((T, C))
+    dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx, dwp,
+                              dbp, False, 0, T)
+    sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
+
+
+@njit(**_OPTS)
+def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, A, P, K, S, G, eps, center,
+                            short_rows, running_mean_at, running_var_at, momentum, correction, team, stream):
+    """:func:`grouped_forward_at` on a team running ``dispatch_grouped_forward_body``
+    (see :func:`_run_team`; ``stream``: write y with streaming stores)."""
+    n = A * P * K * S
+    C = G * K
+    _run_team(team, P, ((x_at, n), (y_at, n), (w_at, C), (b_at, C), A, P, K, S, G, eps, center, True, short_rows,
+                        (mean_at, P), (var_at, P), (rstd_at, P), stream))
     if running_var_at:
         update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
                        _at(mean_at, P, like_c).reshape(P // G, G), _at(var_at, P, like_c).reshape(P // G, G),
@@ -1951,28 +1982,21 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
 
 
 @njit(**_OPTS)
-def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, K, S,
-                        G, center, batch, need_dx, T, short_rows, team, stream):
-    """:func:`dispatch_grouped_backward` over all T partial chunks, summed into
-    dweight/dbias (G*K values each). dx is written when need_dx. On ``team`` or here,
-    as :func:`grouped_forward_at`."""
+def grouped_backward_team_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_c, A, P, K, S, G,
+                             center, batch, need_dx, T, short_rows, team, stream):
+    """:func:`grouped_backward_at` on a team running ``dispatch_grouped_backward_body``
+    (see :func:`_run_team`)."""
     n = A * P * K * S
     C = G * K
-    m = n if need_dx else 0
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
-    if team[1]:
-        _run_team(team, T, ((dy_at, n), (x_at, n), (w_at, C), (mean_at, P), (rstd_at, P), A, P, K, S, G, center,
-                            batch, need_dx, T, short_rows, (dx_at, m), dwp, dbp, stream))
-    else:
-        dispatch_grouped_backward(_at(dy_at, n, like_x), _at(x_at, n, like_x), _at(w_at, C, like_c),
-                                  _at(mean_at, P, like_c), _at(rstd_at, P, like_c), A, P, K, S, G, center, batch,
-                                  need_dx, T, short_rows, _at(dx_at, m, like_x), dwp, dbp, False, 0, T)
+    _run_team(team, T, ((dy_at, n), (x_at, n), (w_at, C), (mean_at, P), (rstd_at, P), A, P, K, S, G, center, batch,
+                        need_dx, T, short_rows, (dx_at, n if need_dx else 0), dwp, dbp, stream))
     sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
 
 @njit(**_OPTS)
-def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, S, eps, center,
+def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, A, P, S, eps, center,
                       running_mean_at, running_var_at, momentum, correction, means_team, sums_team,
                       coefficients_team, apply_team, stream):
     """BatchNorm's forward with batch statistics on its per-channel planes (A, P, S) in
@@ -1997,7 +2021,7 @@ def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, 
 
 
 @njit(**_OPTS)
-def planes_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, S, center,
+def planes_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_c, A, P, S, center,
                        batch, need_dx, sums_team, coefficients_team, dx_team, stream):
     """BatchNorm's backward on its planes in memory order, dweight/dbias into dw/db (P
     values each): :func:`planes_grad_sums`, :func:`planes_dx_coefficients` and, when
@@ -2018,7 +2042,7 @@ def planes_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at,
 
 
 @njit(**_OPTS)
-def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, N, S, G, K, B, eps,
+def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, N, S, G, K, B, eps,
                   running_mean_at, running_var_at, momentum, correction, stats_team, apply_team, stream):
     """The channels-last forward with batch statistics of N*G groups: with one block per
     sample (B = 1), :func:`cl_forward_fused` on ``apply_team``; else :func:`cl_stats` on
@@ -2046,7 +2070,7 @@ def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like
 
 
 @njit(**_OPTS)
-def cl_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, N, S, G, K, B,
+def cl_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_c, N, S, G, K, B,
                    center, batch, need_dx, sums_team, dx_team, stream):
     """The channels-last backward, dweight/dbias summed into dw/db (G*K values each):
     with one block per sample (B = 1), :func:`cl_backward_fused` on ``dx_team``; else

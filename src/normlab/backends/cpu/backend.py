@@ -130,6 +130,12 @@ class _Call:
         return self.numel < SERIAL_BELOW
 
     @property
+    def small(self) -> bool:
+        """A small input the ``*_at`` kernels run on the calling thread
+        (:func:`_serial_grouped_forward`)."""
+        return self.by_address and self.numel < SERIAL_BELOW and self.plan.kind == "grouped"
+
+    @property
     def at(self) -> bool:
         """Batch statistics of this configuration are computed by the ``*_at`` kernels
         (:func:`_forward_at`): they read its dtype, and they can start its threads (a
@@ -147,8 +153,11 @@ class _Call:
         """:func:`forward` of an input of this configuration."""
         if torch.compiler.is_compiling():
             return forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
-        if fixed_var is None and self.at:  # (as forward_impl; one call level less)
-            return _forward_at(self, x, weight, bias, spec, eps, running)
+        if fixed_var is None:  # (as forward_impl; one call level less)
+            if self.small:
+                return _serial_grouped_forward(self, x, weight, bias, spec, eps, running)
+            if self.at:
+                return _forward_at(self, x, weight, bias, spec, eps, running)
         return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self, running=running)
 
     def backward(self, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
@@ -156,8 +165,12 @@ class _Call:
         """:func:`backward` of an input of this configuration."""
         if torch.compiler.is_compiling():
             return backward(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
-        if dy.dtype == x.dtype and self.at:  # (as backward_impl; one call level less)
-            return _backward_at(self, dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
+        if dy.dtype == x.dtype:  # (as backward_impl; one call level less)
+            if self.small:
+                return _serial_grouped_backward(self, dy, x, weight, mean, rstd, spec, batch_statistics,
+                                                needs_input_grad)
+            if self.at:
+                return _backward_at(self, dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
         return backward_impl(dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad, call=self)
 
 
@@ -257,8 +270,11 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     if call is None:
         call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if fixed_var is None and out is None and call.at:
-        return _forward_at(call, x, weight, bias, spec, eps, running)
+    if fixed_var is None and out is None:
+        if call.small:
+            return _serial_grouped_forward(call, x, weight, bias, spec, eps, running)
+        if call.at:
+            return _forward_at(call, x, weight, bias, spec, eps, running)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     # the kernels' arguments as tensors (their addresses are cheaper to take than NumPy
@@ -352,15 +368,48 @@ def _planes_backward(dy, x, w, mean, rstd, plan: Plan, center, batch_statistics,
     return dwp, dbp
 
 
+def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: float,
+                            running: RunningStats | None = None):
+    """:func:`forward_impl` of a small input in the grouped view with batch statistics --
+    every training step of a small layer -- in as few Python and torch calls as the
+    kernel allows: each one costs about as much as the kernel's own work at this size,
+    so the kernel is entered with the tensors' addresses (see ``_kernels.grouped_forward_at``),
+    and updates the running statistics too where it can (see :func:`_running_at`)."""
+    y = torch.empty_like(x)
+    # one NumPy allocation and one from_numpy per statistic: cheaper than torch.empty + unbind
+    mean = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
+    var = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
+    rstd = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
+    w, w_at = _param_at(weight, call, 1.0)
+    b, b_at = _param_at(bias, call, 0.0)
+    a, p, kk, s, g = call.plan.dims
+    fused = running is not None and _running_at(running, call)
+    running_mean_at, running_var_at = fused or (0, 0)
+    runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(),
+                                         rstd.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g,
+                                         float(eps), spec.center, call.short_rows, running_mean_at, running_var_at,
+                                         float(running[2]) if fused else 0.0, call.unbias)
+    return _forward_result(spec, running, fused, y, mean, var, rstd)
+
+
+def _forward_result(spec: NormSpec, running: RunningStats | None, fused, y, mean, var, rstd):
+    """``(y, mean, var, rstd)`` of a by-address forward, with the running statistics
+    marked as updated (``fused``: the kernel wrote them) or updated here."""
+    if fused:  # written in place: bump the version counters as an in-place torch op would
+        running_mean, running_var, _ = running
+        torch.autograd.graph.increment_version((running_var,) if running_mean is None else (running_mean, running_var))
+    else:
+        fold_running_stats(running, mean, var, spec.count)
+    return y, (mean if spec.center else None), var, rstd
+
+
 def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, running: RunningStats | None = None):
     """:func:`forward_impl` with batch statistics where the by-address kernels take it
-    (see :attr:`_Call.at`) -- every training step of a LayerNorm, GroupNorm, ... -- in
-    as few Python and torch calls as possible: the kernel is entered with the tensors'
-    addresses (``_kernels.grouped_forward_at``, ``planes_forward_at``, ``cl_forward_at``), starts its own
-    threads, and updates the running statistics too where it can (see
-    :func:`_running_at`). On a small input each Python or torch call costs about as much
-    as the kernel's own work; on a ~1 MB one, building each launch in Python cost as
-    much as the kernel."""
+    (see :attr:`_Call.at`; small grouped inputs: :func:`_serial_grouped_forward`): one
+    kernel call with the tensors' addresses (``_kernels.grouped_forward_team_at``,
+    ``planes_forward_at``, ``cl_forward_at``) that starts its own teams and updates the
+    running statistics too where it can (see :func:`_running_at`). On a ~1 MB input,
+    building each launch in Python cost as much as the kernel."""
     serial = call.serial
     y = torch.empty_like(x) if serial else outputs.empty_like(x)
     # one NumPy allocation and one from_numpy per statistic: cheaper than torch.empty + unbind
@@ -373,10 +422,10 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     running_mean_at, running_var_at = fused or (0, 0)
     momentum = float(running[2]) if fused else 0.0
     addresses = (x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(), rstd.data_ptr(),
-                 _LIKE[x.dtype], _LIKE[call.cdt])
+                 _LIKE[call.cdt])
     threads = 1 if serial else torch.get_num_threads()
     stream = not serial and _streams(y)
-    if call.memory_order and not serial:
+    if call.memory_order:
         a, p, _, s, _ = call.plan.dims
         runtime.kernels().planes_forward_at(*addresses, a, p, s, float(eps), spec.center, running_mean_at,
                                             running_var_at, momentum, call.unbias,
@@ -386,21 +435,16 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
                                             _team("planes_apply", call, a, threads), stream)
     elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
-        # small inputs: no team (the kernel then compiles its loops without streaming stores)
-        at_team = team.NO_TEAM if serial else _team("dispatch_grouped_forward", call, p, threads)
-        runtime.kernels().grouped_forward_at(*addresses, a, p, kk, s, g, float(eps), spec.center, call.short_rows,
-                                             running_mean_at, running_var_at, momentum, call.unbias, at_team, stream)
+        runtime.kernels().grouped_forward_team_at(*addresses, a, p, kk, s, g, float(eps), spec.center,
+                                                  call.short_rows, running_mean_at, running_var_at, momentum,
+                                                  call.unbias, _team("dispatch_grouped_forward", call, p, threads),
+                                                  stream)
     else:
         n, s, g, kk = call.plan.dims
         stats_team, apply_team = _cl_teams(call, threads, "cl_forward_fused", "cl_stats", "cl_apply")
         runtime.kernels().cl_forward_at(*addresses, n, s, g, kk, call.plan.blocks, float(eps), running_mean_at,
                                         running_var_at, momentum, call.unbias, stats_team, apply_team, stream)
-    if fused:  # written in place: bump the version counters as an in-place torch op would
-        running_mean, running_var, _ = running
-        torch.autograd.graph.increment_version((running_var,) if running_mean is None else (running_mean, running_var))
-    else:
-        fold_running_stats(running, mean, var, spec.count)
-    return y, (mean if spec.center else None), var, rstd
+    return _forward_result(spec, running, fused, y, mean, var, rstd)
 
 
 def _team(name: str, call: _Call, items: int, threads: int) -> tuple[int, int, int, int]:
@@ -484,8 +528,12 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     if call is None:
         call = _call_of(x, spec)
     cdt, plan = call.cdt, call.plan
-    if dy.dtype == x.dtype and call.at:
-        return _backward_at(call, dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
+    if dy.dtype == x.dtype:
+        if call.small:
+            return _serial_grouped_backward(call, dy, x, weight, mean, rstd, spec, batch_statistics,
+                                            needs_input_grad)
+        if call.at:
+            return _backward_at(call, dy, x, weight, mean, rstd, spec, batch_statistics, needs_input_grad)
     need_dx, need_dw, need_db = needs_input_grad
     if x.dtype in _BITS and dy.dtype == x.dtype:
         xc = x
@@ -531,10 +579,31 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
+def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec,
+                             batch_statistics: bool, needs_input_grad):
+    """:func:`backward_impl` of a small input in the grouped view (dy in x's dtype), in
+    as few Python and torch calls as possible (see :func:`_serial_grouped_forward`)."""
+    need_dx, need_dw, need_db = needs_input_grad
+    if not dy.is_contiguous():  # e.g. an expanded gradient: the kernel reads x's order
+        dy = dy.contiguous()
+    w, w_at = _param_at(weight, call, 1.0)
+    mean, mean_at = _stat_at(mean, call)
+    rstd, rstd_at = _stat_at(rstd, call)
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.from_numpy(np.empty(call.param_shape, call.npdt))
+    db = torch.from_numpy(np.empty(call.param_shape, call.npdt))
+    a, p, kk, s, g = call.plan.dims
+    runtime.kernels().grouped_backward_at(dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at,
+                                          dx.data_ptr() if need_dx else 0, dw.data_ptr(), db.data_ptr(),
+                                          _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, spec.center,
+                                          batch_statistics, need_dx, call.partials, call.short_rows)
+    return dx, (dw if need_dw else None), (db if need_db else None)
+
+
 def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool, needs_input_grad):
     """:func:`backward_impl` where the by-address kernels take it (dy in x's dtype; see
-    :attr:`_Call.at`), in as few Python and torch calls as possible (see
-    :func:`_forward_at`)."""
+    :attr:`_Call.at`; small grouped inputs: :func:`_serial_grouped_backward`), in one
+    kernel call that starts its own teams (see :func:`_forward_at`)."""
     need_dx, need_dw, need_db = needs_input_grad
     if not dy.is_contiguous(memory_format=call.memory_format):  # e.g. an expanded gradient: x's order
         dy = dy.contiguous(memory_format=call.memory_format)
@@ -549,9 +618,9 @@ def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_s
     dw = torch.from_numpy(np.empty(call.param_shape, call.npdt))
     db = torch.from_numpy(np.empty(call.param_shape, call.npdt))
     addresses = (dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at, dx.data_ptr() if need_dx else 0,
-                 dw.data_ptr(), db.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt])
+                 dw.data_ptr(), db.data_ptr(), _LIKE[call.cdt])
     stream = need_dx and not serial and _streams(dx)
-    if call.memory_order and not serial:
+    if call.memory_order:
         a, p, _, s, _ = call.plan.dims
         runtime.kernels().planes_backward_at(*addresses, a, p, s, spec.center, batch_statistics, need_dx,
                                              _team("planes_grad_sums", call, a, threads),
@@ -559,9 +628,10 @@ def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_s
                                              _team("planes_dx", call, a, threads), stream)
     elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
-        at_team = team.NO_TEAM if serial else _team("dispatch_grouped_backward", call, call.partials, threads)
-        runtime.kernels().grouped_backward_at(*addresses, a, p, kk, s, g, spec.center, batch_statistics, need_dx,
-                                              call.partials, call.short_rows, at_team, stream)
+        runtime.kernels().grouped_backward_team_at(*addresses, a, p, kk, s, g, spec.center, batch_statistics,
+                                                   need_dx, call.partials, call.short_rows,
+                                                   _team("dispatch_grouped_backward", call, call.partials, threads),
+                                                   stream)
     else:
         n, s, g, kk = call.plan.dims
         sums_team, dx_team = _cl_teams(call, threads, "cl_backward_fused", "cl_grad_sums", "cl_dx")
