@@ -4,9 +4,10 @@
   on the first call. The first call of each kernel and dtype compiles it and stores it
   with numba's ``cache=True``; later processes load it from the cache. Measured on the
   2-core benchmark machine (AMD EPYC), BatchNorm2d float32 (8, 64, 32, 32): first
-  forward 9.2-9.9 s and first backward 10.7-12.3 s with an empty cache; 1.0-1.1 s and
-  0.6-0.7 s with a warm cache (numba's import and its one-time setup included); later
-  calls cost only the kernel. Its first eval-mode forward compiles the memory-order
+  forward 13.9 s and first backward 18.3 s with an empty cache (10.7 and 11.9 s before
+  the kernels started their own teams and compiled their bodies for constant
+  ``stream``, session 16); 1.0-1.2 s and under 0.1 s with a warm cache (numba's import
+  and its one-time setup included); later calls cost only the kernel. Its first eval-mode forward compiles the memory-order
   kernels (``planes_*``): 3.9-5.0 s more; a BatchNorm with small planes (7x7) in
   training, 5.8-7.4 s more. (The same machine gave 3.3 s and 3.2 s for the first
   forward and backward in a faster period.) When the
