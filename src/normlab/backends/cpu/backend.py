@@ -3,11 +3,12 @@
 
 Data path: CPU tensors reach the kernels by address, in the layout they already have --
 contiguous or channels_last. For a forward with batch statistics (every training step)
-and for the backward, the ``*_at`` kernels take the addresses, build their launches' jobs and start the thread team
-themselves (:func:`_forward_at`, :func:`_backward_at`); fixed statistics and a process
-without OpenMP go through jobs built here
-(:func:`normlab.backends.cpu.team.job`) and ``team.launch``. Outputs
-are allocated in the same layout, large ones from a cache of buffers that spares them
+and for the backward, the ``*_at`` kernels take the addresses, build their launches'
+jobs and start the thread team themselves (:func:`_forward_at`, :func:`_backward_at`;
+small grouped inputs run on the calling thread: :func:`_serial_grouped_forward`). Fixed
+statistics and a process without OpenMP go through jobs built here
+(:func:`normlab.backends.cpu.team.job`) and ``team.launch``. Outputs are allocated in
+the same layout, large ones from a cache of buffers that spares them
 the page faults of fresh memory (:mod:`normlab.backends.cpu.outputs`).
 bfloat16 and float16 inputs are read and written as raw 16-bit patterns and converted
 inside the kernels (numba has no 16-bit float type), with float32 arithmetic and without
@@ -137,9 +138,10 @@ class _Call:
 
     @property
     def at(self) -> bool:
-        """Batch statistics of this configuration are computed by the ``*_at`` kernels
-        (:func:`_forward_at`): they read its dtype, and they can start its threads (a
-        small input has none; others need the OpenMP runtime, see ``team.team_at``)."""
+        """The forward with batch statistics and the backward of this configuration run
+        on the ``*_at`` kernels (:func:`_forward_at`, :func:`_backward_at`): they read
+        its dtype, and they can start its threads (a small input has none; others need
+        the OpenMP runtime, see ``team.team_at``)."""
         if self.numel < SERIAL_BELOW:
             return self.by_address
         return self.by_address and team.uses_openmp()
