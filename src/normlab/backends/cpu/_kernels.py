@@ -1855,7 +1855,8 @@ def _words_impl(arg):
 @njit(**_OPTS)  # (not inlined: numba unrolls a loop over a tuple only in its own function)
 def _job(items, chunks, args):
     """The job of a launch over ``range(items)`` in ``chunks`` chunks with the kernel
-    arguments ``args`` (a tuple; arrays as ``(address, size)``)."""
+    arguments ``args`` (a tuple of arrays, ``(address, size)`` pairs of the caller's
+    buffers, integers, bools and floats: see :func:`_words`)."""
     job = np.empty(_HEADER + 2 * len(args), np.int64)
     job[0] = 0
     job[1] = items
@@ -1910,8 +1911,9 @@ def _run_team(team, items, args):
     body's address, the thread count and the number of chunks (``team.chunk_count``).
     One thread runs the body itself, as ``team.launch`` does.
 
-    Arrays allocated here go into ``args`` themselves, not as addresses: numba frees an
-    array right after its last use in the code, and the threads see only its address.
+    Arrays the calling kernel allocates go into ``args`` themselves, not as addresses:
+    numba frees an array right after its last use in the code, and the threads see only
+    its address.
     So this returns the job's counter and ``args`` -- used after the call, the job and
     every array in ``args`` stay alive until the team is done (the caller drops them)."""
     gomp_at, body_at, threads, chunks = team
