@@ -1978,9 +1978,7 @@ def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, li
     _run_team(team, P, ((x_at, n), (y_at, n), (w_at, C), (b_at, C), A, P, K, S, G, eps, center, True, short_rows,
                         (mean_at, P), (var_at, P), (rstd_at, P), stream))
     if running_var_at:
-        update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
-                       _at(mean_at, P, like_c).reshape(P // G, G), _at(var_at, P, like_c).reshape(P // G, G),
-                       momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, P // G, G, momentum, correction)
 
 
 @njit(**_OPTS)
@@ -2017,9 +2015,7 @@ def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, 
                                      (mean_at, P), (var_at, P), (rstd_at, P), ca, cb))
     _run_team(apply_team, A, ((x_at, n), (y_at, n), P, S, mc, ca, cb, stream))
     if running_var_at:
-        update_running(_at(running_mean_at, P if running_mean_at else 0, like_c), _at(running_var_at, P, like_c),
-                       _at(mean_at, P, like_c).reshape(1, P), _at(var_at, P, like_c).reshape(1, P), momentum,
-                       correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, 1, P, momentum, correction)
 
 
 @njit(**_OPTS)
@@ -2066,9 +2062,7 @@ def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, N, S
         _run_team(apply_team, N * B, ((x_at, n), (y_at, n), coefficients[0], coefficients[1], coefficients[2],
                                       N, S, C, B, stream))
     if running_var_at:
-        update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
-                       _at(mean_at, N * G, like_c).reshape(N, G), _at(var_at, N * G, like_c).reshape(N, G),
-                       momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, N, G, momentum, correction)
 
 
 @njit(**_OPTS)

@@ -121,7 +121,7 @@ class _Call:
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
     unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
-    by_address: bool  # a dtype the *_at kernels read (x's, or its 16-bit bits)
+    by_address: bool  # a dtype the *_at kernels read (x's, or its 16-bit bits): every dtype accepts() lets in
     memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
 

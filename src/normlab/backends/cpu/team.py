@@ -35,9 +35,10 @@ whatever the timing.
 
 **Started from a kernel.** Building a job in Python costs ~20 us right after a
 memory-bound pass, as much as the kernel itself on a ~1 MB input. So the kernels
-called by address (``_kernels.grouped_forward_at`` and the like) build their jobs
-themselves and call ``GOMP_parallel`` by its address (:func:`team_at` gives it):
-the same bodies, chunks and threads as :func:`launch`, without Python in between.
+called by address (``_kernels.grouped_forward_team_at``, ``planes_forward_at``,
+``cl_forward_at`` and their backward twins) build their jobs themselves and call
+``GOMP_parallel`` by its address (:func:`team_at` gives it): the same bodies, chunks
+and threads as :func:`launch`, without Python in between.
 
 **Errors.** The bodies cannot raise: the kernels they run have no error paths (their
 inputs are checked in Python before the launch, and they are compiled with numba's
@@ -184,7 +185,8 @@ def job(items: int, threads: int, args: Sequence) -> tuple[np.ndarray, int]:
     return np.array(words, dtype=np.int64), min(threads, chunks)
 
 
-#: The ``team`` of a by-address kernel that runs on the calling thread (no body).
+#: A ``team`` argument the kernel never starts (e.g. the statistics pass of a
+#: channels-last kernel with one block per sample, which has none).
 NO_TEAM = (0, 0, 1, 1)
 
 
