@@ -814,12 +814,24 @@ def planes_coefficients(x, psd, psq, A, P, S, eps, center, compute, w, b, mc, me
 
 @njit(inline="always", **_OPTS)
 def planes_apply(x, y, P, S, mc, ca, cb, stream, lo, hi):
-    """``y = (x - mc[p]) * ca[p] + cb[p]`` over samples [lo, hi), plane by plane in
-    memory order."""
+    """``y = (x - mc[p]) * ca[p] + cb[p]`` over planes [lo, hi) of the (A, P, S) view
+    (plane ``a * P + p``), in memory order. Items are planes, not samples, so that a
+    batch of one (inference on one image) still splits over threads."""
     buf = carray(_span(y.dtype.type(0)), _SPAN)
-    for a in range(lo, hi):
-        for p in range(P):
-            _plane_affine(x, y, (a * P + p) * S, S, mc[p], ca[p], cb[p], buf, stream)
+    q = lo
+    while q < hi:  # the planes of one sample at a time
+        first = q - q % P
+        for p in range(q - first, min(P, hi - first)):
+            _plane_affine(x, y, (first + p) * S, S, mc[p], ca[p], cb[p], buf, stream)
+        q = min(hi, first + P)
+
+
+@njit(**_OPTS)
+def fixed_rstd(var, eps, rstd):
+    """``rstd = 1 / sqrt(var + eps)`` of fixed (running) variances, in float64 and
+    rounded once to rstd's dtype."""
+    for c in range(var.size):
+        rstd[c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
 
 
 @njit(inline="always", **_OPTS)
@@ -2013,9 +2025,38 @@ def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, 
     _run_team(sums_team, A, ((x_at, n), A, P, S, mc, psd, psq))
     _run_team(coefficients_team, P, ((x_at, n), psd, psq, A, P, S, eps, center, True, (w_at, P), (b_at, P), mc,
                                      (mean_at, P), (var_at, P), (rstd_at, P), ca, cb))
-    _run_team(apply_team, A, ((x_at, n), (y_at, n), P, S, mc, ca, cb, stream))
+    _run_team(apply_team, A * P, ((x_at, n), (y_at, n), P, S, mc, ca, cb, stream))
     if running_var_at:
         update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, 1, P, momentum, correction)
+
+
+@njit(**_OPTS)
+def fixed_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, O, C, I, B, eps, apply_team,
+                     stream):
+    """The forward with fixed statistics of one value per channel -- eval-mode
+    BatchNorm/InstanceNorm -- on x viewed as (O, C, I): rstd of the C variances into
+    rstd_at (:func:`fixed_rstd`), the per-channel coefficients as the Python-launched
+    path makes them (:func:`cl_coefficients`), then ``y = (x - mc) * sc + sh``: on planes
+    (I > 1, NCHW) by :func:`planes_apply` over the O * C planes, on rows of C channels
+    (I = 1: channels_last, or (N, C)) by :func:`cl_apply` over B row blocks; on
+    ``apply_team`` (see :func:`_run_team`). ``mean_at`` 0: no mean (0)."""
+    n = O * C * I
+    var = _at(var_at, C, like_c)
+    rstd = _at(rstd_at, C, like_c)
+    mean = np.zeros(C, like_c.dtype)
+    if mean_at:
+        mean[:] = _at(mean_at, C, like_c)
+    fixed_rstd(var, eps, rstd)
+    parts = np.empty((3, 0, C))  # (no batch statistics to merge)
+    coefficients = np.empty((3, 1, C), like_c.dtype)  # mc, sc, sh
+    cl_coefficients(parts[0], parts[1], parts[2], 1, B, C, 1, eps, True, _at(w_at, C, like_c), _at(b_at, C, like_c),
+                    mean, var, rstd, coefficients[0], coefficients[1], coefficients[2])
+    if I > 1:
+        _run_team(apply_team, O * C, ((x_at, n), (y_at, n), C, I, coefficients[0, 0], coefficients[1, 0],
+                                      coefficients[2, 0], stream))
+    else:
+        _run_team(apply_team, B, ((x_at, n), (y_at, n), coefficients[0], coefficients[1], coefficients[2], 1, O, C, B,
+                                  stream))
 
 
 @njit(**_OPTS)

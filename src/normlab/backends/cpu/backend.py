@@ -5,9 +5,10 @@ Data path: CPU tensors reach the kernels by address, in the layout they already 
 contiguous or channels_last. For a forward with batch statistics (every training step)
 and for the backward, the ``*_at`` kernels take the addresses, build their launches'
 jobs and start the thread team themselves (:func:`_forward_at`, :func:`_backward_at`;
-small grouped inputs run on the calling thread: :func:`_serial_grouped_forward`). Fixed
-statistics and a process without OpenMP go through jobs built here
-(:func:`normlab.backends.cpu.team.job`) and ``team.launch``. Outputs are allocated in
+small grouped inputs run on the calling thread: :func:`_serial_grouped_forward`), and so
+does the forward with fixed per-channel statistics (eval-mode BatchNorm/InstanceNorm:
+:func:`_fixed_forward_at`). Other fixed statistics and a process without OpenMP go
+through jobs built here (:func:`normlab.backends.cpu.team.job`) and ``team.launch``. Outputs are allocated in
 the same layout, large ones from a cache of buffers that spares them
 the page faults of fresh memory (:mod:`normlab.backends.cpu.outputs`).
 bfloat16 and float16 inputs are read and written as raw 16-bit patterns and converted
@@ -34,7 +35,7 @@ from ...core.spec import NormSpec
 from ...core.stats import RunningStats, compute_dtype, fold_running_stats
 from .._env import getenv, mebibytes
 from . import outputs, runtime, team
-from .plan import Plan, layout_of, plan_for
+from .plan import Plan, layout_of, plan_for, row_blocks
 
 __all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of", "call_for"]
 
@@ -124,6 +125,7 @@ class _Call:
     by_address: bool  # a dtype the *_at kernels read (x's, or its 16-bit bits): every dtype accepts() lets in
     memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
+    fixed_view: tuple[int, int, int, int] | None  # (O, C, I, B) of per-channel fixed statistics (see _fixed_view)
 
     @property
     def serial(self) -> bool:
@@ -160,6 +162,8 @@ class _Call:
                 return _serial_grouped_forward(self, x, weight, bias, spec, eps, running)
             if self.at:
                 return _forward_at(self, x, weight, bias, spec, eps, running)
+        elif self.at and _fixed_at(self, spec, fixed_mean, fixed_var):
+            return _fixed_forward_at(self, x, weight, bias, spec, eps, fixed_mean, fixed_var)
         return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self, running=running)
 
     def backward(self, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
@@ -216,7 +220,22 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
                  by_address=dtype == cdt or dtype in _BITS,
                  memory_order=_memory_order(plan, dtype.itemsize),
-                 storage=_STORAGE[dtype if dtype in _BITS else cdt])
+                 storage=_STORAGE[dtype if dtype in _BITS else cdt],
+                 fixed_view=_fixed_view(spec, layout))
+
+
+def _fixed_view(spec: NormSpec, layout: str) -> tuple[int, int, int, int] | None:
+    """How ``_kernels.fixed_forward_at`` views inputs of ``spec`` with fixed statistics:
+    ``(O, C, I, B)``, x as (O, C, I) -- planes (N, C, H*W) in contiguous memory, rows of
+    C channels (N*H*W, C) in channels_last or for (N, C) -- and B row blocks of the
+    rows. None where the statistics are not per channel (GroupNorm, LayerNorm)."""
+    shape = spec.input_shape
+    if spec.feature_dims != (1,) or spec.group_shape != shape or len(shape) < 2:
+        return None
+    n, c, inner = shape[0], shape[1], math.prod(shape[2:])
+    if layout == "channels_last" or inner == 1:
+        n, inner = n * inner, 1
+    return n, c, inner, row_blocks(n, c) if inner == 1 else 1
 
 
 def _call_of(x: torch.Tensor, spec: NormSpec) -> _Call:
@@ -277,6 +296,8 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
             return _serial_grouped_forward(call, x, weight, bias, spec, eps, running)
         if call.at:
             return _forward_at(call, x, weight, bias, spec, eps, running)
+    elif out is None and call.at and _fixed_at(call, spec, fixed_mean, fixed_var):
+        return _fixed_forward_at(call, x, weight, bias, spec, eps, fixed_mean, fixed_var)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     # the kernels' arguments as tensors (their addresses are cheaper to take than NumPy
@@ -286,7 +307,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     fixed = fixed_var is not None
     if fixed:
         var = fixed_var.to(cdt)
-        rstd = torch.rsqrt(var + eps)
+        rstd = _fixed_rstd(var, eps)
         mean = fixed_mean.to(cdt) if fixed_mean is not None else None
         mean_in, var_out, rstd_in = _stat_at(mean, call)[0], _filled_pair(0, 0.0, call.npdt)[1], _stat_at(rstd, call)[0]
     else:
@@ -350,7 +371,7 @@ def _planes_forward(x, y, w, b, plan: Plan, eps, center, fixed, mean, var, rstd,
         _launch("planes_sums", dtype, a, threads, (x, a, p, s, mc, psd, psq))
     _launch("planes_coefficients", dtype, p, threads,
             (x, psd, psq, a, p, s, float(eps), center, not fixed, w, b, mc, mean, var, rstd, ca, cb))
-    _launch("planes_apply", dtype, a, threads, (x, y, p, s, mc, ca, cb, _streams(y)))
+    _launch("planes_apply", dtype, a * p, threads, (x, y, p, s, mc, ca, cb, _streams(y)))
 
 
 def _planes_backward(dy, x, w, mean, rstd, plan: Plan, center, batch_statistics, need_dx, dx, threads):
@@ -434,7 +455,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
                                             _team("planes_rough_means", call, p, threads),
                                             _team("planes_sums", call, a, threads),
                                             _team("planes_coefficients", call, p, threads),
-                                            _team("planes_apply", call, a, threads), stream)
+                                            _team("planes_apply", call, a * p, threads), stream)
     elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
         runtime.kernels().grouped_forward_team_at(*addresses, a, p, kk, s, g, float(eps), spec.center,
@@ -447,6 +468,49 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
         runtime.kernels().cl_forward_at(*addresses, n, s, g, kk, call.plan.blocks, float(eps), running_mean_at,
                                         running_var_at, momentum, call.unbias, stats_team, apply_team, stream)
     return _forward_result(spec, running, fused, y, mean, var, rstd)
+
+
+def _fixed_at(call: _Call, spec: NormSpec, fixed_mean: torch.Tensor | None, fixed_var: torch.Tensor) -> bool:
+    """Whether ``_kernels.fixed_forward_at`` takes these fixed statistics: a per-channel
+    configuration (``_Call.fixed_view``) and one dense value per channel in the compute
+    dtype, shaped ``spec.affine_shape`` (as the functional API passes the running
+    statistics; other shapes broadcast differently and take :func:`forward_impl`'s
+    general path)."""
+    if call.fixed_view is None or torch._C._are_functorch_transforms_active():
+        return False
+    for stat in (fixed_var,) if fixed_mean is None else (fixed_mean, fixed_var):
+        if stat.dtype != call.cdt or stat.shape != spec.affine_shape or not stat.is_cpu \
+                or not stat.is_contiguous():
+            return False
+    return True
+
+
+def _fixed_forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, fixed_mean, fixed_var):
+    """:func:`forward_impl` with fixed statistics where :func:`_fixed_at` takes them --
+    every eval-mode BatchNorm/InstanceNorm call -- in one kernel call with the tensors'
+    addresses (``_kernels.fixed_forward_at``): rstd, the coefficients and the output.
+    Returns the statistics as given, as the reference does, and rstd of their shape."""
+    serial = call.serial
+    y = torch.empty_like(x) if serial else outputs.empty_like(x)
+    rstd = torch.from_numpy(np.empty(spec.affine_shape, call.npdt))
+    w, w_at = _param_at(weight, call, 1.0)
+    b, b_at = _param_at(bias, call, 0.0)
+    o, c, i, blocks = call.fixed_view
+    threads = 1 if serial else torch.get_num_threads()
+    apply_team = _team("planes_apply", call, o * c, threads) if i > 1 else _team("cl_apply", call, blocks, threads)
+    runtime.kernels().fixed_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at,
+                                       0 if fixed_mean is None else fixed_mean.data_ptr(), fixed_var.data_ptr(),
+                                       rstd.data_ptr(), _LIKE[call.cdt], o, c, i, blocks, float(eps), apply_team,
+                                       not serial and _streams(y))
+    return y, fixed_mean, fixed_var, rstd
+
+
+def _fixed_rstd(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(var + eps)`` of fixed statistics, as ``_kernels.fixed_forward_at``
+    computes it (``_kernels.fixed_rstd``): the Python-launched path gives the same bits."""
+    rstd = torch.empty(var.shape, dtype=var.dtype)
+    runtime.kernels().fixed_rstd(var.detach().reshape(-1).numpy(force=True), float(eps), rstd.numpy().reshape(-1))
+    return rstd
 
 
 def _team(name: str, call: _Call, items: int, threads: int) -> tuple[int, int, int, int]:

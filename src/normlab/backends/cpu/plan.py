@@ -15,7 +15,7 @@ import torch
 
 from ...core.spec import NormSpec
 
-__all__ = ["Plan", "plan_for", "make_plan", "layout_of"]
+__all__ = ["Plan", "plan_for", "make_plan", "layout_of", "row_blocks"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,13 @@ _FEW_BLOCKS = 4
 _MIN_SAMPLES = 8
 
 
+def row_blocks(rows: int, channels: int) -> int:
+    """Row blocks of a channels-last (rows, C) view whose statistics (or output) are
+    per channel over all its rows: BatchNorm's (see ``_BLOCK_ELEMENTS``)."""
+    return max(1, min(rows, _MAX_BLOCKS, rows * channels // _BLOCK_ELEMENTS,
+                      max(rows // _MIN_BLOCK_ROWS, _FEW_BLOCKS)))
+
+
 @lru_cache(maxsize=512)
 def plan_for(spec: NormSpec, layout: str) -> Plan | None:
     """The kernel view of an input of ``spec.input_shape`` in ``layout``, or None."""
@@ -118,9 +125,6 @@ def make_plan(spec: NormSpec, layout: str) -> Plan | None:
     if not spec.center:
         return None
     if kind == "batch":
-        rows = n * s
-        blocks = max(1, min(rows, _MAX_BLOCKS, rows * c // _BLOCK_ELEMENTS,
-                            max(rows // _MIN_BLOCK_ROWS, _FEW_BLOCKS)))
-        return Plan("cl", (1, rows, groups, k), c, blocks)
+        return Plan("cl", (1, n * s, groups, k), c, row_blocks(n * s, c))
     blocks = 1 if n >= _MIN_SAMPLES else max(1, min(s, -(-_MIN_SAMPLES // n)))
     return Plan("cl", (n, s, groups, k), c, blocks)
