@@ -96,6 +96,40 @@ def test_run_case_rows():
     assert {"date", "machine", "torch", "numba", "threads"} <= set(env)
 
 
+def test_eval_mode_times_inference_with_running_statistics():
+    """``eval``: BatchNorm in eval mode under no_grad, every provider with torch.nn's
+    running statistics (so they compute the same function) and none of the naive
+    composite (which has none); modules go back to training mode; norms without running
+    statistics give no eval rows."""
+    case = C.Case("bn", (4, 8, 6, 6))
+    fns = C.build(case, C.PROVIDERS)
+    x = C.make_input(case)
+    fns["torch"](x * 3 + 1)  # training-mode calls move the running statistics away from (0, 1)
+    rows = run_case(case, ["eval"], list(C.PROVIDERS), repeats=2, min_time=0.0)
+    assert {r["provider"] for r in rows} == {"copy", "alloc+copy", *C.PROVIDERS} - {"naive"}
+    assert all(r["mode"] == "eval" and r["saved_mb"] is None for r in rows)
+    for r in rows:
+        if r["provider"] not in ("copy", "alloc+copy"):
+            floor_ms = floor_bytes(case.numel, case.itemsize, "forward") / (r["copy_gbps"] * 1e9) * 1e3
+            assert r["pct_floor"] == pytest.approx(100 * floor_ms / r["median_ms"])
+    assert run_case(C.Case("ln", (16, 24)), ["eval"], ["torch", "reference"], repeats=2, min_time=0.0) == []
+
+    # what the mode runs: the modules in eval mode with torch.nn's statistics, then back
+    from normlab.bench.run import _eval_mode
+
+    del fns["naive"]
+    torch_module = fns["torch"]
+    with torch.no_grad():
+        torch_module.running_mean.uniform_(-1, 1)
+        torch_module.running_var.uniform_(0.5, 2)
+    with _eval_mode(fns, True), torch.no_grad():
+        want = torch_module(x)
+        assert not torch_module.training
+        for name, f in fns.items():
+            torch.testing.assert_close(f(x), want, atol=1e-5, rtol=1e-5, msg=name)
+    assert all(getattr(f, "module", f).training for f in fns.values())
+
+
 def test_cli_quick_writes_csv_json_png(tmp_path, capsys):
     prefix = tmp_path / "res"
     code = main(["bench", "--quick", "--case", "rms:16x24", "--case", "bn:4x8x6x6:channels_last",

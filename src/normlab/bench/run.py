@@ -6,6 +6,11 @@ tensor; ``alloc+copy``: ``x.clone()``, which pays for fresh pages like every
 provider does). The floor of a mode is its byte count (see
 :func:`normlab.bench.timing.floor_bytes`) at the ``copy`` bandwidth.
 
+Modes: ``forward`` (training mode under ``torch.no_grad``: batch statistics),
+``backward`` and ``forward+backward`` (a training step), and ``eval`` (eval mode under
+``torch.no_grad``: inference with the running statistics; only norms that keep them,
+BatchNorm, and not the ``naive`` provider, which has none).
+
 A row: case fields, mode, provider, median/min milliseconds, effective GB/s (floor
 bytes / time), % of the floor, speed-up vs torch.nn, bytes saved for backward, the
 copy bandwidth, plus the run's machine/versions/date (:func:`environment`).
@@ -13,19 +18,22 @@ copy bandwidth, plus the run's machine/versions/date (:func:`environment`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .cases import PROVIDERS, Case, build, make_input, provider_env
 from .timing import floor_bytes, interleaved, median, saved_bytes
 
-__all__ = ["MODES", "environment", "run_case", "run_suite", "available_providers"]
+__all__ = ["MODES", "EVAL_NORMS", "environment", "run_case", "run_suite", "available_providers"]
 
-MODES = ("forward", "backward", "forward+backward")
+MODES = ("forward", "backward", "forward+backward", "eval")
+#: Norms whose modules keep running statistics, so that eval mode computes something else.
+EVAL_NORMS = ("bn",)
 
 
 def available_providers() -> tuple[str, ...]:
@@ -84,7 +92,7 @@ def _mode_fns(mode: str, fns: dict[str, Callable], case: Case) -> dict[str, Call
     x = make_input(case)
     dy = make_input(case, seed=2)
     for name, f in fns.items():
-        if mode == "forward":
+        if mode in ("forward", "eval"):
             def run(f=f):
                 with torch.no_grad():
                     return f(x)
@@ -123,9 +131,13 @@ def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeat
         saved[name] = saved_bytes(f, make_input(case, requires_grad=True))
     rows = []
     for mode in modes:
+        if mode == "eval" and case.norm not in EVAL_NORMS:
+            continue
         timed = {"copy": lambda: dst.copy_(x), "alloc+copy": lambda: x.clone()}
-        timed.update(_mode_fns(mode, fns, case))
-        samples = interleaved(timed, repeats, min_time=min_time, same_calls=list(fns))
+        fns_now = {name: f for name, f in fns.items() if mode != "eval" or name != "naive"}
+        timed.update(_mode_fns(mode, fns_now, case))
+        with _eval_mode(fns_now, mode == "eval"):
+            samples = interleaved(timed, repeats, min_time=min_time, same_calls=list(fns_now))
         copy_s = median(samples["copy"])
         copy_gbps = 2 * nbytes / copy_s / 1e9
         floor_s = floor_bytes(case.numel, case.itemsize, mode) / (copy_gbps * 1e9)
@@ -143,10 +155,27 @@ def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeat
                 "gbps": moved / t / 1e9,
                 "pct_floor": None if is_copy else 100 * floor_s / t,
                 "speedup_vs_torch": None if is_copy or torch_s is None else torch_s / t,
-                "saved_mb": None if is_copy else saved[name] / 2**20,
+                "saved_mb": None if is_copy or mode == "eval" else saved[name] / 2**20,
                 "copy_gbps": copy_gbps, "repeats": repeats,
             })
     return rows
+
+
+@contextlib.contextmanager
+def _eval_mode(fns: dict[str, Callable], on: bool) -> Iterator[None]:
+    """The providers' modules in eval mode while ``on``, with torch.nn's running
+    statistics (each provider's own were updated by its own training-mode calls), back
+    in training mode after."""
+    modules = {name: getattr(f, "module", f) for name, f in fns.items()} if on else {}
+    for name, m in modules.items():
+        if name != "torch" and "torch" in modules:
+            m.load_state_dict(modules["torch"].state_dict())
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in modules.values():
+            m.train()
 
 
 def run_suite(cases: Sequence[Case], modes: Sequence[str], providers: Sequence[str], repeats: int,

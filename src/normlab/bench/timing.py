@@ -81,6 +81,6 @@ def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 
 def floor_bytes(numel: int, itemsize: int, mode: str) -> int:
-    """Bytes a kernel must move at least: forward reads x and writes y (2|x|); backward
-    reads x and dy and writes dx (3|x|); forward+backward 5|x|."""
-    return numel * itemsize * {"forward": 2, "backward": 3, "forward+backward": 5}[mode]
+    """Bytes a kernel must move at least: forward (and eval) reads x and writes y (2|x|);
+    backward reads x and dy and writes dx (3|x|); forward+backward 5|x|."""
+    return numel * itemsize * {"forward": 2, "eval": 2, "backward": 3, "forward+backward": 5}[mode]
