@@ -8,9 +8,9 @@ jobs and start the thread team themselves (:func:`_forward_at`, :func:`_backward
 small grouped inputs run on the calling thread: :func:`_serial_grouped_forward`), and so
 does the forward with fixed per-channel statistics (eval-mode BatchNorm/InstanceNorm:
 :func:`_fixed_forward_at`). Other fixed statistics and a process without OpenMP go
-through jobs built here (:func:`normlab.backends.cpu.team.job`) and ``team.launch``. Outputs are allocated in
-the same layout, large ones from a cache of buffers that spares them
-the page faults of fresh memory (:mod:`normlab.backends.cpu.outputs`).
+through jobs built here (:func:`normlab.backends.cpu.team.job`) and ``team.launch``.
+Outputs are allocated in the same layout, large ones from a cache of buffers that
+spares them the page faults of fresh memory (:mod:`normlab.backends.cpu.outputs`).
 bfloat16 and float16 inputs are read and written as raw 16-bit patterns and converted
 inside the kernels (numba has no 16-bit float type), with float32 arithmetic and without
 the conversion passes of upcasting (bfloat16: the same bits as upcasting; float16: the
