@@ -8,8 +8,9 @@
   the kernels started their own teams and compiled their bodies for constant
   ``stream``, session 16); 1.0-1.2 s and under 0.1 s with a warm cache (numba's import
   and its one-time setup included); later calls cost only the kernel. Its first
-  eval-mode forward compiles the memory-order kernels (``planes_*``): 3.9-5.0 s more
-  (before session 16); a BatchNorm with small planes (7x7) in training, 5.8-7.4 s more.
+  eval-mode forward compiles ``fixed_forward_at`` and its output pass's team body: 10.0 s
+  with an empty cache as the process's first call (session 17); a BatchNorm with small
+  planes (7x7) in training, 5.8-7.4 s more (before session 16).
   (The same machine gave 3.3 s and 3.2 s for the first forward and backward in a faster
   period.) When the package directory is read-only and ``NUMBA_CACHE_DIR`` is unset, the cache goes to
   ``$TMPDIR/normlab-numba-cache`` (numba's own fallback to a user-wide directory is
