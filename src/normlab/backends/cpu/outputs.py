@@ -54,6 +54,11 @@ from .._env import mebibytes
 __all__ = ["empty_like", "clear", "cached_bytes", "CACHE_FROM", "HUGE_PAGES_FROM"]
 
 #: Outputs smaller than this come from torch.empty (glibc's heap reuses their memory).
+#: Measured in steady module-level loops (2 threads, both limits interleaved in one
+#: process, session 17): from 1 MiB the cache beats torch.empty on BatchNorm's 1.6-2 MB
+#: outputs -- eval (8, 64, 32, 32) forward 190 against 394 us, training step (8, 256,
+#: 14, 14) 621 against 798 us -- and ties on LayerNorm/GroupNorm's 3.2 MB; from 256 KiB
+#: it lost 4-10 % on 0.5-0.8 MB outputs, where torch.empty pays no faults.
 CACHE_FROM = 1 << 20
 #: Fresh buffers of at least this size ask for transparent huge pages.
 HUGE_PAGES_FROM = 1 << 25
