@@ -104,7 +104,6 @@ def test_eval_mode_times_inference_with_running_statistics():
     case = C.Case("bn", (4, 8, 6, 6))
     fns = C.build(case, C.PROVIDERS)
     x = C.make_input(case)
-    fns["torch"](x * 3 + 1)  # training-mode calls move the running statistics away from (0, 1)
     rows = run_case(case, ["eval"], list(C.PROVIDERS), repeats=2, min_time=0.0)
     assert {r["provider"] for r in rows} == {"copy", "alloc+copy", *C.PROVIDERS} - {"naive"}
     assert all(r["mode"] == "eval" and r["saved_mb"] is None for r in rows)
@@ -128,6 +127,10 @@ def test_eval_mode_times_inference_with_running_statistics():
         for name, f in fns.items():
             torch.testing.assert_close(f(x), want, atol=1e-5, rtol=1e-5, msg=name)
     assert all(getattr(f, "module", f).training for f in fns.values())
+    torch_module.eval()  # each module leaves in the mode it came in
+    with _eval_mode(fns, True):
+        pass
+    assert not torch_module.training and fns["reference"].module.training
 
 
 def test_cli_quick_writes_csv_json_png(tmp_path, capsys):

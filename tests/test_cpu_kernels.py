@@ -1019,6 +1019,34 @@ def test_fixed_statistics_by_address_match_launches_from_python(case, monkeypatc
     assert_close(results[0][1], rstd_ref, cdt, what=f"{case} rstd")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fixed_statistics_with_zero_variance_and_eps_zero(layout, monkeypatch):
+    """Eval mode allows eps = 0: a channel whose running variance is 0 then divides by
+    zero. It comes out non-finite (as torch.nn's does) on both the by-address and the
+    Python-launched path, with the same bits, instead of raising; the other channels
+    are torch.nn's."""
+    monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
+    torch.manual_seed(31)
+    bn = torch.nn.BatchNorm2d(6, eps=0.0).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.running_var[2] = 0.0
+    x = torch.randn(4, 6, 20, 20)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    want = bn(x).detach()
+    ours = []
+    for forked in (False, True):
+        monkeypatch.setattr(team, "_forked", forked and team.uses_openmp())
+        with torch.no_grad():
+            ours.append(NF.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=0.0))
+    torch.testing.assert_close(ours[0], ours[1], rtol=0, atol=0, equal_nan=True)
+    keep = [c for c in range(6) if c != 2]
+    assert_close(ours[0][:, keep], want[:, keep], torch.float32, what=f"{layout} finite channels")
+    assert not torch.isfinite(ours[0][:, 2]).any()
+
+
 def test_fixed_statistics_of_other_shapes_or_dtypes_take_the_general_path(monkeypatch):
     """Fixed statistics the by-address kernel does not read -- per (sample, channel),
     shaped (C,), or in another dtype than the compute dtype -- go the general way and

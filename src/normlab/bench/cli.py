@@ -28,7 +28,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="run the suite cases in this dtype (float32, float64, bfloat16, float16)")
     parser.add_argument("--mode", action="append", default=None,
                         help="forward, backward, forward+backward, or eval (inference with the running "
-                             "statistics; BatchNorm cases only) (repeatable; default: all)")
+                             "statistics; BatchNorm cases, CPU suite only) (repeatable; default: all)")
     parser.add_argument("--provider", action="append", default=None,
                         help="torch, reference, cpu-numba, normlab, naive (repeatable; default: all "
                              "available). torch is always included as the baseline")

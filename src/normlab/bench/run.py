@@ -165,17 +165,18 @@ def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeat
 def _eval_mode(fns: dict[str, Callable], on: bool) -> Iterator[None]:
     """The providers' modules in eval mode while ``on``, with torch.nn's running
     statistics (each provider's own were updated by its own training-mode calls), back
-    in training mode after."""
+    in the mode each was in after."""
     modules = {name: getattr(f, "module", f) for name, f in fns.items()} if on else {}
-    for name, m in modules.items():
-        if name != "torch" and "torch" in modules:
-            m.load_state_dict(modules["torch"].state_dict())
-        m.eval()
+    training = {name: m.training for name, m in modules.items()}
     try:
+        for name, m in modules.items():
+            if name != "torch" and "torch" in modules:
+                m.load_state_dict(modules["torch"].state_dict())
+            m.eval()
         yield
     finally:
-        for m in modules.values():
-            m.train()
+        for name, m in modules.items():
+            m.train(training[name])
 
 
 def run_suite(cases: Sequence[Case], modes: Sequence[str], providers: Sequence[str], repeats: int,

@@ -826,10 +826,11 @@ def planes_apply(x, y, P, S, mc, ca, cb, stream, lo, hi):
         q = min(hi, first + P)
 
 
-@njit(**_OPTS)
+@njit(error_model="numpy", **_OPTS)
 def fixed_rstd(var, eps, rstd):
     """``rstd = 1 / sqrt(var + eps)`` of fixed (running) variances, in float64 and
-    rounded once to rstd's dtype."""
+    rounded once to rstd's dtype. A zero variance with eps 0 (allowed in eval) gives
+    inf, as torch.rsqrt does: NumPy's error model, not a ZeroDivisionError."""
     for c in range(var.size):
         rstd[c] = 1.0 / np.sqrt(np.float64(var[c]) + eps)
 

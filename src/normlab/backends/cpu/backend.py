@@ -228,7 +228,8 @@ def _fixed_view(spec: NormSpec, layout: str) -> tuple[int, int, int, int] | None
     """How ``_kernels.fixed_forward_at`` views inputs of ``spec`` with fixed statistics:
     ``(O, C, I, B)``, x as (O, C, I) -- planes (N, C, H*W) in contiguous memory, rows of
     C channels (N*H*W, C) in channels_last or for (N, C) -- and B row blocks of the
-    rows. None where the statistics are not per channel (GroupNorm, LayerNorm)."""
+    rows. None unless the affine is on dim 1 of the input's own shape (BatchNorm,
+    InstanceNorm; not GroupNorm, nor LayerNorm over more than one dim)."""
     shape = spec.input_shape
     if spec.feature_dims != (1,) or spec.group_shape != shape or len(shape) < 2:
         return None
