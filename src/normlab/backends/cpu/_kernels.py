@@ -2040,18 +2040,15 @@ def fixed_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, O
     path makes them (:func:`cl_coefficients`), then ``y = (x - mc) * sc + sh``: on planes
     (I > 1, NCHW) by :func:`planes_apply` over the O * C planes, on rows of C channels
     (I = 1: channels_last, or (N, C)) by :func:`cl_apply` over B row blocks; on
-    ``apply_team`` (see :func:`_run_team`). ``mean_at`` 0: no mean (0)."""
+    ``apply_team`` (see :func:`_run_team`)."""
     n = O * C * I
     var = _at(var_at, C, like_c)
     rstd = _at(rstd_at, C, like_c)
-    mean = np.zeros(C, like_c.dtype)
-    if mean_at:
-        mean[:] = _at(mean_at, C, like_c)
     fixed_rstd(var, eps, rstd)
     parts = np.empty((3, 0, C))  # (no batch statistics to merge)
     coefficients = np.empty((3, 1, C), like_c.dtype)  # mc, sc, sh
     cl_coefficients(parts[0], parts[1], parts[2], 1, B, C, 1, eps, True, _at(w_at, C, like_c), _at(b_at, C, like_c),
-                    mean, var, rstd, coefficients[0], coefficients[1], coefficients[2])
+                    _at(mean_at, C, like_c), var, rstd, coefficients[0], coefficients[1], coefficients[2])
     if I > 1:
         _run_team(apply_team, O * C, ((x_at, n), (y_at, n), C, I, coefficients[0, 0], coefficients[1, 0],
                                       coefficients[2, 0], stream))

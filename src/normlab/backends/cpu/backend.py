@@ -497,10 +497,11 @@ def _fixed_forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, 
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
     o, c, i, blocks = call.fixed_view
+    mean = _filled_pair(c, 0.0, call.npdt)[1] if fixed_mean is None else fixed_mean  # (absent: zeros)
+    mean_at = mean.data_ptr()
     threads = 1 if serial else torch.get_num_threads()
     apply_team = _team("planes_apply", call, o * c, threads) if i > 1 else _team("cl_apply", call, blocks, threads)
-    runtime.kernels().fixed_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at,
-                                       0 if fixed_mean is None else fixed_mean.data_ptr(), fixed_var.data_ptr(),
+    runtime.kernels().fixed_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean_at, fixed_var.data_ptr(),
                                        rstd.data_ptr(), _LIKE[call.cdt], o, c, i, blocks, float(eps), apply_team,
                                        not serial and _streams(y))
     return y, fixed_mean, fixed_var, rstd
