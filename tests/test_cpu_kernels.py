@@ -1012,12 +1012,14 @@ def test_teams_started_by_kernels_match_launches_from_python(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["bn_planes", "bn_one_sample", "bn1d_rows", "bn1d_planes", "bn_cl", "bn3d_cl",
-                                  "in_planes", "in_cl", "bn_planes_bf16", "bn_cl_fp16", "bn_planes_f64"])
+                                  "in_planes", "in_cl", "bn_planes_bf16", "bn_cl_fp16", "bn_planes_f64",
+                                  "bn_planes_bf16_stats", "bn_cl_fp16_stats", "bn1d_rows_f64_stats"])
 def test_fixed_statistics_by_address_match_launches_from_python(case, monkeypatch):
     """Eval-mode BatchNorm/InstanceNorm (fixed per-channel statistics) runs in one
     by-address kernel call (``_kernels.fixed_forward_at``) that starts its own team;
     without OpenMP (a forked child) the Python-launched kernels compute it. y and rstd
-    come out bit-identical, the statistics come back as given, and both agree with the
+    come out bit-identical, the statistics come back as given (statistics in another
+    dtype, converted to the compute dtype on both paths), and both agree with the
     reference backend. The gradients of the frozen layer follow from them."""
     if not team.uses_openmp():
         pytest.skip("torch here does not run on an OpenMP runtime")
@@ -1032,16 +1034,21 @@ def test_fixed_statistics_by_address_match_launches_from_python(case, monkeypatc
              "in_cl": ((3, 20, 9, 11), instance_norm_spec, torch.float32, True),
              "bn_planes_bf16": ((5, 24, 9, 9), batch_norm_spec, torch.bfloat16, False),
              "bn_cl_fp16": ((5, 24, 9, 9), batch_norm_spec, torch.float16, True),
-             "bn_planes_f64": ((5, 24, 9, 9), batch_norm_spec, torch.float64, False)}
-    shape, make, dtype, cl = cases[case]
+             "bn_planes_f64": ((5, 24, 9, 9), batch_norm_spec, torch.float64, False),
+             # statistics in another dtype (a bfloat16 model's running statistics), converted
+             "bn_planes_bf16_stats": ((5, 24, 9, 9), batch_norm_spec, torch.bfloat16, False, torch.bfloat16),
+             "bn_cl_fp16_stats": ((5, 24, 9, 9), batch_norm_spec, torch.float16, True, torch.float16),
+             "bn1d_rows_f64_stats": ((300, 24), batch_norm_spec, torch.float32, False, torch.float64)}
+    shape, make, dtype, cl, *stats_dtype = cases[case]
     spec = make(shape)
     fmt = (CL if len(shape) == 4 else torch.channels_last_3d) if cl else torch.contiguous_format
     gen = torch.Generator().manual_seed(23)
     x = (torch.randn(shape, generator=gen) * 2 + 3).to(dtype).contiguous(memory_format=fmt)
     c, cdt = shape[1], torch.float64 if dtype == torch.float64 else torch.float32
     w, b = torch.rand(c, generator=gen, dtype=cdt) + 0.5, torch.randn(c, generator=gen, dtype=cdt)
-    fixed_mean = (torch.randn(c, generator=gen, dtype=cdt) + 3).view(spec.affine_shape)
-    fixed_var = (torch.rand(c, generator=gen, dtype=cdt) * 4 + 0.1).view(spec.affine_shape)
+    sdt = stats_dtype[0] if stats_dtype else cdt
+    fixed_mean = (torch.randn(c, generator=gen, dtype=cdt) + 3).to(sdt).view(spec.affine_shape)
+    fixed_var = (torch.rand(c, generator=gen, dtype=cdt) * 4 + 0.1).to(sdt).view(spec.affine_shape)
     by_address = []
     real = numba_backend._fixed_forward_at
     monkeypatch.setattr(numba_backend, "_fixed_forward_at", lambda *a: by_address.append(1) or real(*a))
@@ -1049,7 +1056,10 @@ def test_fixed_statistics_by_address_match_launches_from_python(case, monkeypatc
     for forked in (False, True):
         monkeypatch.setattr(team, "_forked", forked)
         y, mean, var, rstd = numba_backend.forward_impl(x, w, b, spec, 1e-5, fixed_mean, fixed_var)
-        assert mean is fixed_mean and var is fixed_var
+        if sdt == cdt:  # returned as given
+            assert mean is fixed_mean and var is fixed_var
+        else:  # in the compute dtype, on both paths
+            assert torch.equal(mean, fixed_mean.to(cdt)) and torch.equal(var, fixed_var.to(cdt))
         assert y.is_contiguous(memory_format=fmt) and y.dtype == dtype and rstd.shape == spec.affine_shape
         results.append((y, rstd))
     assert len(by_address) == 1  # the first call only: without OpenMP, the Python launches
@@ -1088,23 +1098,23 @@ def test_fixed_statistics_with_zero_variance_and_eps_zero(layout, monkeypatch):
     assert not torch.isfinite(ours[0][:, 2]).any()
 
 
-def test_fixed_statistics_of_other_shapes_or_dtypes_take_the_general_path(monkeypatch):
+def test_fixed_statistics_of_other_shapes_take_the_general_path(monkeypatch):
     """Fixed statistics the by-address kernel does not read -- per (sample, channel),
-    shaped (C,), or in another dtype than the compute dtype -- go the general way and
-    still give the reference's result."""
+    shaped (C,), or strided -- go the general way and still give the reference's
+    result. (Another dtype is converted and taken: see the test above.)"""
     spec = instance_norm_spec((3, 8, 5, 5))
     gen = torch.Generator().manual_seed(29)
     x = torch.randn(spec.input_shape, generator=gen)
     w, b = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
     call = numba_backend.call_for(spec, "contiguous", torch.float32)
     per_channel = (torch.randn(1, 8, 1, 1, generator=gen), torch.rand(1, 8, 1, 1, generator=gen) + 0.5)
-    assert numba_backend._fixed_at(call, spec, *per_channel)
+    taken = numba_backend._fixed_stats_at(call, spec, *per_channel)
+    assert taken[0] is per_channel[0] and taken[1] is per_channel[1]
     declined = {"per instance": (torch.randn(3, 8, 1, 1, generator=gen), torch.rand(3, 8, 1, 1, generator=gen) + 0.5),
                 "flat": (per_channel[0].reshape(8), per_channel[1].reshape(8)),
-                "float64": (per_channel[0].double(), per_channel[1].double()),
                 "strided": (torch.randn(1, 16, 1, 1, generator=gen)[:, ::2], per_channel[1])}
     for what, (mean, var) in declined.items():
-        assert not numba_backend._fixed_at(call, spec, mean, var), what
+        assert numba_backend._fixed_stats_at(call, spec, mean, var) is None, what
         if what == "flat":  # (C,) would broadcast against the last dim: not statistics of this input
             continue
         y = numba_backend.forward_impl(x, w, b, spec, 1e-5, mean, var)[0]

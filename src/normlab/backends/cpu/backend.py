@@ -162,8 +162,8 @@ class _Call:
                 return _serial_grouped_forward(self, x, weight, bias, spec, eps, running)
             if self.at:
                 return _forward_at(self, x, weight, bias, spec, eps, running)
-        elif self.at and _fixed_at(self, spec, fixed_mean, fixed_var):
-            return _fixed_forward_at(self, x, weight, bias, spec, eps, fixed_mean, fixed_var)
+        elif self.at and (stats := _fixed_stats_at(self, spec, fixed_mean, fixed_var)) is not None:
+            return _fixed_forward_at(self, x, weight, bias, spec, eps, *stats)
         return forward_impl(x, weight, bias, spec, eps, fixed_mean, fixed_var, call=self, running=running)
 
     def backward(self, dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: bool,
@@ -297,8 +297,8 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
             return _serial_grouped_forward(call, x, weight, bias, spec, eps, running)
         if call.at:
             return _forward_at(call, x, weight, bias, spec, eps, running)
-    elif out is None and call.at and _fixed_at(call, spec, fixed_mean, fixed_var):
-        return _fixed_forward_at(call, x, weight, bias, spec, eps, fixed_mean, fixed_var)
+    elif out is None and call.at and (stats := _fixed_stats_at(call, spec, fixed_mean, fixed_var)) is not None:
+        return _fixed_forward_at(call, x, weight, bias, spec, eps, *stats)
     xc = x if x.dtype == cdt or x.dtype in _BITS else x.to(cdt)  # 16-bit: decoded in the kernels
     y = out if out is not None and xc is x else outputs.empty_like(xc)
     # the kernels' arguments as tensors (their addresses are cheaper to take than NumPy
@@ -471,26 +471,33 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     return _forward_result(spec, running, fused, y, mean, var, rstd)
 
 
-def _fixed_at(call: _Call, spec: NormSpec, fixed_mean: torch.Tensor | None, fixed_var: torch.Tensor) -> bool:
-    """Whether ``_kernels.fixed_forward_at`` takes these fixed statistics: a per-channel
-    configuration (``_Call.fixed_view``) and one dense value per channel in the compute
-    dtype, shaped ``spec.affine_shape`` (as the functional API passes the running
-    statistics; other shapes broadcast differently and take :func:`forward_impl`'s
-    general path)."""
+def _fixed_stats_at(call: _Call, spec: NormSpec, fixed_mean: torch.Tensor | None,
+                    fixed_var: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """``(mean, var)`` as ``_kernels.fixed_forward_at`` reads fixed statistics -- one
+    dense value per channel in the compute dtype, shaped ``spec.affine_shape`` (as the
+    functional API passes the running statistics) -- or None where it does not take
+    them: a configuration without a per-channel view (``_Call.fixed_view``), statistics
+    of another shape (they broadcast differently: :func:`forward_impl`'s general path),
+    functorch transforms. Statistics in another dtype (a bfloat16 model's running
+    statistics) are converted to the compute dtype, as the general path converts them."""
     if call.fixed_view is None or torch._C._are_functorch_transforms_active():
-        return False
+        return None
     for stat in (fixed_var,) if fixed_mean is None else (fixed_mean, fixed_var):
-        if stat.dtype != call.cdt or stat.shape != spec.affine_shape or not stat.is_cpu \
-                or not stat.is_contiguous():
-            return False
-    return True
+        if stat.shape != spec.affine_shape or not stat.is_cpu or not stat.is_contiguous():
+            return None
+    if fixed_var.dtype != call.cdt:
+        fixed_var = fixed_var.to(call.cdt)
+    if fixed_mean is not None and fixed_mean.dtype != call.cdt:
+        fixed_mean = fixed_mean.to(call.cdt)
+    return fixed_mean, fixed_var
 
 
 def _fixed_forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, fixed_mean, fixed_var):
-    """:func:`forward_impl` with fixed statistics where :func:`_fixed_at` takes them --
+    """:func:`forward_impl` with fixed statistics as :func:`_fixed_stats_at` gives them --
     every eval-mode BatchNorm/InstanceNorm call -- in one kernel call with the tensors'
     addresses (``_kernels.fixed_forward_at``): rstd, the coefficients and the output.
-    Returns the statistics as given, as the reference does, and rstd of their shape."""
+    Returns those statistics (the caller's own where they were in the compute dtype, as
+    the reference returns them) and rstd of their shape."""
     serial = call.serial
     y = torch.empty_like(x) if serial else outputs.empty_like(x)
     rstd = torch.from_numpy(np.empty(spec.affine_shape, call.npdt))
