@@ -1375,13 +1375,55 @@ def test_fused_running_stats_update_matches_torch_ops(rows, dtype, with_mean):
 
 def test_fused_running_stats_update_declines_what_torch_ops_must_do():
     mean, var = torch.zeros(1, 4, 1), torch.ones(1, 4, 1)
+    wide = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    assert not numba_backend.update_running_stats(*wide, mean, var, 8, 0.1)  # not the buffers' compute dtype
     half = torch.zeros(4, dtype=torch.float16), torch.ones(4, dtype=torch.float16)
-    assert not numba_backend.update_running_stats(*half, mean, var, 8, 0.1)  # other dtype
+    assert not numba_backend.update_running_stats(*half, mean.half(), var.half(), 8, 0.1)  # 16-bit statistics
     with torch.inference_mode():
         frozen = torch.zeros(4), torch.ones(4)
     assert not numba_backend.update_running_stats(*frozen, mean, var, 8, 0.1)  # inference tensors
     assert not numba_backend.update_running_stats(None, None, mean, var, 8, 0.1)
     assert torch.equal(frozen[1], torch.ones(4)) and torch.equal(half[1], torch.ones(4, dtype=torch.float16))
+    assert torch.equal(wide[1], torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_16_bit_running_statistics_match_torch_nn(dtype, momentum):
+    """A 16-bit model's running buffers are updated by the kernel (float32 statistics,
+    float64 arithmetic, one rounding) and track torch.nn's over several steps, with
+    momentum and with the cumulative average; the update is not left to torch ops."""
+    torch.manual_seed(41)
+    ours, theirs = nl_layer("BatchNorm1d", 6, momentum=momentum), torch.nn.BatchNorm1d(6, momentum=momentum)
+    with torch.no_grad():
+        theirs.running_mean.uniform_(-2, 2)
+        theirs.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    from normlab.core import stats
+
+    kernel_calls = []  # what the installed kernel returned: True when it did the update
+
+    def counted(*args):
+        kernel_calls.append(numba_backend.update_running_stats(*args))
+        return kernel_calls[-1]
+
+    saved = stats._running_stats_kernel
+    stats.set_running_stats_kernel(counted)
+    try:
+        for step in range(4):
+            x = (torch.randn(8, 6, 10) * (step + 1) + step).to(dtype)
+            ours(x)
+            theirs(x)
+    finally:
+        stats.set_running_stats_kernel(saved)
+    assert kernel_calls and all(kernel_calls)
+    eps = torch.finfo(dtype).eps
+    for name in ("running_mean", "running_var"):
+        got, want = getattr(ours, name), getattr(theirs, name)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * eps, atol=2 * eps, msg=name)
+    assert torch.equal(ours.num_batches_tracked, theirs.num_batches_tracked)
 
 
 def test_running_stats_updated_in_place_keep_autograd_version_checks():

@@ -1998,7 +1998,8 @@ def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, li
     _run_team(team, P, ((x_at, n), (y_at, n), (w_at, C), (b_at, C), A, P, K, S, G, eps, center, True, short_rows,
                         (mean_at, P), (var_at, P), (rstd_at, P), stream))
     if running_var_at:
-        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, P // G, G, momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, like_c, P // G, G, momentum,
+                          correction)
 
 
 @njit(**_OPTS)
@@ -2035,7 +2036,7 @@ def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, 
                                      (mean_at, P), (var_at, P), (rstd_at, P), ca, cb))
     _run_team(apply_team, A * P, ((x_at, n), (y_at, n), P, S, mc, ca, cb, stream))
     if running_var_at:
-        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, 1, P, momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, like_c, 1, P, momentum, correction)
 
 
 @njit(**_OPTS)
@@ -2108,7 +2109,7 @@ def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, N, S
         _run_team(apply_team, N * B, ((x_at, n), (y_at, n), coefficients[0], coefficients[1], coefficients[2],
                                       N, S, C, B, stream))
     if running_var_at:
-        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, N, G, momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, like_c, N, G, momentum, correction)
 
 
 @njit(**_OPTS)
@@ -2142,11 +2143,13 @@ def cl_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, lik
 
 
 @njit(**_OPTS)
-def update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, rows, channels, momentum,
+def update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_r, like_c, rows, channels, momentum,
                       correction):
-    """:func:`update_running` by address (``running_mean_at`` 0: absent)."""
-    running_mean = _at(running_mean_at, channels if running_mean_at else 0, like_c)
-    running_var = _at(running_var_at, channels, like_c)
+    """:func:`update_running` by address (``running_mean_at`` 0: absent); ``like_r``:
+    the running buffers' storage (a 16-bit model's as its bits), ``like_c``: the
+    statistics' compute dtype."""
+    running_mean = _at(running_mean_at, channels if running_mean_at else 0, like_r)
+    running_var = _at(running_var_at, channels, like_r)
     mean = _at(mean_at, rows * channels, like_c).reshape(rows, channels)
     var = _at(var_at, rows * channels, like_c).reshape(rows, channels)
     update_running(running_mean, running_var, mean, var, momentum, correction)
@@ -2157,7 +2160,8 @@ def update_running(running_mean, running_var, mean, var, momentum, correction):
     """In place, per channel c: ``running = (1 - momentum) * running + momentum * stat``
     with the statistics averaged over the rows of ``mean``/``var`` (rows, C) and the
     variance made unbiased by ``correction = count / (count - 1)``; float64 arithmetic,
-    rounded once. ``running_mean`` may be empty (absent)."""
+    rounded once (to the buffers' dtype; 16-bit buffers, read and written as their bits,
+    through float32 as torch rounds them). ``running_mean`` may be empty (absent)."""
     rows, channels = var.shape
     for c in range(channels):
         m = 0.0
@@ -2166,8 +2170,9 @@ def update_running(running_mean, running_var, mean, var, momentum, correction):
             m += mean[r, c]
             v += var[r, c]
         if running_mean.size:
-            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * (m / rows)
-        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * (v / rows * correction)
+            running_mean[c] = _enc((1.0 - momentum) * _ld(running_mean[c]) + momentum * (m / rows), running_mean)
+        running_var[c] = _enc((1.0 - momentum) * _ld(running_var[c]) + momentum * (v / rows * correction),
+                              running_var)
 
 
 # ---------------------------------------------------------------------- team bodies

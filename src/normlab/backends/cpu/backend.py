@@ -769,17 +769,19 @@ def _cl_backward_blocks(dy, x, w, mean, rstd, plan: Plan, center, batch_statisti
 def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> bool:
     """:func:`normlab.core.stats.update_running_stats` in one kernel call (installed with
     :func:`~normlab.core.stats.set_running_stats_kernel`; a small layer's training step
-    otherwise pays three torch ops, ~12 us). Takes plain CPU float32/float64 tensors of
-    one dtype with ``running_var`` given; returns False for anything else. The running
-    tensors' version counters are bumped as an in-place torch op would, so autograd
-    still notices if a graph saved them."""
+    otherwise pays three torch ops, ~12 us, and a 16-bit model's two more conversions).
+    Takes plain CPU running tensors of one dtype, ``running_var`` given, and statistics
+    in its compute dtype (float32 for bfloat16/float16 buffers, which are updated in
+    float64 and rounded once, as torch.nn rounds them); returns False for anything else.
+    The running tensors' version counters are bumped as an in-place torch op would, so
+    autograd still notices if a graph saved them."""
     if running_var is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False  # (vmap/grad: buffers or statistics may be batched wrappers without storage)
     forced = getenv("NORMLAB_BACKEND")
     if forced and forced != "cpu-numba":  # another backend forced: its torch ops do it
         return False
     dtype = running_var.dtype
-    if dtype not in _RUNNING_DTYPES or mean.dtype != dtype or var.dtype != dtype or not mean.is_cpu \
+    if dtype not in _LIKE or mean.dtype != compute_dtype(dtype) or var.dtype != mean.dtype or not mean.is_cpu \
             or not (mean.is_contiguous() and var.is_contiguous()):
         return False
     channels = running_var.shape[0]
@@ -789,12 +791,10 @@ def update_running_stats(running_mean, running_var, mean, var, count: int, momen
     # by address: a BatchNorm step's four NumPy views cost more than the update itself
     runtime.kernels().update_running_at(running_mean.data_ptr() if running_mean is not None else 0,
                                         running_var.data_ptr(), mean.data_ptr(), var.data_ptr(), _LIKE[dtype],
-                                        mean.numel() // channels, channels, float(momentum), count / (count - 1))
+                                        _LIKE[mean.dtype], mean.numel() // channels, channels, float(momentum),
+                                        count / (count - 1))
     torch.autograd.graph.increment_version(running)
     return True
-
-
-_RUNNING_DTYPES = (torch.float32, torch.float64)
 
 
 def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, fixed_var=None, running=None):
