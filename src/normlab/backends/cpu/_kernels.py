@@ -2160,8 +2160,8 @@ def update_running(running_mean, running_var, mean, var, momentum, correction):
     """In place, per channel c: ``running = (1 - momentum) * running + momentum * stat``
     with the statistics averaged over the rows of ``mean``/``var`` (rows, C) and the
     variance made unbiased by ``correction = count / (count - 1)``; float64 arithmetic,
-    rounded once (to the buffers' dtype; 16-bit buffers, read and written as their bits,
-    through float32 as torch rounds them). ``running_mean`` may be empty (absent)."""
+    rounded once to the buffers' dtype (16-bit buffers are read and written as their
+    bits, through float32). ``running_mean`` may be empty (absent)."""
     rows, channels = var.shape
     for c in range(channels):
         m = 0.0
