@@ -711,24 +711,25 @@ def test_16_bit_floats_decoded_in_kernel_equal_upcasting(family, channels_last, 
         _same_bits(got, want)
 
 
+def _elementwise(convert):
+    """A compiled loop ``out[i] = convert(values[i])`` over an array, for one of the
+    kernels' 16-bit conversion intrinsics (they exist only inside numba code)."""
+    from numba import njit
+
+    @njit
+    def convert_all(values, out):
+        for i in range(values.size):
+            out[i] = convert(values[i])
+
+    return convert_all
+
+
 def test_float16_conversions_match_torch_bit_for_bit():
     """The kernels' float16 decode on all 65536 bit patterns, and their round-to-nearest-
     even encode on every float16 value, every midpoint between neighbours (the ties),
     subnormals, overflow and random floats, against torch's conversions."""
-    from numba import njit
-
     kern = runtime.kernels()
-    decode, encode = kern._half_to_f32, kern._f32_to_half
-
-    @njit
-    def decode_all(bits, out):
-        for i in range(bits.size):
-            out[i] = decode(bits[i])
-
-    @njit
-    def encode_all(values, out):
-        for i in range(values.size):
-            out[i] = encode(values[i])
+    decode_all, encode_all = _elementwise(kern._half_to_f32), _elementwise(kern._f32_to_half)
 
     bits = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)
     got = np.empty(bits.size, np.float32)
@@ -761,20 +762,8 @@ def test_bfloat16_conversions_match_torch_bit_for_bit():
     rounding (0, just below / at / just above the tie, the largest, random): every tie,
     the carry into the exponent, overflow to Inf, and NaNs whose rounding add would carry
     them to Inf. Against torch's conversions."""
-    from numba import njit
-
     kern = runtime.kernels()
-    decode, encode = kern._bf16_to_f32, kern._f32_to_bf16
-
-    @njit
-    def decode_all(bits, out):
-        for i in range(bits.size):
-            out[i] = decode(bits[i])
-
-    @njit
-    def encode_all(values, out):
-        for i in range(values.size):
-            out[i] = encode(values[i])
+    decode_all, encode_all = _elementwise(kern._bf16_to_f32), _elementwise(kern._f32_to_bf16)
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     got = np.empty(bits.size, np.float32)
