@@ -662,6 +662,54 @@ def test_short_row_kernels_equal_the_row_kernels(rows, k, dtype):
                     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_kernels_results_do_not_depend_on_the_arrays_addresses(dtype):
+    """The same rows at other addresses give the same bits. A vectorized loop that also
+    stores (the backward's dweight/dbias partials) may get a run-time overlap check
+    from LLVM, whose scalar fallback sums in another order: a draft of the short-row
+    backward that indexed the row from its offset instead of slicing it gave other dx
+    bits (the rows of its first chunk: their dx coefficients' row sums) for some
+    layouts of the heap: this test failed on it in one fresh process of three."""
+    kern = runtime.kernels()
+    rows, k = 33, 256
+    rng = np.random.default_rng(5)
+    x0 = (rng.standard_normal(rows * k) * 3 + 1e3).astype(dtype)
+    dy0 = rng.standard_normal(rows * k).astype(dtype)
+    w = (rng.random(k) + 0.5).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+
+    def shifted(values, shift):  # a copy starting `shift` elements into a fresh buffer
+        buffer = np.empty(values.size + 16, dtype)
+        view = buffer[shift:shift + values.size]
+        view[:] = values
+        return view
+
+    stats = [np.empty(rows, dtype) for _ in range(3)]
+    kern.grouped_forward(x0, np.empty_like(x0), w, b, 1, rows, k, 1, 1, 1e-5, True, True, *stats, False, 0, rows)
+    mean, rstd = stats[0], stats[2]
+    results = {}
+    for run in range(32):
+        shift = run % 8
+        x, dy = shifted(x0, shift), shifted(dy0, shift)
+        for fwd in ("grouped_forward", "short_rows_forward"):
+            y = shifted(np.zeros_like(x0), shift)
+            got = [np.empty(rows, dtype) for _ in range(3)]
+            if fwd == "grouped_forward":
+                kern.grouped_forward(x, y, w, b, 1, rows, k, 1, 1, 1e-5, True, True, *got, False, 0, rows)
+            else:
+                kern.short_rows_forward(x, y, w, b, rows, k, 1e-5, True, *got, False, 0, rows)
+            results.setdefault(fwd, []).append((y.copy(), *got))
+        for bwd in ("rows_backward", "short_rows_backward"):
+            dx = shifted(np.zeros_like(x0), shift)
+            dwp, dbp = np.zeros((3, k)), np.zeros((3, k))
+            getattr(kern, bwd)(dy, x, w, mean, rstd, rows, k, True, True, True, 3, dx, dwp, dbp, False, 0, 3)
+            results.setdefault(bwd, []).append((dx.copy(), dwp, dbp))
+    for name, runs in results.items():
+        for run, outputs in enumerate(runs[1:], 1):
+            for got, want in zip(outputs, runs[0], strict=True):
+                np.testing.assert_array_equal(got, want, err_msg=f"{name}, run {run}")
+
+
 def _same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
     """Bit-identical, with NaN (whatever its payload) equal to NaN."""
     assert torch.equal(got.isnan(), want.isnan())

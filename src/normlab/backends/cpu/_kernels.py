@@ -908,8 +908,12 @@ def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
 # small model) take one pass per *tile* of rows instead of per row: each phase is a
 # loop over independent rows, so the scalar work of one row (float64 sums, a division,
 # a square root, the vector loop's remainder) overlaps with the next row's instead of
-# waiting on it. Measured on (256, 40) float32: forward 11.7 -> 6.4 us. A tile is at
-# most _ROW_TILE elements, so the later phases re-read it from L1.
+# waiting on it. A tile is at most _ROW_TILE elements, so the later phases re-read it
+# from L1. Measured on (256, 40) float32, one call: forward 11.7 -> 6.4 us (rows
+# phased); then, on a slower day, 15 -> 9.4-10.3 us with the deviation sums in a phase
+# of their own through :func:`_dev_sums`. Those sums had looped over range(K) on the
+# row's slice: numba kept the negative-index checks, and they took 7.5 us instead of
+# 1.7 (a loop over the slice's own size, as in _dev_sums, drops them).
 
 # The caller sends rows of at most ``backend.SHORT_ROW`` elements here.
 _ROW_TILE = 8192
@@ -918,13 +922,16 @@ _ROW_TILE = 8192
 @njit(**_OPTS)
 def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, lo, hi):
     """:func:`grouped_forward` for P rows of K <= SHORT_ROW elements (batch statistics),
-    with the same arithmetic: rough mean ``mc`` in x's dtype, the correction ``dm`` and
-    the output ``y = ((x - mc) * rstd - dm * rstd) * w + b``, kept per row of the tile
-    in scratch arrays between the phases."""
+    with the same arithmetic -- rough mean ``mc`` in x's dtype, the deviation sums, the
+    correction ``dm`` and the output ``y = ((x - mc) * rstd - dm * rstd) * w + b`` -- in
+    phases over a tile of rows: rough means, deviation sums, moments (summing again the
+    rare row whose rough mean was far off, see ``_RECENTER``), output; kept per row of
+    the tile in scratch arrays between the phases."""
     dt = _ctype(x)
-    z = dt(0.0)
     tile = max(1, _ROW_TILE // K)
     mcs = np.zeros(tile, dt)
+    sds = np.zeros(tile)
+    sqs = np.zeros(tile)
     dms = np.zeros(tile)
     rs = np.zeros(tile)
     buf = carray(_span(y.dtype.type(0)), _SPAN)
@@ -934,31 +941,16 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, l
             for p in range(p0, p1):
                 mcs[p - p0] = _rough_mean(x[p * K:p * K + min(K, _SAMPLE)])
         for p in range(p0, p1):
-            xs = x[p * K:(p + 1) * K]
+            sds[p - p0], sqs[p - p0] = _dev_sums(x[p * K:(p + 1) * K], mcs[p - p0])
+        for p in range(p0, p1):
             mc = mcs[p - p0]
-            for attempt in range(2):
-                ad = z
-                aq = z
-                for i in range(K):
-                    d = _ld(xs[i]) - mc
-                    ad += d
-                    aq += d * d
-                sd = np.float64(ad)
-                sq = np.float64(aq)
-                if not center or attempt == 1 or _near_enough(sd, sq, K):
-                    break
-                mc = dt(mc + sd / K)  # as in grouped_forward
-            mcs[p - p0] = mc
-            if center:
-                dm = sd / K
-                m2 = np.float64(aq) - sd * dm
-                if m2 < 0.0:  # rounding of a constant row; a NaN fails the test and stays
-                    m2 = 0.0
-            else:
-                dm = 0.0
-                m2 = np.float64(aq)
-            v = m2 / K
-            r = 1.0 / np.sqrt(v + eps)
+            sd = sds[p - p0]
+            sq = sqs[p - p0]
+            if center and not _near_enough(sd, sq, K):  # as in grouped_forward: again about the mean found
+                mc = dt(mc + sd / K)
+                sd, sq = _dev_sums(x[p * K:(p + 1) * K], mc)
+                mcs[p - p0] = mc
+            dm, v, r = _moments(sd, sq, K, center, eps)
             dms[p - p0] = dm
             rs[p - p0] = r
             var[p] = v
