@@ -1942,13 +1942,14 @@ def _run_team(team, items, args):
 
 @njit(**_OPTS)
 def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, K, S, G, eps,
-                       center, short_rows, running_mean_at, running_var_at, momentum, correction):
+                       center, short_rows, running_mean_at, running_var_at, like_r, momentum, correction):
     """:func:`dispatch_grouped_forward` with batch statistics on all P groups;
     mean/var/rstd hold P values each.
 
     ``running_var_at`` not 0 (BatchNorm/InstanceNorm training, K = 1): the running
     statistics of the G channels are then updated from the P = rows * G statistics, as
-    :func:`update_running` (``running_mean_at`` 0: absent)."""
+    :func:`update_running` (``running_mean_at`` 0: absent; ``like_r``: the buffers'
+    storage, see :func:`update_running_at`)."""
     n = A * P * K * S
     x = _at(x_at, n, like_x)
     y = _at(y_at, n, like_x)
@@ -1959,7 +1960,7 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
     rstd = _at(rstd_at, P, like_c)
     dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_rows, mean, var, rstd, False, 0, P)
     if running_var_at:
-        update_running(_at(running_mean_at, G if running_mean_at else 0, like_c), _at(running_var_at, G, like_c),
+        update_running(_at(running_mean_at, G if running_mean_at else 0, like_r), _at(running_var_at, G, like_r),
                        mean.reshape(P // G, G), var.reshape(P // G, G), momentum, correction)
 
 
@@ -1985,7 +1986,7 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at
 
 @njit(**_OPTS)
 def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, A, P, K, S, G, eps, center,
-                            short_rows, running_mean_at, running_var_at, momentum, correction, team, stream):
+                            short_rows, running_mean_at, running_var_at, like_r, momentum, correction, team, stream):
     """:func:`grouped_forward_at` on a team running ``dispatch_grouped_forward_body``
     (see :func:`_run_team`; ``stream``: write y with streaming stores)."""
     n = A * P * K * S
@@ -1993,7 +1994,7 @@ def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, li
     _run_team(team, P, ((x_at, n), (y_at, n), (w_at, C), (b_at, C), A, P, K, S, G, eps, center, True, short_rows,
                         (mean_at, P), (var_at, P), (rstd_at, P), stream))
     if running_var_at:
-        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, like_c, P // G, G, momentum,
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_r, like_c, P // G, G, momentum,
                           correction)
 
 
@@ -2013,7 +2014,7 @@ def grouped_backward_team_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, 
 
 @njit(**_OPTS)
 def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, A, P, S, eps, center,
-                      running_mean_at, running_var_at, momentum, correction, means_team, sums_team,
+                      running_mean_at, running_var_at, like_r, momentum, correction, means_team, sums_team,
                       coefficients_team, apply_team, stream):
     """BatchNorm's forward with batch statistics on its per-channel planes (A, P, S) in
     memory order: :func:`planes_rough_means`, :func:`planes_sums`,
@@ -2031,7 +2032,7 @@ def planes_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, 
                                      (mean_at, P), (var_at, P), (rstd_at, P), ca, cb))
     _run_team(apply_team, A * P, ((x_at, n), (y_at, n), P, S, mc, ca, cb, stream))
     if running_var_at:
-        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, like_c, 1, P, momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_r, like_c, 1, P, momentum, correction)
 
 
 @njit(**_OPTS)
@@ -2083,7 +2084,7 @@ def planes_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at,
 
 @njit(**_OPTS)
 def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, N, S, G, K, B, eps,
-                  running_mean_at, running_var_at, momentum, correction, stats_team, apply_team, stream):
+                  running_mean_at, running_var_at, like_r, momentum, correction, stats_team, apply_team, stream):
     """The channels-last forward with batch statistics of N*G groups: with one block per
     sample (B = 1), :func:`cl_forward_fused` on ``apply_team``; else :func:`cl_stats` on
     ``stats_team``, :func:`cl_coefficients` here, and :func:`cl_apply` on
@@ -2104,7 +2105,7 @@ def cl_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, N, S
         _run_team(apply_team, N * B, ((x_at, n), (y_at, n), coefficients[0], coefficients[1], coefficients[2],
                                       N, S, C, B, stream))
     if running_var_at:
-        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_c, like_c, N, G, momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_r, like_c, N, G, momentum, correction)
 
 
 @njit(**_OPTS)

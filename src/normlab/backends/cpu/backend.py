@@ -408,11 +408,11 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     b, b_at = _param_at(bias, call, 0.0)
     a, p, kk, s, g = call.plan.dims
     fused = running is not None and _running_at(running, call)
-    running_mean_at, running_var_at = fused or (0, 0)
+    running_mean_at, running_var_at, like_r = fused or (0, 0, _LIKE[call.cdt])
     runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(),
                                          rstd.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g,
                                          float(eps), spec.center, call.short_rows, running_mean_at, running_var_at,
-                                         float(running[2]) if fused else 0.0, call.unbias)
+                                         like_r, float(running[2]) if fused else 0.0, call.unbias)
     return _forward_result(spec, running, fused, y, mean, var, rstd)
 
 
@@ -443,7 +443,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
     fused = running is not None and _running_at(running, call)
-    running_mean_at, running_var_at = fused or (0, 0)
+    running_mean_at, running_var_at, like_r = fused or (0, 0, _LIKE[call.cdt])
     momentum = float(running[2]) if fused else 0.0
     addresses = (x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(), rstd.data_ptr(),
                  _LIKE[call.cdt])
@@ -452,7 +452,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     if call.memory_order:
         a, p, _, s, _ = call.plan.dims
         runtime.kernels().planes_forward_at(*addresses, a, p, s, float(eps), spec.center, running_mean_at,
-                                            running_var_at, momentum, call.unbias,
+                                            running_var_at, like_r, momentum, call.unbias,
                                             _team("planes_rough_means", call, p, threads),
                                             _team("planes_sums", call, a, threads),
                                             _team("planes_coefficients", call, p, threads),
@@ -460,14 +460,14 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
         runtime.kernels().grouped_forward_team_at(*addresses, a, p, kk, s, g, float(eps), spec.center,
-                                                  call.short_rows, running_mean_at, running_var_at, momentum,
-                                                  call.unbias, _team("dispatch_grouped_forward", call, p, threads),
-                                                  stream)
+                                                  call.short_rows, running_mean_at, running_var_at, like_r,
+                                                  momentum, call.unbias,
+                                                  _team("dispatch_grouped_forward", call, p, threads), stream)
     else:
         n, s, g, kk = call.plan.dims
         stats_team, apply_team = _cl_teams(call, threads, "cl_forward_fused", "cl_stats", "cl_apply")
         runtime.kernels().cl_forward_at(*addresses, n, s, g, kk, call.plan.blocks, float(eps), running_mean_at,
-                                        running_var_at, momentum, call.unbias, stats_team, apply_team, stream)
+                                        running_var_at, like_r, momentum, call.unbias, stats_team, apply_team, stream)
     return _forward_result(spec, running, fused, y, mean, var, rstd)
 
 
@@ -551,16 +551,23 @@ def _body(name: str, storage: str) -> int:
     return address
 
 
-def _running_at(running: RunningStats, call: _Call) -> tuple[int, int] | None:
-    """(running_mean's address or 0 if absent, running_var's address) when the forward
-    kernel can update the running statistics in place (:func:`_in_place_buffers`, and
-    one statistic per channel: K = 1), else None."""
+def _running_at(running: RunningStats, call: _Call) -> tuple[int, int, np.ndarray] | None:
+    """(running_mean's address or 0 if absent, running_var's address, the buffers'
+    ``_LIKE`` storage) when the forward kernel can update the running statistics in
+    place: buffers as :func:`_in_place_buffers` takes them, in the call's compute dtype
+    or one computed in it (a bfloat16/float16 model's, read and written as their bits
+    by ``_kernels.update_running``), and one statistic per channel (K = 1). Else None
+    (the caller then updates them after the kernel: :func:`_forward_result`)."""
     running_mean, running_var, _ = running
     dims = call.plan.dims
     kk, g = (dims[2], dims[4]) if call.plan.kind == "grouped" else (dims[3], dims[2])
-    if kk != 1 or _in_place_buffers(running_mean, running_var, call.cdt, g) is None:
+    if kk != 1 or running_var is None:
         return None
-    return (0 if running_mean is None else running_mean.data_ptr()), running_var.data_ptr()
+    dtype = running_var.dtype
+    if dtype not in _LIKE or compute_dtype(dtype) != call.cdt or \
+            _in_place_buffers(running_mean, running_var, dtype, g) is None:
+        return None
+    return (0 if running_mean is None else running_mean.data_ptr()), running_var.data_ptr(), _LIKE[dtype]
 
 
 def _in_place_buffers(running_mean, running_var, dtype: torch.dtype, channels: int) -> tuple[torch.Tensor, ...] | None:
