@@ -1439,7 +1439,8 @@ def test_16_bit_running_statistics_match_torch_nn(dtype, momentum, shape, monkey
     the forward kernel itself (fused), or -- where the forward does not take them --
     by the installed running-statistics kernel after it; both give the same bits. Each
     step's update is the float64 one from the batch's statistics (unbiased variance:
-    count 3, so a missing correction would show) rounded to the buffers' dtype --
+    the rows case has 3 values per channel, so a missing correction would show there)
+    rounded to the buffers' dtype --
     within half an ulp, plus the float32 statistics' own error -- and the buffers
     follow torch.nn's (the tolerance table's), with momentum and with the cumulative
     average. One input shape for each forward kernel that takes running statistics."""
