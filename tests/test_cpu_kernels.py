@@ -1138,26 +1138,32 @@ def test_fixed_statistics_with_zero_variance_and_eps_zero(layout, monkeypatch):
 
 
 def test_fixed_statistics_of_other_shapes_take_the_general_path(monkeypatch):
-    """Fixed statistics the by-address kernel does not read -- per (sample, channel),
-    shaped (C,), or strided -- go the general way and still give the reference's
-    result. (Another dtype is converted and taken: see the test above.)"""
+    """Fixed statistics the by-address kernel does not read -- per (sample, channel), or
+    strided -- go the general way and still give the reference's result. Per-channel
+    ones are read shaped (1, C, 1, 1) or (C,) (the module's running statistics, passed
+    without a view; see ``NormSpec.channel_view``), on either path. (Another dtype is
+    converted and taken: see the test above.)"""
     spec = instance_norm_spec((3, 8, 5, 5))
     gen = torch.Generator().manual_seed(29)
     x = torch.randn(spec.input_shape, generator=gen)
     w, b = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
     call = numba_backend.call_for(spec, "contiguous", torch.float32)
     per_channel = (torch.randn(1, 8, 1, 1, generator=gen), torch.rand(1, 8, 1, 1, generator=gen) + 0.5)
-    taken = numba_backend._fixed_stats_at(call, spec, *per_channel)
-    assert taken[0] is per_channel[0] and taken[1] is per_channel[1]
+    flat = (per_channel[0].reshape(8), per_channel[1].reshape(8))
+    for mean, var in (per_channel, flat):
+        taken = numba_backend._fixed_stats_at(call, spec, mean, var)
+        assert taken[0] is mean and taken[1] is var
+    want = reference_backend.forward(x, w, b, spec, 1e-5, *per_channel)[0]
+    assert_close(numba_backend.forward_impl(x, w, b, spec, 1e-5, *flat)[0], want, torch.float32, what="flat")
+    flat_strided = (torch.randn(16, generator=gen)[::2], torch.rand(16, generator=gen)[::2] + 0.5)
     declined = {"per instance": (torch.randn(3, 8, 1, 1, generator=gen), torch.rand(3, 8, 1, 1, generator=gen) + 0.5),
-                "flat": (per_channel[0].reshape(8), per_channel[1].reshape(8)),
-                "strided": (torch.randn(1, 16, 1, 1, generator=gen)[:, ::2], per_channel[1])}
+                "strided": (torch.randn(1, 16, 1, 1, generator=gen)[:, ::2], per_channel[1]),
+                "flat strided": flat_strided}
     for what, (mean, var) in declined.items():
         assert numba_backend._fixed_stats_at(call, spec, mean, var) is None, what
-        if what == "flat":  # (C,) would broadcast against the last dim: not statistics of this input
-            continue
         y = numba_backend.forward_impl(x, w, b, spec, 1e-5, mean, var)[0]
-        assert_close(y, reference_backend.forward(x, w, b, spec, 1e-5, mean, var)[0], torch.float32, what=what)
+        want = reference_backend.forward(x, w, b, spec, 1e-5, spec.channel_view(mean), spec.channel_view(var))[0]
+        assert_close(y, want, torch.float32, what=what)
     assert numba_backend.call_for(group_norm_spec((3, 8, 5, 5), 2), "contiguous", torch.float32).fixed_view is None
 
 

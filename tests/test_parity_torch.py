@@ -160,6 +160,44 @@ def test_instancenorm_channels_last():
                   torch.float32, channels_last=True)
 
 
+@pytest.mark.parametrize("backend", ["automatic", "reference"])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("make,shape,strided", [
+    (lambda m: m.BatchNorm1d(5), (7, 5), False),
+    (lambda m: m.BatchNorm1d(5), (4, 5, 9), False),
+    (lambda m: m.BatchNorm2d(5), (3, 5, 7, 6), False),
+    (lambda m: m.BatchNorm2d(5), (3, 5, 7, 6), True),  # no kernel for a strided input: the reference
+    (lambda m: m.InstanceNorm2d(5, affine=True, track_running_stats=True), (2, 5, 4, 6), False),
+    (lambda m: m.InstanceNorm1d(5, track_running_stats=True), (5, 9), False),  # unbatched
+], ids=["bn1d-2d", "bn1d", "bn2d", "bn2d-strided", "in2d", "in1d-unbatched"])
+def test_eval_mode_matches_torch_nn_on_every_path(make, shape, strided, grad, backend, monkeypatch):
+    """Eval mode normalizes with the running statistics, which the modules hand to the
+    core as their (C,) buffers (viewed only where a path needs them broadcastable):
+    under ``torch.no_grad`` and through autograd, on the kernels and on the reference,
+    the output and input gradient are torch.nn's and the buffers stay as they were."""
+    if backend == "reference":
+        monkeypatch.setenv("NORMLAB_BACKEND", "reference")
+    ours, theirs = make(nl).eval(), make(nn).eval()
+    gen = torch.Generator().manual_seed(5)
+    _randomize(theirs, gen)
+    ours.load_state_dict(theirs.state_dict())
+    before = {name: b.clone() for name, b in ours.named_buffers()}
+    big = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen) * 2 + 0.5
+    x = big[..., ::2] if strided else big[..., :shape[-1]].contiguous()
+    assert x.is_contiguous() != strided
+    xa, xb = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        ya, yb = ours(xa), theirs(xb)
+    assert_close(ya, yb, torch.float32, what="eval output")
+    if grad:
+        dy = torch.randn(ya.shape, generator=gen)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert_close(xa.grad, xb.grad, torch.float32, scale=4, what="eval input grad")
+    for name, b in ours.named_buffers():
+        assert torch.equal(b, before[name]), f"{name} changed in eval mode"
+
+
 # ---------------------------------------------------------------- GroupNorm
 # (3, 6) with 3 or 6 groups leaves 1-2 elements per group, where torch.nn's own float32
 # gradient is ill-conditioned: test_groupnorm_tiny_groups_float32_gradients covers it.

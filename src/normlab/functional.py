@@ -63,9 +63,7 @@ def _channel_stat_norm(input: Tensor, running_mean: Tensor | None, running_var: 
     if not use_batch_stats:
         if running_mean is None:
             raise ValueError(f"{name}: expected running_mean and running_var to normalize with, got None")
-        stat_view = spec.affine_shape
-        return normalize(input, weight, bias, spec, eps,
-                         running_mean.view(stat_view), running_var.view(stat_view))[0]
+        return normalize(input, weight, bias, spec, eps, running_mean, running_var)[0]  # (C,) each
     empty = input.numel() == 0  # an empty batch passes through, as in torch.nn
     if spec.count <= 1 and not empty:
         raise ValueError(

@@ -92,6 +92,15 @@ class NormSpec:
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
 
+    def channel_view(self, stat: torch.Tensor | None) -> torch.Tensor | None:
+        """A fixed statistic as it broadcasts against the input: ``stat`` itself, or, for
+        a spec whose affine is on dim 1 (``feature_dims == (1,)``), a 1-D tensor of one
+        value per channel -- the (C,) running statistics a module keeps -- viewed as
+        ``affine_shape`` (1, C, 1, ...)."""
+        if stat is not None and stat.dim() == 1 and self.feature_dims == (1,):
+            return stat.view(self.affine_shape)
+        return stat
+
 
 def _memoized(build: Callable[..., NormSpec]) -> Callable[..., NormSpec]:
     """``build`` with its results cached: every training step asks for the spec of the

@@ -27,6 +27,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -126,6 +127,10 @@ class _Call:
     memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
     fixed_view: tuple[int, int, int, int] | None  # (O, C, I, B) of per-channel fixed statistics (see _fixed_view)
+
+    #: :meth:`forward` takes per-channel fixed statistics as (C,) tensors as well as
+    #: broadcastable ones (see ``normlab.core.autograd.normalize``)
+    takes_channel_stats: ClassVar[bool] = True
 
     @property
     def serial(self) -> bool:
@@ -287,7 +292,8 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     ``out`` (float32/float64 inputs only): a preallocated output of x's shape, dtype
     and layout to write y into -- the benchmark's kernel-level timing uses it.
     ``call``: x's configuration, when the caller has it already. ``running``: see the
-    reference; small inputs update it inside the forward kernel.
+    reference; small inputs update it inside the forward kernel. Fixed statistics may
+    also be per channel, shaped (C,) (see ``NormSpec.channel_view``).
     """
     if call is None:
         call = _call_of(x, spec)
@@ -307,6 +313,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     b = _param_at(bias, call, 0.0)[0]
     fixed = fixed_var is not None
     if fixed:
+        fixed_mean, fixed_var = spec.channel_view(fixed_mean), spec.channel_view(fixed_var)
         var = fixed_var.to(cdt)
         rstd = _fixed_rstd(var, eps)
         mean = fixed_mean.to(cdt) if fixed_mean is not None else None
@@ -474,17 +481,19 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
 def _fixed_stats_at(call: _Call, spec: NormSpec, fixed_mean: torch.Tensor | None,
                     fixed_var: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """``(mean, var)`` as ``_kernels.fixed_forward_at`` reads fixed statistics -- one
-    dense value per channel in the compute dtype, shaped ``spec.affine_shape`` (as the
-    functional API passes the running statistics) -- or None where it does not take
-    them: a configuration without a per-channel view (``_Call.fixed_view``), statistics
-    of another shape (they broadcast differently: :func:`forward_impl`'s general path),
+    dense value per channel in the compute dtype, shaped (C,) (as the functional API
+    passes the running statistics) or ``spec.affine_shape`` -- or None where it does not
+    take them: a configuration without a per-channel view (``_Call.fixed_view``),
+    statistics of another shape (they broadcast differently: :func:`forward_impl`'s general path),
     statistics not on the CPU or not contiguous, functorch transforms. Statistics in
     another dtype (a bfloat16 model's running statistics) are converted to the compute
     dtype, as the general path converts them."""
     if call.fixed_view is None or torch._C._are_functorch_transforms_active():
         return None
+    channels = call.fixed_view[1]
     for stat in (fixed_var,) if fixed_mean is None else (fixed_mean, fixed_var):
-        if stat.shape != spec.affine_shape or not stat.is_cpu or not stat.is_contiguous():
+        if (stat.shape != spec.affine_shape and stat.shape != (channels,)) or not stat.is_cpu \
+                or not stat.is_contiguous():
             return None
     if fixed_var.dtype != call.cdt:
         fixed_var = fixed_var.to(call.cdt)
