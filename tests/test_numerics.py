@@ -113,6 +113,17 @@ def _random_layer(rnd, family: str, nd: int, channels: int):
     return tuple(getattr(m, kind)(channels, **kw) for m in (nl, torch.nn, torch.nn))
 
 
+def _check_as_accurate(what: str, got: torch.Tensor, torch_got: torch.Tensor, want: torch.Tensor,
+                       ulp: float) -> None:
+    """``got`` is at most 2x as far from ``want`` as torch.nn's ``torch_got``, plus ``ulp``
+    relative to want's largest magnitude."""
+    want = want.double()
+    ours_error = (got.double() - want).abs().max().item()
+    torch_error = (torch_got.double() - want).abs().max().item()
+    allowed = 2 * torch_error + ulp * max(1.0, want.abs().max().item())
+    assert ours_error <= allowed, f"{what} error {ours_error:.3g}, torch.nn's {torch_error:.3g} (allowed {allowed:.3g})"
+
+
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch.nn's 16-bit RMSNorm
 @pytest.mark.parametrize("seed", range(8))
 def test_random_configurations_are_as_accurate_as_torch_nn(seed):
@@ -161,13 +172,8 @@ def test_random_configurations_are_as_accurate_as_torch_nn(seed):
         where = (f"case {case}: {type(ours).__name__} {tuple(shape)} {dtype} channels_last={channels_last} "
                  f"training={training} offset={offset} spread={spread}")
 
-        def check(what, got, torch_got, want):
-            want = want.double()
-            ours_error = (got.double() - want).abs().max().item()
-            torch_error = (torch_got.double() - want).abs().max().item()
-            allowed = 2 * torch_error + ulps[dtype] * max(1.0, want.abs().max().item())
-            assert ours_error <= allowed, (f"{where}: {what} error {ours_error:.3g}, torch.nn's {torch_error:.3g} "
-                                           f"(allowed {allowed:.3g})")
+        def check(what, got, torch_got, want, where=where, ulp=ulps[dtype]):
+            _check_as_accurate(f"{where}: {what}", got, torch_got, want, ulp)
 
         xs = [x.clone().requires_grad_(grad), x.clone().requires_grad_(grad), x.double().requires_grad_(grad)]
         with torch.set_grad_enabled(grad):
