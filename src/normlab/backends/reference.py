@@ -20,6 +20,13 @@ Backward, with dxhat = dy * weight::
     dx      = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   batch statistics
     dx      = rstd * (dxhat             - xhat * mean(dxhat * xhat))     RMSNorm
     dx      = rstd * dxhat                                               fixed (running) statistics
+
+Forward-mode tangent (``torch.func.jvp``/``jacfwd``), with tangents t of x, w_t, b_t::
+
+    xhat_t = rstd * (t - mean(t) - xhat * mean(t * xhat))                  batch statistics
+    xhat_t = rstd * (t           - xhat * mean(t * xhat))                  RMSNorm
+    xhat_t = rstd * t                                                      fixed (running) statistics
+    y_t    = xhat_t * weight + xhat * w_t + b_t
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 from ..core.spec import NormSpec
 from ..core.stats import RunningStats, batch_stats, center, compute_dtype, fold_running_stats, memory_format_of
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "forward_tangent"]
 
 
 def _normalize(x_grouped: torch.Tensor, mean: torch.Tensor | None, rstd: torch.Tensor) -> torch.Tensor:
@@ -130,3 +137,39 @@ def backward(
             dx = dxhat * rstd
         dx = dx.to(x.dtype).contiguous(memory_format=memory_format_of(x))
     return dx, dweight, dbias
+
+
+def forward_tangent(
+    x_t: torch.Tensor | None,
+    weight_t: torch.Tensor | None,
+    bias_t: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor,
+    spec: NormSpec,
+    batch_statistics: bool,
+) -> torch.Tensor:
+    """Forward-mode derivative of :func:`forward`: the tangent of y (x's dtype and
+    shape) for tangents of x, weight and bias (None: zero), at the point where forward
+    returned ``mean``/``rstd`` (see the module docstring for the formula). Fixed
+    statistics are constants (running statistics carry no tangent)."""
+    cdt = compute_dtype(x.dtype)
+    xhat = _normalize(x.to(cdt).reshape(spec.group_shape), mean, rstd)
+    y_t = torch.zeros(x.shape, dtype=cdt, device=x.device)
+    if x_t is not None:
+        t = x_t.to(cdt).reshape(spec.group_shape)
+        if batch_statistics:
+            dims = spec.reduce_dims
+            inner = t - xhat * (t * xhat).mean(dims, keepdim=True)
+            if spec.center:
+                inner = inner - t.mean(dims, keepdim=True)
+            xhat_t = rstd * inner
+        else:
+            xhat_t = rstd * t
+        y_t = _affine(xhat_t.reshape(x.shape), weight, None, spec)
+    if weight_t is not None:
+        y_t = y_t + xhat.reshape(x.shape) * weight_t.to(cdt).view(spec.affine_shape)
+    if bias_t is not None:
+        y_t = y_t + bias_t.to(cdt).view(spec.affine_shape)
+    return y_t.to(x.dtype)

@@ -24,7 +24,7 @@ from ..backends import reference, select_backend
 from .spec import NormSpec
 from .stats import RunningStats, batch_stats, compute_dtype, fold_running_stats
 
-__all__ = ["NormFunction", "normalize"]
+__all__ = ["NormFunction", "TransformNormFunction", "normalize"]
 
 
 class NormFunction(torch.autograd.Function):
@@ -63,23 +63,80 @@ class NormFunction(torch.autograd.Function):
     def backward(ctx, dy, *_stat_grads):
         if dy is None:  # y was not used (grads are not materialized, see forward)
             return None, None, None, None, None, None, None, None, None
+        return (*_gradients(ctx, dy), None, None, None, None, None, None)
+
+
+def _gradients(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dweight, dbias)`` of a norm Function's backward from what its forward
+    saved: ``(x, weight, mean, rstd)`` and ``ctx.norm``."""
+    x, weight, mean, rstd = ctx.saved_tensors
+    spec, eps, backend, batch_statistics, bias_dtype = ctx.norm
+    if torch.is_grad_enabled():
+        # create_graph=True: the reference backward is differentiable; with batch
+        # statistics, rebuild them as functions of x so the second derivative
+        # sees how they depend on x.
+        backend = reference
+        if batch_statistics:
+            mean, var = batch_stats(x.to(compute_dtype(x.dtype)).reshape(spec.group_shape), spec)
+            rstd = torch.rsqrt(var + eps)
+    dx, dweight, dbias = backend.backward(dy, x, weight, mean, rstd, spec, batch_statistics,
+                                          ctx.needs_input_grad[:3])
+    if dweight is not None and dweight.dtype != weight.dtype:
+        dweight = dweight.to(weight.dtype)
+    if dbias is not None and dbias.dtype != bias_dtype:
+        dbias = dbias.to(bias_dtype)
+    return dx, dweight, dbias
+
+
+class TransformNormFunction(torch.autograd.Function):
+    """:class:`NormFunction` under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``,
+    ``functional_call`` + ``grad``, ...), which require torch's newer Function contract:
+    a forward without ctx, :meth:`setup_context`, and a vmap rule -- generated, as the
+    forward and backward run the reference backend's torch ops (a transform's wrapped
+    tensors have no memory a kernel could read).
+
+    ``(x, weight, bias, spec, eps, fixed_mean, fixed_var, running) -> (y, mean, var,
+    rstd)``; rstd is an output so that setup_context can save it, mean an empty tensor
+    for RMSNorm. ``running`` is updated inside the forward, below the transform, with
+    the plain statistics (as torch.nn's batch_norm updates its buffers inside its op).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, spec: NormSpec, eps: float, fixed_mean, fixed_var, running=None):
+        y, mean, var, rstd = reference.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
+        if mean is None:
+            mean = var.new_empty(0)
+        elif mean is fixed_mean:  # an input returned as an output may not be saved: a view may
+            mean = mean.view_as(mean)
+        return y, mean, var, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, spec, eps, _, fixed_var, _ = inputs
+        _, mean, var, rstd = output
+        ctx.norm = (spec, eps, reference, fixed_var is None, bias.dtype if bias is not None else None)
+        saved = (x, weight, mean if spec.center else None, rstd)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.mark_non_differentiable(mean, var, rstd)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dy, *_stat_grads):
+        if dy is None:
+            return None, None, None, None, None, None, None, None
+        return (*_gradients(ctx, dy), None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        """Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian``): y's tangent
+        (:func:`normlab.backends.reference.forward_tangent`); the statistics get none."""
         x, weight, mean, rstd = ctx.saved_tensors
-        spec, eps, backend, batch_statistics, bias_dtype = ctx.norm
-        if torch.is_grad_enabled():
-            # create_graph=True: the reference backward is differentiable; with batch
-            # statistics, rebuild them as functions of x so the second derivative
-            # sees how they depend on x.
-            backend = reference
-            if batch_statistics:
-                mean, var = batch_stats(x.to(compute_dtype(x.dtype)).reshape(spec.group_shape), spec)
-                rstd = torch.rsqrt(var + eps)
-        dx, dweight, dbias = backend.backward(dy, x, weight, mean, rstd, spec, batch_statistics,
-                                              ctx.needs_input_grad[:3])
-        if dweight is not None and dweight.dtype != weight.dtype:
-            dweight = dweight.to(weight.dtype)
-        if dbias is not None and dbias.dtype != bias_dtype:
-            dbias = dbias.to(bias_dtype)
-        return dx, dweight, dbias, None, None, None, None, None, None
+        spec, _, _, batch_statistics, _ = ctx.norm
+        return reference.forward_tangent(x_t, weight_t, bias_t, x, weight, mean, rstd, spec,
+                                         batch_statistics), None, None, None
 
 
 class BatchNormFunction(NormFunction):
@@ -146,8 +203,10 @@ def normalize(
         if fixed_var is not None:  # (the Function saves them for every backend's backward)
             fixed_mean, fixed_var = spec.channel_view(fixed_mean), spec.channel_view(fixed_var)
         stats: list[torch.Tensor | None] = []
-        if torch._C._are_functorch_transforms_active():  # vmap, grad, ...: torch's wrapper
-            y = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var, running, stats)
+        if torch._C._are_functorch_transforms_active():  # vmap, grad, ...: their own Function
+            y, mean, var, _ = _transform_function(function).apply(x, weight, bias, spec, eps, fixed_mean, fixed_var,
+                                                                  running)
+            stats += (mean if spec.center else None, var)
         else:
             y = _eager_apply(function)(
                 _live(x), weight if weight is None else _live(weight), bias if bias is None else _live(bias),
@@ -190,6 +249,12 @@ def _eager_apply(function: type[torch.autograd.Function]):
     if _C_APPLY is None or own_setup or own_apply:
         return function.apply
     return _C_APPLY.__get__(None, function)
+
+
+@functools.cache
+def _transform_function(function: type[NormFunction]) -> type[TransformNormFunction]:
+    """The :class:`TransformNormFunction` of ``function``'s family, named after it."""
+    return type(f"{function.__name__}ForTransforms", (TransformNormFunction,), {"__module__": __name__})
 
 
 def _needs_graph(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
