@@ -11,7 +11,9 @@ autograd differentiates the backward exactly. Plain backward reuses the saved
 statistics.
 
 There is one Function per family (so ``y.grad_fn`` names the method), all
-sharing the body of :class:`NormFunction`.
+sharing the body of :class:`NormFunction`. Under ``torch.func`` transforms each family
+has a twin with torch's contract for them (:class:`TransformNormFunction`: same saved
+tensors and backward, plus a forward-mode tangent).
 """
 
 from __future__ import annotations
