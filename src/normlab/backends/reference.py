@@ -52,6 +52,19 @@ def _affine(xhat: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return xhat
 
 
+def _without_statistics(g: torch.Tensor, xhat: torch.Tensor, spec: NormSpec) -> torch.Tensor:
+    """``g - mean(g) - xhat * mean(g * xhat)`` per statistic group (no ``mean(g)`` term
+    for a non-centering spec), g and xhat shaped ``spec.group_shape``: g without its
+    components along the directions the batch statistics absorb. Times rstd it is dx
+    of the backward (g = dxhat) and xhat's tangent in forward mode (g = x's tangent):
+    the map is self-adjoint."""
+    dims = spec.reduce_dims
+    inner = g - xhat * (g * xhat).mean(dims, keepdim=True)
+    if spec.center:
+        inner = inner - g.mean(dims, keepdim=True)
+    return inner
+
+
 def _sum_to_params(t: torch.Tensor, spec: NormSpec) -> torch.Tensor:
     """Sum over the non-feature dims to the parameter shape. (``sum(())`` would sum
     everything, so an input with only feature dims is returned as is.)"""
@@ -126,13 +139,8 @@ def backward(
     if need_dx:
         dxhat = dy_c * weight.to(cdt).view(spec.affine_shape) if weight is not None else dy_c
         if batch_statistics:
-            g = dxhat.reshape(spec.group_shape)
-            xh = xhat.reshape(spec.group_shape)
-            dims = spec.reduce_dims
-            inner = g - xh * (g * xh).mean(dims, keepdim=True)
-            if spec.center:
-                inner = inner - g.mean(dims, keepdim=True)
-            dx = (rstd * inner).reshape(x.shape)
+            dx = (rstd * _without_statistics(dxhat.reshape(spec.group_shape), xhat.reshape(spec.group_shape),
+                                             spec)).reshape(x.shape)
         else:
             dx = dxhat * rstd
         dx = dx.to(x.dtype).contiguous(memory_format=memory_format_of(x))
@@ -160,11 +168,7 @@ def forward_tangent(
     if x_t is not None:
         t = x_t.to(cdt).reshape(spec.group_shape)
         if batch_statistics:
-            dims = spec.reduce_dims
-            inner = t - xhat * (t * xhat).mean(dims, keepdim=True)
-            if spec.center:
-                inner = inner - t.mean(dims, keepdim=True)
-            xhat_t = rstd * inner
+            xhat_t = rstd * _without_statistics(t, xhat, spec)
         else:
             xhat_t = rstd * t
         y_t = _affine(xhat_t.reshape(x.shape), weight, None, spec)
