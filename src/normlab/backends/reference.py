@@ -164,13 +164,11 @@ def forward_tangent(
     statistics are constants (running statistics carry no tangent)."""
     cdt = compute_dtype(x.dtype)
     xhat = _normalize(x.to(cdt).reshape(spec.group_shape), mean, rstd)
-    y_t = torch.zeros(x.shape, dtype=cdt, device=x.device)
-    if x_t is not None:
+    if x_t is None:
+        y_t = torch.zeros(x.shape, dtype=cdt, device=x.device)
+    else:
         t = x_t.to(cdt).reshape(spec.group_shape)
-        if batch_statistics:
-            xhat_t = rstd * _without_statistics(t, xhat, spec)
-        else:
-            xhat_t = rstd * t
+        xhat_t = rstd * (_without_statistics(t, xhat, spec) if batch_statistics else t)
         y_t = _affine(xhat_t.reshape(x.shape), weight, None, spec)
     if weight_t is not None:
         y_t = y_t + xhat.reshape(x.shape) * weight_t.to(cdt).view(spec.affine_shape)

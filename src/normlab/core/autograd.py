@@ -196,33 +196,30 @@ def normalize(
     traced. Inputs are assumed validated (see ``normlab.functional``).
     """
     function = _FUNCTIONS.get(spec.family, NormFunction)
-    if torch.compiler.is_compiling():  # traced: the compiler sees the Function as one op
-        if fixed_var is not None:
-            fixed_mean, fixed_var = spec.channel_view(fixed_mean), spec.channel_view(fixed_var)
+    traced = torch.compiler.is_compiling()
+    graph = not traced and _needs_graph(x, weight, bias)
+    # inference: nothing to differentiate, so the backend is called without the autograd
+    # Function's own cost (~8 us of a ~35 us call on a small input)
+    backend = None if traced or graph else select_backend(x, spec)
+    if fixed_var is not None and not getattr(backend, "takes_channel_stats", False):
+        # broadcastable for the Functions (they save them for every backend's backward) and
+        # for backends that do not read (C,) statistics as they are (the CPU kernels do:
+        # that spares two views, ~2.3 us of a small eval-mode BatchNorm's ~16)
+        fixed_mean, fixed_var = spec.channel_view(fixed_mean), spec.channel_view(fixed_var)
+    if traced:  # the compiler sees the Function as one op
         y, mean, var = function.apply(x, weight, bias, spec, eps, fixed_mean, fixed_var)
         fold_running_stats(running, mean, var, spec.count)
-    elif _needs_graph(x, weight, bias):
-        if fixed_var is not None:  # (the Function saves them for every backend's backward)
-            fixed_mean, fixed_var = spec.channel_view(fixed_mean), spec.channel_view(fixed_var)
+    elif graph and torch._C._are_functorch_transforms_active():  # vmap, grad, ...: their own Function
+        y, mean, var, _ = _transform_function(function).apply(x, weight, bias, spec, eps, fixed_mean, fixed_var,
+                                                              running)
+    elif graph:
         stats: list[torch.Tensor | None] = []
-        if torch._C._are_functorch_transforms_active():  # vmap, grad, ...: their own Function
-            y, mean, var, _ = _transform_function(function).apply(x, weight, bias, spec, eps, fixed_mean, fixed_var,
-                                                                  running)
-            stats += (mean if spec.center else None, var)
-        else:
-            y = _eager_apply(function)(
-                _live(x), weight if weight is None else _live(weight), bias if bias is None else _live(bias),
-                spec, eps, fixed_mean if fixed_mean is None else _live(fixed_mean),
-                fixed_var if fixed_var is None else _live(fixed_var), running, stats)
+        y = _eager_apply(function)(
+            _live(x), weight if weight is None else _live(weight), bias if bias is None else _live(bias),
+            spec, eps, fixed_mean if fixed_mean is None else _live(fixed_mean),
+            fixed_var if fixed_var is None else _live(fixed_var), running, stats)
         mean, var = stats
     else:
-        # inference: nothing to differentiate, so skip the autograd Function's own cost
-        # (~8 us of a ~35 us call on a small input)
-        backend = select_backend(x, spec)
-        if fixed_var is not None and not getattr(backend, "takes_channel_stats", False):
-            # (a backend that reads (C,) statistics as they are spares the two views: ~2.3 us
-            # of a small eval-mode BatchNorm's ~16)
-            fixed_mean, fixed_var = spec.channel_view(fixed_mean), spec.channel_view(fixed_var)
         y, mean, var, _ = backend.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
     return y, (mean if spec.center else None), var
 
