@@ -208,3 +208,46 @@ def test_normlab_provider_is_the_bare_module_and_ignores_a_forced_backend(monkey
     bench_run.run_case(case, ["forward"], ["torch", "normlab"], repeats=1, min_time=0.0)
     assert calls, "the normlab provider ran on the forced reference backend"
     assert os.environ["NORMLAB_BACKEND"] == "reference"
+
+
+def _models_script():
+    """``benchmarks/cpu/models.py``, imported from its file (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu" / "models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet20-gn", "encoder-ln", "encoder-rms"])
+def test_model_benchmark_times_a_normlab_twin_of_each_model(name):
+    models = _models_script()
+    torch.manual_seed(0)
+    twin = models.from_torch(models.MODELS[name].build())
+    assert any(type(m).__module__.startswith("normlab") for m in twin.modules())
+    assert not any(type(m).__module__.startswith("torch.nn") and "Norm" in type(m).__name__
+                   for m in twin.modules())
+    for mode in ("train", "infer"):
+        row = models.compare(models.MODELS[name], 2, mode, rounds=1)
+        assert row["model"] == name and row["mode"] == mode
+        assert row["torch_ms"] > 0 and row["normlab_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["torch_ms"] / row["normlab_ms"])
+
+
+def test_model_benchmark_refuses_a_twin_that_computes_something_else(monkeypatch):
+    models = _models_script()
+    convert = models.from_torch
+
+    def off_by_a_bit(model):
+        twin = convert(model)
+        with torch.no_grad():
+            next(m for m in twin.modules() if hasattr(m, "running_mean")).bias.add_(0.1)
+        return twin
+
+    monkeypatch.setattr(models, "from_torch", off_by_a_bit)
+    with pytest.raises(AssertionError, match="differs from torch.nn"):
+        models.compare(models.MODELS["resnet20"], 2, "infer", rounds=1)
