@@ -349,3 +349,58 @@ def test_empty_batch_instance_norm():
     assert y.shape == x.shape
     y.sum().backward()
     assert torch.equal(norm.running_mean, torch.zeros(3)) and torch.equal(norm.running_var, torch.ones(3))
+
+
+_SWAPPABLE = [
+    (lambda m: m.BatchNorm2d(4), (3, 4, 5, 5)),
+    (lambda m: m.InstanceNorm1d(4, affine=True, track_running_stats=True), (3, 4, 7)),
+    (lambda m: m.GroupNorm(2, 4), (3, 4, 5, 5)),
+    (lambda m: m.LayerNorm([4, 5]), (3, 4, 5)),
+    (lambda m: m.RMSNorm(5), (3, 4, 5)),
+]
+
+
+class _Softplus(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(w)
+
+
+@pytest.mark.parametrize("make,shape", _SWAPPABLE)
+def test_parametrized_and_functionally_called_parameters_are_the_ones_used(make, shape):
+    """The layers read their parameters and buffers from the module's tables where they
+    are registered there; what torch puts in their place must be what is used: a
+    parametrization's computed tensor, and the tensors of ``torch.func.functional_call``
+    (outside any transform), in training and eval."""
+    from torch.nn.utils import parametrize
+
+    ours, theirs = make(nl), make(nn)
+    _randomize(theirs, torch.Generator().manual_seed(3))
+    ours.load_state_dict(theirs.state_dict())
+    for module in (ours, theirs):
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                parametrize.register_parametrization(module, name, _Softplus())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        assert_close(ya, yb, torch.float32, what=f"parametrized, training={training}")
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        assert_close(xa.grad, xb.grad, torch.float32, what="input gradient")
+        for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+            assert_close(p.grad, q.grad, torch.float32, what=f"{name} gradient")
+        for (name, b), (_, c) in zip(ours.named_buffers(), theirs.named_buffers(), strict=True):
+            assert_close(b, c, torch.float32, what=name)
+
+    plain_ours, plain_theirs = make(nl), make(nn)
+    swapped = {name: torch.rand(t.shape, generator=torch.Generator().manual_seed(5)) + 0.5
+               for name, t in plain_theirs.named_parameters()}
+    for training in (True, False):
+        plain_ours.train(training)
+        plain_theirs.train(training)
+        assert_close(torch.func.functional_call(plain_ours, swapped, (x,)),
+                     torch.func.functional_call(plain_theirs, swapped, (x,)), torch.float32,
+                     what=f"functional_call, training={training}")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from ..core.checks import check_eps, check_floating, check_momentum
+from ._members import registered
 
 __all__ = [
     "BatchNorm1d",
@@ -137,8 +138,8 @@ class _NormBase(nn.Module):
         """
         training = self.training
         update = training and self.track_running_stats
-        # each buffer read goes through nn.Module.__getattr__ (~0.5 us): read them once
-        running_mean, running_var = (self.running_mean, self.running_var) if update or not training else (None, None)
+        running_mean, running_var = (registered(self, "running_mean"), registered(self, "running_var")) \
+            if update or not training else (None, None)
         y = normalize(
             running_mean,
             running_var,
@@ -146,7 +147,7 @@ class _NormBase(nn.Module):
             self._momentum_for_this_step() if update else 0.0,
         )
         if update:
-            self.num_batches_tracked.add_(1)
+            registered(self, "num_batches_tracked").add_(1)
         return y
 
     def _momentum_for_this_step(self) -> float:
@@ -184,8 +185,8 @@ class _BatchNorm(_NormBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_batched_input(input)
         return self._step(lambda running_mean, running_var, use_batch_stats, momentum: NF._batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum,
-            self.eps, name=type(self).__name__))
+            input, running_mean, running_var, registered(self, "weight"), registered(self, "bias"),
+            use_batch_stats, momentum, self.eps, name=type(self).__name__))
 
 class BatchNorm1d(_BatchNorm):
     """BatchNorm over (N, C) or (N, C, L) inputs. See :class:`_BatchNorm`."""
@@ -264,7 +265,8 @@ class _InstanceNorm(_NormBase):
             warnings.warn(mismatch + "; num_features is unused with affine=False", stacklevel=2)
         x = input.unsqueeze(0) if unbatched else input
         y = NF._instance_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias,
+            x, registered(self, "running_mean"), registered(self, "running_var"), registered(self, "weight"),
+            registered(self, "bias"),
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0, self.eps, name=name,
         )

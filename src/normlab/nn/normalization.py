@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import functional as NF
 from ..core.checks import check_eps, normalize_shape_arg
+from ._members import registered
 
 __all__ = ["GroupNorm", "LayerNorm", "RMSNorm"]
 
@@ -85,7 +86,8 @@ class GroupNorm(nn.Module):
                 f"GroupNorm: expected input with {self.num_channels} channels at dim 1, "
                 f"got {input.shape[1]} (input shape {tuple(input.shape)})"
             )
-        return NF._group_norm(input, self.num_groups, self.weight, self.bias, self.eps, name="GroupNorm")
+        return NF._group_norm(input, self.num_groups, registered(self, "weight"), registered(self, "bias"), self.eps,
+                              name="GroupNorm")
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
@@ -144,8 +146,8 @@ class LayerNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return NF._layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
-                              name="LayerNorm")
+        return NF._layer_norm(input, self.normalized_shape, registered(self, "weight"), registered(self, "bias"),
+                              self.eps, name="LayerNorm")
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
@@ -198,7 +200,7 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return NF._rms_norm(x, self.normalized_shape, self.weight, self.eps, name="RMSNorm")
+        return NF._rms_norm(x, self.normalized_shape, registered(self, "weight"), self.eps, name="RMSNorm")
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
