@@ -382,7 +382,11 @@ def build_sections(config: LabConfig, rows: list[dict], plot_dir: Path) -> list[
             f"Cost (B={config.ref_batch})",
             ["Median time of one training step (forward, backward, SGD) and of one eval forward; "
              "memory autograd saves for the backward of one step (unique storages); the "
-             "allocator's peak on CUDA. The CPU is shared and timings vary between runs."
+             "allocator's peak on CUDA. The CPU is shared and timings vary between runs. The times "
+             "are of normlab's layers: on small activations (the default models') a call's fixed "
+             "cost (Python, autograd), not the normalization's arithmetic, sets most of the "
+             "differences between norms, and torch.nn's layers time differently (the repository's "
+             "benchmarks/cpu/models.py compares the two on whole models)."
              + (f" With {config.nproc} processes: a DDP step of one process on its part of the batch "
                 "(gradient all_reduce included) and that process's memory, as measured on rank 0."
                 if config.nproc > 1 else "")],
