@@ -123,7 +123,6 @@ class _Call:
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
     short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
     unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
-    by_address: bool  # a dtype the *_at kernels read (x's, or its 16-bit bits): every dtype accepts() lets in
     memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
     fixed_view: tuple[int, int, int, int] | None  # (O, C, I, B) of per-channel fixed statistics (see _fixed_view)
@@ -141,17 +140,16 @@ class _Call:
     def small(self) -> bool:
         """A small input the ``*_at`` kernels run on the calling thread
         (:func:`_serial_grouped_forward`)."""
-        return self.by_address and self.numel < SERIAL_BELOW and self.plan.kind == "grouped"
+        return self.numel < SERIAL_BELOW and self.plan.kind == "grouped"
 
     @property
     def at(self) -> bool:
         """The forward with batch statistics and the backward of this configuration run
-        on the ``*_at`` kernels (:func:`_forward_at`, :func:`_backward_at`): they read
-        its dtype, and they can start its threads (a small input has none; others need
-        the OpenMP runtime, see ``team.team_at``)."""
-        if self.numel < SERIAL_BELOW:
-            return self.by_address
-        return self.by_address and team.uses_openmp()
+        on the ``*_at`` kernels (:func:`_forward_at`, :func:`_backward_at`), which read
+        every dtype ``accepts()`` lets in (16-bit floats as their bits), where they can
+        start its threads: a small input has none; others need the OpenMP runtime (see
+        ``team.team_at``)."""
+        return self.numel < SERIAL_BELOW or team.uses_openmp()
 
     # The backend contract (:func:`forward`, :func:`backward`) for inputs of this
     # configuration: ``cpu.accepts`` hands this object to ``select_backend``, so a call
@@ -223,7 +221,6 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_rows=rows and plan.dims[2] <= SHORT_ROW,
                  unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
-                 by_address=dtype == cdt or dtype in _BITS,
                  memory_order=_memory_order(plan, dtype.itemsize),
                  storage=_STORAGE[dtype if dtype in _BITS else cdt],
                  fixed_view=_fixed_view(spec, layout))
