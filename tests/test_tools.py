@@ -409,3 +409,26 @@ def test_tools_on_the_lab_resnet():
     recal = recalibrate_bn(copy.deepcopy(model), [_images(8, seed=s, offset=0.5) for s in range(2)],
                            progress=False)
     assert inspect_bn(recal, [_images(8, seed=s, offset=0.5) for s in range(2)]).layers[0].mean_shift < 1e-4
+
+
+def test_norm_classes_match_torch_and_normlab_layers_of_a_kind_only():
+    from normlab.tools import norm_classes
+
+    layers = {
+        "bn": (nn.BatchNorm2d(4), nl.BatchNorm2d(4), nl.BatchNorm1d(4), nn.SyncBatchNorm(4), nl.SyncBatchNorm(4)),
+        "in": (nn.InstanceNorm2d(4), nl.InstanceNorm1d(4)),
+        "gn": (nn.GroupNorm(2, 4), nl.GroupNorm(2, 4)),
+        "ln": (nn.LayerNorm(4), nl.LayerNorm(4)),
+        "rms": (nn.RMSNorm(4), nl.RMSNorm(4)),
+    }
+    for kind in layers:
+        classes = norm_classes(kind)
+        for other, others in layers.items():
+            for module in others:
+                assert isinstance(module, classes) == (other == kind), (kind, type(module))
+    assert not isinstance(nl.FrozenBatchNorm2d(4), norm_classes("bn"))
+    assert isinstance(nl.FrozenBatchNorm2d(4), norm_classes("frozen_bn"))
+    with pytest.raises(ValueError, match="unknown norm kind 'batchnorm'; expected one of bn, in"):
+        norm_classes("batchnorm")
+    with pytest.raises(TypeError, match="expected a norm kind name"):
+        norm_classes(nn.BatchNorm2d)

@@ -32,6 +32,27 @@ KINDS: dict[str, tuple[type[nn.Module], ...]] = {
 ALL_NORMS: tuple[type[nn.Module], ...] = tuple(c for classes in KINDS.values() for c in classes)
 
 
+def norm_classes(kind: str) -> tuple[type[nn.Module], ...]:
+    """The classes that count as norm ``kind`` -- torch.nn's and normlab's -- for
+    ``isinstance`` checks: ``"bn"``, ``"in"``, ``"gn"``, ``"ln"``, ``"rms"``,
+    ``"frozen_bn"``, ``"sn"`` (SwitchableNorm) or ``"frn"``.
+
+    normlab's layers are modules of their own, not subclasses of torch.nn's, so
+    ``isinstance(m, torch.nn.BatchNorm2d)`` is False for an ``nl.BatchNorm2d``; code that
+    picks layers by class (keeping BatchNorm in eval mode while fine-tuning, weight-decay
+    groups, custom initialization) should test against these. Example::
+
+        >>> for m in model.modules():
+        ...     if isinstance(m, norm_classes("bn")):
+        ...         m.eval()   # torch.nn's and normlab's BatchNorm alike
+
+    Raises ValueError naming the kinds for an unknown kind.
+    """
+    if not isinstance(kind, str):
+        raise TypeError(f"norm_classes: expected a norm kind name ({', '.join(KINDS)}), got {kind!r}")
+    return resolve_kind(kind, "norm_classes")
+
+
 def resolve_kind(kind: str | type | tuple[type, ...], caller: str) -> tuple[type, ...]:
     """A kind name ("bn", "gn", ...), a class, or a tuple of classes -> tuple of classes."""
     if isinstance(kind, str):
