@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.mode or ["train", "infer"]
     print(f"torch {torch.__version__}, {args.threads} threads, glibc heap {'fixed' if fixed else 'as is'}; "
           f"median of {args.rounds} interleaved rounds")
+    for name, _ in suite:
+        print(f"  {name}: {MODELS[name].about}")
     print(f"{'model':12s} {'batch':>5s} {'mode':5s} {'torch.nn ms':>11s} {'normlab ms':>10s} {'speed-up':>8s} "
           f"{'faults/step (torch.nn, normlab)':>32s}")
     for name, batches in suite:
