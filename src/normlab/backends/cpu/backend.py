@@ -489,8 +489,8 @@ def _fixed_stats_at(call: _Call, spec: NormSpec, fixed_mean: torch.Tensor | None
         return None
     channels = call.fixed_view[1]
     for stat in (fixed_var,) if fixed_mean is None else (fixed_mean, fixed_var):
-        if (stat.shape != spec.affine_shape and stat.shape != (channels,)) or not stat.is_cpu \
-                or not stat.is_contiguous():
+        if (stat.shape != (channels,) and stat.shape != spec.affine_shape) or not stat.is_cpu \
+                or not stat.is_contiguous():  # ((C,) first: how the layers pass them)
             return None
     if fixed_var.dtype != call.cdt:
         fixed_var = fixed_var.to(call.cdt)
