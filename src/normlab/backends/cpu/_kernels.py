@@ -1960,8 +1960,8 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
     rstd = _at(rstd_at, P, like_c)
     dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_rows, mean, var, rstd, False, 0, P)
     if running_var_at:
-        update_running(_at(running_mean_at, G if running_mean_at else 0, like_r), _at(running_var_at, G, like_r),
-                       mean.reshape(P // G, G), var.reshape(P // G, G), momentum, correction)
+        update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_r, like_c, P // G, G, momentum,
+                          correction)
 
 
 @njit(**_OPTS)
