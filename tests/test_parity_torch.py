@@ -404,3 +404,20 @@ def test_parametrized_and_functionally_called_parameters_are_the_ones_used(make,
         assert_close(torch.func.functional_call(plain_ours, swapped, (x,)),
                      torch.func.functional_call(plain_theirs, swapped, (x,)), torch.float32,
                      what=f"functional_call, training={training}")
+
+
+@pytest.mark.parametrize("make,shape", _SWAPPABLE[:4])
+def test_pruned_weight_is_the_one_used(make, shape):
+    """``torch.nn.utils.prune`` moves the weight out of ``_parameters`` and recomputes it
+    into the instance dict before each forward: the layers must read that one."""
+    from torch.nn.utils import prune
+
+    ours, theirs = make(nl), make(nn)
+    _randomize(theirs, torch.Generator().manual_seed(6))
+    ours.load_state_dict(theirs.state_dict())
+    for module in (ours, theirs):
+        torch.manual_seed(7)
+        prune.random_unstructured(module, "weight", amount=0.5)
+    assert "weight" not in ours._parameters and (ours.weight == 0).any()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    assert_close(ours(x), theirs(x), torch.float32, what="pruned")
