@@ -411,12 +411,11 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
     a, p, kk, s, g = call.plan.dims
-    fused = running is not None and _running_at(running, call)
-    running_mean_at, running_var_at, like_r = fused or (0, 0, _LIKE[call.cdt])
+    fused, running_mean_at, running_var_at, like_r, momentum = _running_args(running, call)
     runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(),
                                          rstd.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g,
                                          float(eps), spec.center, call.short_rows, running_mean_at, running_var_at,
-                                         like_r, float(running[2]) if fused else 0.0, call.unbias)
+                                         like_r, momentum, call.unbias)
     return _forward_result(spec, running, fused, y, mean, var, rstd)
 
 
@@ -446,9 +445,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     rstd = torch.from_numpy(np.empty(call.stat_shape, call.npdt))
     w, w_at = _param_at(weight, call, 1.0)
     b, b_at = _param_at(bias, call, 0.0)
-    fused = running is not None and _running_at(running, call)
-    running_mean_at, running_var_at, like_r = fused or (0, 0, _LIKE[call.cdt])
-    momentum = float(running[2]) if fused else 0.0
+    fused, running_mean_at, running_var_at, like_r, momentum = _running_args(running, call)
     addresses = (x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(), rstd.data_ptr(),
                  _LIKE[call.cdt])
     threads = 1 if serial else torch.get_num_threads()
@@ -555,6 +552,18 @@ def _body(name: str, storage: str) -> int:
     if address is None:
         address = _BODIES[name, storage] = runtime.kernels().body_address(name, storage)
     return address
+
+
+def _running_args(running: RunningStats | None, call: _Call) -> tuple[bool, int, int, np.ndarray, float]:
+    """The running-statistics arguments of a by-address forward kernel: ``(fused,
+    running_mean's address, running_var's address, their ``_LIKE`` storage, momentum)``
+    as :func:`_running_at` gives them when the kernel can update them in place
+    (``fused``), else ``(False, 0, 0, <compute dtype's>, 0.0)``: the kernel leaves them to
+    the caller (:func:`_forward_result`)."""
+    fused = running is not None and _running_at(running, call)
+    if not fused:
+        return False, 0, 0, _LIKE[call.cdt], 0.0
+    return (True, *fused, float(running[2]))
 
 
 def _running_at(running: RunningStats, call: _Call) -> tuple[int, int, np.ndarray] | None:
