@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,13 +211,13 @@ def test_normlab_provider_is_the_bare_module_and_ignores_a_forced_backend(monkey
     assert os.environ["NORMLAB_BACKEND"] == "reference"
 
 
-def _models_script():
-    """``benchmarks/cpu/models.py``, imported from its file (benchmarks/ is not a package)."""
+def _models_script(folder: str = "cpu"):
+    """``benchmarks/<folder>/models.py``, imported from its file (benchmarks/ is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu" / "models.py"
-    spec = importlib.util.spec_from_file_location("bench_models", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / folder / "models.py"
+    spec = importlib.util.spec_from_file_location(f"bench_models_{folder}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # (its dataclasses look their module up there)
     spec.loader.exec_module(module)
@@ -251,3 +252,23 @@ def test_model_benchmark_refuses_a_twin_that_computes_something_else(monkeypatch
     monkeypatch.setattr(models, "from_torch", off_by_a_bit)
     with pytest.raises(AssertionError, match="differs from torch.nn"):
         models.compare(models.MODELS["resnet20"], 2, "infer", rounds=1)
+
+
+def test_gpu_model_benchmark_runs_eager_on_cpu_and_refuses_a_different_twin(monkeypatch):
+    """benchmarks/gpu/models.py checks itself on CPU (eager only; no graphs there)."""
+    models = _models_script("gpu")
+    row = models.compare("encoder-rms", 2, "infer", 1, torch.device("cpu"), graphs=False)
+    assert row["eager_torch_ms"] > 0 and row["eager_normlab_ms"] > 0
+    assert row["eager_speedup"] == pytest.approx(row["eager_torch_ms"] / row["eager_normlab_ms"])
+    assert math.isnan(row["graph_speedup"])
+    convert = models.from_torch
+
+    def off_by_a_bit(model):
+        twin = convert(model)
+        with torch.no_grad():
+            next(m for m in twin.modules() if hasattr(m, "running_mean")).bias.add_(0.1)
+        return twin
+
+    monkeypatch.setattr(models, "from_torch", off_by_a_bit)
+    with pytest.raises(AssertionError, match="differs from torch.nn"):
+        models.compare("resnet20", 2, "train", 1, torch.device("cpu"), graphs=False)
