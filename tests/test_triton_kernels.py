@@ -260,6 +260,24 @@ def test_batch_norm_plans_one_cooperative_launch_when_the_grid_is_resident(monke
     assert single.splits == 1 and _common.phase_launches(False, True, (1, 2, 4)) == [(7, False)]
 
 
+def test_layer_norm_backward_programs_follow_the_rows(monkeypatch):
+    """On a GPU the LayerNorm/RMSNorm backward takes up to 4 programs per SM but at least
+    32 rows a program (each writes a row of dW/dB partials), and never fewer than one
+    program per SM; the interpreter takes its own count."""
+    for field in dataclasses.fields(TUNING):  # the default blocks
+        monkeypatch.setattr(TUNING, field.name, field.default)
+    monkeypatch.setattr(_common, "_multiprocessors", lambda index: 132)
+    gpu_device = torch.device("cuda", 0)
+    assert _common.partial_programs(gpu_device, 4096) == 132  # (4096, 8192): one program per SM
+    assert _common.partial_programs(gpu_device, 16384) == 512  # 32 rows each
+    assert _common.partial_programs(gpu_device, 65536) == 528  # 4 per SM
+    assert _common.partial_programs(gpu_device, 100) == 132
+    assert _common.partial_programs(torch.device("cpu"), 65536) == TUNING.interpreter_programs
+    # the plan it feeds: 132 programs of 32 rows (whole row tiles) for (4096, 8192)
+    programs, rows, _single, _options = _rows._backward_plan(4096, 8192, 132, (8192, 2048))
+    assert (programs, rows) == (128, 32)
+
+
 def test_channels_last_group_norm_plans_one_cooperative_launch(monkeypatch):
     """channels_last GroupNorm's barriers hold a sample's programs (a group may span
     channel tiles): one launch when the whole grid can be resident, two splits a sample

@@ -39,8 +39,8 @@ from ._common import (
     cdiv,
     device_guard,
     fsum,
-    num_programs,
     num_warps,
+    partial_programs,
     pow2,
     split_sum,
     stats_buffers,
@@ -288,7 +288,7 @@ def rows_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
     mean = mean if mean is None or mean.is_contiguous() else mean.contiguous()
     rstd = rstd if rstd.is_contiguous() else rstd.contiguous()
     programs, rows_per_program, single, options = _backward_plan(
-        m, n, num_programs(x.device), (TUNING.max_row_block, TUNING.row_tile))
+        m, n, partial_programs(x.device, m), (TUNING.max_row_block, TUNING.row_tile))
     # dW and dB partials in one buffer (one allocation, one sum); long rows accumulate
     # into their program's row in place, so they start from zeros
     parts = (torch.empty if single else torch.zeros)((need_dw + need_db, programs, n), device=x.device,
