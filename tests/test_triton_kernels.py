@@ -276,6 +276,13 @@ def test_layer_norm_backward_programs_follow_the_rows(monkeypatch):
     # the plan it feeds: 132 programs of 32 rows (whole row tiles) for (4096, 8192)
     programs, rows, _single, _options = _rows._backward_plan(4096, 8192, 132, (8192, 2048))
     assert (programs, rows) == (128, 32)
+    # ... and the backward asks it for its rows
+    asked = []
+    monkeypatch.setattr(_rows, "partial_programs", lambda device, rows: asked.append(rows) or 2)
+    x, w = torch.randn(6, 8), torch.randn(8)
+    _y, mean, _var, rstd = _rows.rows_forward(x, w, None, 8, True, EPS)
+    _rows.rows_backward(torch.randn(6, 8), x, w, mean, rstd, 8, (True, True, False))
+    assert asked == [6]
 
 
 def test_channels_last_group_norm_plans_one_cooperative_launch(monkeypatch):
