@@ -10,6 +10,8 @@ on the same device.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -352,3 +354,50 @@ def test_gpu_bench_autograd_calls_run_on_one_stream():
     assert result.returncode == 0, result.stderr
     assert "AccumulateGrad" not in result.stderr, result.stderr
     assert result.stdout.split() == ["10", "10"]
+
+
+_AUTOCAST_LAYERS = [
+    ("batch_norm", lambda: torch.nn.BatchNorm2d(8), "BatchNorm2d", (4, 8, 6, 6)),
+    ("instance_norm", lambda: torch.nn.InstanceNorm2d(8, affine=True), "InstanceNorm2d", (4, 8, 6, 6)),
+    ("group_norm", lambda: torch.nn.GroupNorm(4, 8), "GroupNorm", (4, 8, 6, 6)),
+    ("layer_norm", lambda: torch.nn.LayerNorm(8), "LayerNorm", (4, 6, 8)),
+    ("rms_norm", lambda: torch.nn.RMSNorm(8), "RMSNorm", (4, 6, 8)),
+]
+
+
+# torch's RMSNorm warns that a low-precision input with float32 weights takes its unfused path
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("name", "make_torch", "class_name", "shape"), _AUTOCAST_LAYERS,
+                         ids=[c[0] for c in _AUTOCAST_LAYERS])
+def test_layers_under_cuda_autocast_match_torch_nn(name, make_torch, class_name, shape, amp_dtype, in_dtype):
+    """Under torch.autocast("cuda"), each layer's output dtype, values and gradients are
+    torch.nn's (LayerNorm, GroupNorm, RMSNorm run in float32 there; BatchNorm and
+    InstanceNorm in the input's dtype). Not yet run on a GPU when written (session 22)."""
+    import normlab as nl
+    from normlab.tools import from_torch
+
+    torch.manual_seed(0)
+    reference = make_torch().to(CUDA)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn_like(p))
+    layer = from_torch(copy.deepcopy(reference))
+    assert type(layer) is getattr(nl, class_name)
+    x = torch.randn(shape, device=CUDA).to(in_dtype)
+    x_ref, x_nl = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=amp_dtype):
+        expected, got = reference(x_ref), layer(x_nl)
+    assert got.dtype == expected.dtype, f"{name}: {got.dtype}, torch.nn {expected.dtype}"
+    assert_close(got, expected, dtype=expected.dtype, what=name)
+    dy = torch.randn_like(expected)
+    expected.backward(dy)
+    got.backward(dy)
+    assert x_nl.grad.dtype == x_ref.grad.dtype
+    # a bfloat16 input or output anywhere bounds the agreement at bfloat16's precision
+    low = torch.bfloat16 if torch.bfloat16 in (in_dtype, expected.dtype) else torch.float32
+    assert_close(x_nl.grad, x_ref.grad, dtype=low, scale=4.0, what=f"{name} dx")
+    for (pname, p_ref), p_nl in zip(reference.named_parameters(), layer.parameters(), strict=True):
+        assert p_nl.grad.dtype == p_ref.grad.dtype
+        assert_close(p_nl.grad, p_ref.grad, dtype=low, scale=4.0, what=f"{name} d{pname}")

@@ -194,7 +194,13 @@ def normalize(
     in place from this call's batch statistics (SPEC §2), once they are computed: inside
     the backend's forward in eager calls (the CPU kernels fuse it), after the op when
     traced. Inputs are assumed validated (see ``normlab.functional``).
+
+    Under ``torch.autocast``, a family that torch's autocast runs in float32 on x's
+    device (LayerNorm, GroupNorm, RMSNorm on CUDA) gets x, weight and bias in float32,
+    as torch.nn's op does, and returns float32; the others run in x's dtype.
     """
+    if _autocasts_to_float32(x, spec.family):
+        x, weight, bias = _float32(x), _float32(weight), _float32(bias)
     function = _FUNCTIONS.get(spec.family, NormFunction)
     traced = torch.compiler.is_compiling()
     graph = not traced and _needs_graph(x, weight, bias)
@@ -222,6 +228,48 @@ def normalize(
     else:
         y, mean, var, _ = backend.forward(x, weight, bias, spec, eps, fixed_mean, fixed_var, running)
     return y, (mean if spec.center else None), var
+
+
+#: The aten op a family stands for, whose autocast rule it follows (LayerNorm2d is a
+#: layer_norm over the channel dim, as timm's calls it).
+_TORCH_OPS = {"batch_norm": "aten::batch_norm", "instance_norm": "aten::instance_norm",
+              "group_norm": "aten::group_norm", "layer_norm": "aten::layer_norm",
+              "layer_norm_2d": "aten::layer_norm", "rms_norm": "aten::rms_norm"}
+#: device type -> the families torch's autocast runs in float32 there (filled on first use)
+_AUTOCAST_FLOAT32: dict[str, frozenset[str]] = {}
+_LOWER_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def autocast_float32_families(device_type: str) -> frozenset[str]:
+    """The families whose torch op has an autocast kernel for ``device_type`` in this
+    torch (read from the dispatcher; the only autocast rule torch gives a norm op is
+    "run in float32"). torch 2.13: layer_norm, group_norm and rms_norm on CUDA, none
+    on CPU."""
+    families = _AUTOCAST_FLOAT32.get(device_type)
+    if families is None:
+        key = "Autocast" + {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU"}.get(device_type, "")
+        try:
+            families = frozenset(family for family, op in _TORCH_OPS.items()
+                                 if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+        except (RuntimeError, ValueError):  # a device type without an autocast key
+            families = frozenset()
+        _AUTOCAST_FLOAT32[device_type] = families
+    return families
+
+
+# read now rather than on a first call that torch.compile might be tracing
+autocast_float32_families("cpu")
+autocast_float32_families("cuda")
+
+
+def _autocasts_to_float32(x: torch.Tensor, family: str) -> bool:
+    device_type = "cpu" if x.is_cpu else x.device.type
+    return family in autocast_float32_families(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _float32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in float32 if it is float16/bfloat16 (autocast leaves float64 as it is)."""
+    return t.float() if t is not None and t.dtype in _LOWER_PRECISION else t
 
 
 #: functorch's unwrapping of a tensor left over from a finished transform (what torch's
