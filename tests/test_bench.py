@@ -239,8 +239,8 @@ def test_model_benchmark_times_a_normlab_twin_of_each_model(name):
         assert row["speedup"] == pytest.approx(row["torch_ms"] / row["normlab_ms"])
 
 
-def test_model_benchmark_refuses_a_twin_that_computes_something_else(monkeypatch):
-    models = _models_script()
+def _make_twins_off_by_a_bit(monkeypatch, models) -> None:
+    """Make a models script's ``from_torch`` shift a BatchNorm bias of every twin."""
     convert = models.from_torch
 
     def off_by_a_bit(model):
@@ -250,6 +250,11 @@ def test_model_benchmark_refuses_a_twin_that_computes_something_else(monkeypatch
         return twin
 
     monkeypatch.setattr(models, "from_torch", off_by_a_bit)
+
+
+def test_model_benchmark_refuses_a_twin_that_computes_something_else(monkeypatch):
+    models = _models_script()
+    _make_twins_off_by_a_bit(monkeypatch, models)
     with pytest.raises(AssertionError, match="differs from torch.nn"):
         models.compare(models.MODELS["resnet20"], 2, "infer", rounds=1)
 
@@ -261,14 +266,6 @@ def test_gpu_model_benchmark_runs_eager_on_cpu_and_refuses_a_different_twin(monk
     assert row["eager_torch_ms"] > 0 and row["eager_normlab_ms"] > 0
     assert row["eager_speedup"] == pytest.approx(row["eager_torch_ms"] / row["eager_normlab_ms"])
     assert math.isnan(row["graph_speedup"])
-    convert = models.from_torch
-
-    def off_by_a_bit(model):
-        twin = convert(model)
-        with torch.no_grad():
-            next(m for m in twin.modules() if hasattr(m, "running_mean")).bias.add_(0.1)
-        return twin
-
-    monkeypatch.setattr(models, "from_torch", off_by_a_bit)
+    _make_twins_off_by_a_bit(monkeypatch, models)
     with pytest.raises(AssertionError, match="differs from torch.nn"):
         models.compare("resnet20", 2, "train", 1, torch.device("cpu"), graphs=False)

@@ -187,14 +187,21 @@ def _compare(model: Model, batch: int, mode: str, rounds: int, seed: int) -> dic
             "speedup": t_torch / t_nl, "torch_faults": f_torch, "normlab_faults": f_nl}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def suite_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options of a model comparison (this script's, ``benchmarks/gpu/models.py``'s):
+    --model, --batch, --mode, --rounds."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", action="append", choices=sorted(MODELS),
                         help="a model (repeatable; default: the suite)")
     parser.add_argument("--batch", action="append", type=int, help="batch size (repeatable; default: per model)")
     parser.add_argument("--mode", action="append", choices=("train", "infer"), help="default: both")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = suite_parser(__doc__.split("\n\n")[0], rounds=9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--glibc-heap", action="store_true",
                         help="leave glibc's heap thresholds as they are (see the module docstring)")
     args = parser.parse_args(argv)

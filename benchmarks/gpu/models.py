@@ -23,7 +23,6 @@ and the speed-up (torch.nn / normlab).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import importlib.util
@@ -198,12 +197,7 @@ def _compare(model, batch: int, mode: str, rounds: int, device: torch.device, gr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", choices=sorted(MODELS),
-                        help="a model (repeatable; default: the suite)")
-    parser.add_argument("--batch", action="append", type=int, help="batch size (repeatable; default: per model)")
-    parser.add_argument("--mode", action="append", choices=("train", "infer"), help="default: both")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser = cpu_models.suite_parser(__doc__.split("\n\n")[0], rounds=7)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (eager only: a check of the script)")
     parser.add_argument("--no-graphs", action="store_true", help="time the eager steps only")
     args = parser.parse_args(argv)
