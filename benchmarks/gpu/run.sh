@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks, for a machine with a CUDA GPU (here: the `device` tool's H100/H200).
-# Prints the environment, runs the CUDA tests, then the GPU benchmark in float32 and
-# bfloat16; logs and CSV rows go to $OUT (default /tmp/normlab-gpu).
+# Prints the environment, runs the CUDA tests (8 workers), the GPU benchmark in float32
+# and bfloat16, then the whole-model comparison; logs and CSV rows go to $OUT (default
+# /tmp/normlab-gpu). On the H100 the whole run took ~4 minutes (tests ~70 s, each
+# benchmark ~40 s, the models ~50 s), inside the device tool's 10 minutes a call.
 #
-#   OUT=dir bash benchmarks/gpu/run.sh [all|tests|bench] [extra bench args...]
+#   OUT=dir bash benchmarks/gpu/run.sh [all|tests|bench|models] [extra bench args...]
 #
 # Each stage has its own time limit so that a hang still leaves the other logs.
 set -uo pipefail
@@ -22,11 +24,14 @@ torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 } 2>&1 | tee "$OUT/env.txt"
 
 if [[ $what == all || $what == tests ]]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_cuda.py 2>&1 | tee "$OUT/tests.log"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu_cuda.py 2>&1 | tee "$OUT/tests.log"
 fi
 if [[ $what == all || $what == bench ]]; then
   for dtype in fp32 bf16; do
-    timeout 240 python3 -m normlab.backends.gpu.bench --dtype "$dtype" --csv "$OUT/gpu-$dtype.csv" "$@" \
+    timeout 150 python3 -m normlab.backends.gpu.bench --dtype "$dtype" --csv "$OUT/gpu-$dtype.csv" "$@" \
       2>&1 | tee "$OUT/bench-$dtype.txt"
   done
+fi
+if [[ $what == all || $what == models ]]; then
+  timeout 150 python3 benchmarks/gpu/models.py --rounds 5 2>&1 | tee "$OUT/models.txt"
 fi
