@@ -23,7 +23,6 @@ and the speed-up (torch.nn / normlab).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import random
@@ -74,24 +73,24 @@ def _eager(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -
     return train
 
 
-@contextlib.contextmanager
-def _cache_kept():
-    """``torch.cuda.graph`` empties the allocator's cache before it captures. With a
-    whole training step captured earlier in the process, that made the earlier graph's
-    next replay fault (an illegal memory access) -- two graphs of torch.nn's own ResNet-20
-    did it as well as normlab's, and not with the cache kept, on torch 2.11. So the cache
-    is kept while capturing."""
-    empty_cache = torch.cuda.empty_cache
-    torch.cuda.empty_cache = lambda: None
-    try:
-        yield
-    finally:
-        torch.cuda.empty_cache = empty_cache
+class _Replay:
+    """A captured step, with everything its kernels read and write: the model, its
+    optimizer (and so the momentum buffers) and the static inputs. The graph holds only
+    their addresses; were they freed, the replays would run on memory the allocator hands
+    to other tensors, or -- after a later capture empties its cache -- on unmapped memory
+    (an illegal memory access: what this script's first version did)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, *kept: object) -> None:
+        self.graph, self.kept = graph, kept
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 def _graphed(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], None]:
     """The step captured in a CUDA graph (warmed up on a side stream first, as capture
     requires); returns the replay."""
+    optimizer = None
     if mode == "infer":
         def body() -> None:
             with torch.no_grad():
@@ -114,10 +113,10 @@ def _graphed(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str)
         if mode == "train":
             optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
-    with _cache_kept(), torch.cuda.graph(graph, stream=side):
+    with torch.cuda.graph(graph, stream=side):
         body()
     torch.cuda.current_stream().wait_stream(side)
-    return graph.replay
+    return _Replay(graph, model, optimizer, x, target)
 
 
 def measure(steps: dict[str, Callable[[], None]], rounds: int, calls: int, sync: Callable[[], None]) -> dict:
