@@ -242,9 +242,9 @@ _LOWER_PRECISION = (torch.float16, torch.bfloat16)
 
 def autocast_float32_families(device_type: str) -> frozenset[str]:
     """The families whose torch op has an autocast kernel for ``device_type`` in this
-    torch (read from the dispatcher; the only autocast rule torch gives a norm op is
-    "run in float32"). torch 2.13: layer_norm, group_norm and rms_norm on CUDA, none
-    on CPU."""
+    torch (read from the dispatcher; on CPU, CUDA and XPU torch's autocast kernels of
+    these ops run them in float32). torch 2.13: layer_norm, group_norm and rms_norm on
+    CUDA, none on CPU."""
     families = _AUTOCAST_FLOAT32.get(device_type)
     if families is None:
         key = "Autocast" + {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU"}.get(device_type, "")

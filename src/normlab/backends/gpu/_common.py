@@ -43,8 +43,8 @@ class Tuning:
     #: rows a program of the LayerNorm/RMSNorm backward takes at least (down to one
     #: program per SM): each program writes a row of dW/dB partials that is read back
     #: once more, 4/3 * programs / rows of the pass's own traffic in float32. On an H100,
-    #: (4096, 8192) float32 forward+backward: 528 programs 261 us, 132 programs 242 us
-    #: (and 24 MB less memory); (16384, 768) wants its 4 programs per SM (94 vs 126 us).
+    #: (4096, 8192) float32 forward+backward: 4 programs per SM 261 us, 1 per SM 242 us
+    #: (and 24 MB less memory); (16384, 768) wants its 4 per SM (94 vs 126 us).
     rows_per_partial: int = 32
     #: programs per SM of a single-launch reduction whose programs wait for each other
     #: (BatchNorm: statistics, barrier, apply): all must be resident at once, which a
