@@ -244,7 +244,7 @@ def test_batch_norm_plans_one_cooperative_launch_when_the_grid_is_resident(monke
     # 16 tiles of 4 channels, 264 // 16 = 16 splits wanted: 100352 rows / 16 = 6272,
     # rounded up to whole 1024-row tiles = 7168 rows a split -> 14 splits
     assert (nchw.c_blocks, nchw.splits, nchw.sync) == (16, 14, True)
-    assert _common.phase_launches(nchw.sync, nchw.splits == 1, (1, 2, 4)) == [(7, True)]
+    assert _common.phase_launches(nchw.sync, nchw.splits == 1, (1, 2, 4)) == ((7, True),)
     cl = _channels._cached_plan(32, 64, 3136, True, 4, 528, 264, (4096, 8192))
     # one tile of 64 channels, 264 splits wanted: ceil(100352 / 264) = 381 -> 384 (64-row tiles) -> 262
     assert (cl.c_blocks, cl.splits, cl.sync) == (1, 262, True)
@@ -252,12 +252,12 @@ def test_batch_norm_plans_one_cooperative_launch_when_the_grid_is_resident(monke
     # 640 channels, 4 a tile: 160 tiles cannot have two resident programs each
     wide = _channels._cached_plan(32, 640, 196, False, 4, 528, 264, (4096, 8192))
     assert (wide.splits, wide.sync) == (3, False)
-    assert _common.phase_launches(wide.sync, False, (1, 2, 4)) == [(1, False), (2, False), (4, False)]
+    assert _common.phase_launches(wide.sync, False, (1, 2, 4)) == ((1, False), (2, False), (4, False))
     # the interpreter (nothing resident together) and one split per tile
     interp = _channels._cached_plan(3, 5, 1000, False, 4, 6, 0, (4096, 8192))
     assert (interp.splits, interp.sync) == (3, False)
     single = _channels._cached_plan(3, 5, 9, False, 4, 1, 0, (4096, 8192))
-    assert single.splits == 1 and _common.phase_launches(False, True, (1, 2, 4)) == [(7, False)]
+    assert single.splits == 1 and _common.phase_launches(False, True, (1, 2, 4)) == ((7, False),)
 
 
 def test_layer_norm_backward_programs_follow_the_rows(monkeypatch):

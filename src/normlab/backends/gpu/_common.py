@@ -185,14 +185,16 @@ MERGE = tl.constexpr(2)
 FINISH = tl.constexpr(4)
 
 
-def phase_launches(sync: bool, alone: bool, phases: tuple[int, ...]) -> list[tuple[int, bool]]:
+@functools.lru_cache(maxsize=64)
+def phase_launches(sync: bool, alone: bool, phases: tuple[int, ...]) -> tuple[tuple[int, bool], ...]:
     """(PHASES, SYNC) of each launch that runs ``phases`` (the constexprs above: the
     interpreter cannot take ``int & constexpr`` in the kernels' tests): one
     cooperative launch (``sync``), one launch without barriers when each barrier would
-    hold a single program (``alone``), else one launch per phase."""
+    hold a single program (``alone``), else one launch per phase. (Cached: a sum of
+    constexprs costs ~1 us of Python on every call.)"""
     if sync or alone:
-        return [(sum(phases), sync)]
-    return [(phase, False) for phase in phases]
+        return ((sum(phases), sync),)
+    return tuple((phase, False) for phase in phases)
 
 
 @triton.jit
