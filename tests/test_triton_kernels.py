@@ -644,6 +644,31 @@ def test_functional_half_precision_matches_torch_nn(on_cpu):
     assert_close(y, expected, torch.bfloat16)
 
 
+def test_autocast_float32_rule_through_the_kernels(on_cpu, monkeypatch):
+    """CUDA's autocast rule (imposed on CPU) through the Triton backend: GroupNorm and
+    LayerNorm of a bfloat16 input come out float32, as torch's op on float32 copies;
+    BatchNorm stays bfloat16 with float32 parameters and statistics (mixed dtypes in
+    the kernels), as torch.nn's; the kernels ran for all three."""
+    from normlab.core import autograd
+
+    monkeypatch.setitem(autograd._AUTOCAST_FLOAT32, "cpu", autograd.autocast_float32_families("cuda"))
+    calls = []
+    real_forward = _ops.forward
+    monkeypatch.setattr(_ops, "forward", lambda *a: calls.append((a[3].family, a[0].dtype)) or real_forward(*a))
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, 3, 5).bfloat16()
+    w, b = torch.randn(6), torch.randn(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gn = nl.functional.group_norm(x, 3, w, b)
+        ln = nl.functional.layer_norm(x, (5,))
+        bn = nl.functional.batch_norm(x, None, None, w, b, training=True)
+    assert (gn.dtype, ln.dtype, bn.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    assert_close(gn, F.group_norm(x.float(), 3, w, b), torch.float32)
+    assert_close(ln, F.layer_norm(x.float(), (5,)), torch.float32)
+    assert_close(bn, F.batch_norm(x.float(), None, None, w, b, training=True).bfloat16(), torch.bfloat16)
+    assert calls == [("group_norm", torch.float32), ("layer_norm", torch.float32), ("batch_norm", torch.bfloat16)]
+
+
 _OP_CASES = [
     ("bn-cl", batch_norm_spec((2, 3, 2, 3)), True),
     ("gn-cl", group_norm_spec((2, 4, 2, 3), 2), True),
