@@ -421,3 +421,24 @@ def test_pruned_weight_is_the_one_used(make, shape):
     assert "weight" not in ours._parameters and (ours.weight == 0).any()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
     assert_close(ours(x), theirs(x), torch.float32, what="pruned")
+
+
+def test_group_norm_with_one_value_per_group_gives_the_bias():
+    """One value per group (C == G, no spatial extent): every such group normalizes to 0,
+    so y = bias. torch.nn agrees (to rounding) with two samples, but raises for a single
+    sample -- a BatchNorm check ("more than 1 value per channel") that F.group_norm
+    applies to (N * C / G, G, *spatial). normlab does not copy that quirk (README: where
+    normlab differs)."""
+    torch.manual_seed(0)
+    reference, layer = nn.GroupNorm(4, 4), nl.GroupNorm(4, 4)
+    with torch.no_grad():
+        for m in (reference, layer):
+            m.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+            m.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    pair = torch.randn(2, 4)
+    assert_close(layer(pair), reference(pair), scale=10.0)
+    assert torch.equal(layer(pair), layer.bias.detach().expand(2, 4))
+    single = torch.randn(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        reference(single)
+    assert torch.equal(layer(single), layer.bias.detach().view(1, 4, 1, 1))
