@@ -151,12 +151,50 @@ def test_cli_quick_writes_csv_json_png(tmp_path, capsys):
     assert (tmp_path / "res.png").stat().st_size > 1000
 
 
+def test_merge_processes_takes_medians_and_ranges():
+    def row(speedup, ms, provider="normlab"):
+        return {"case": "c", "mode": "forward", "provider": provider, "median_ms": ms, "gbps": 1.0,
+                "pct_floor": None, "speedup_vs_torch": speedup}
+
+    runs = [[row(1.0, 3.0), row(None, 9.0, "copy")], [row(4.0, 1.0), row(None, 7.0, "copy")],
+            [row(2.0, 2.0), row(None, 8.0, "copy")]]
+    merged = {r["provider"]: r for r in report.merge_processes(runs)}
+    assert (merged["normlab"]["speedup_vs_torch"], merged["normlab"]["speedup_min"],
+            merged["normlab"]["speedup_max"], merged["normlab"]["median_ms"]) == (2.0, 1.0, 4.0, 2.0)
+    assert merged["normlab"]["processes"] == 3 and merged["normlab"]["pct_floor"] is None
+    assert merged["copy"]["speedup_vs_torch"] is None and merged["copy"]["median_ms"] == 8.0
+
+
+def test_cli_processes_runs_the_suite_in_fresh_processes(tmp_path, capsys):
+    """--processes 2: two child processes, one table of medians, the range of each
+    speed-up, and every process's rows in the JSON."""
+    prefix = tmp_path / "pp"
+    assert main(["bench", "--quick", "--case", "rms:16x24", "--mode", "forward", "--provider", "normlab",
+                 "--repeats", "2", "--processes", "2", "--out", str(prefix)]) == 0
+    out = capsys.readouterr().out
+    assert "median [range] of 2 processes" in out and "rms 16x24 float32 -- forward, normlab:" in out
+    data = json.loads((tmp_path / "pp.json").read_text())
+    assert len(data["processes"]) == 2 and data["environment"]["torch"] == torch.__version__
+    normlab_rows = [r for r in data["rows"] if r["provider"] == "normlab"]
+    assert len(normlab_rows) == 1 and normlab_rows[0]["processes"] == 2
+    low, mid, high = (normlab_rows[0][k] for k in ("speedup_min", "speedup_vs_torch", "speedup_max"))
+    assert low <= mid <= high
+    per_process = sorted(r["speedup_vs_torch"] for rows in data["processes"] for r in rows
+                         if r["provider"] == "normlab")
+    assert (low, high) == (per_process[0], per_process[-1])
+    with open(f"{prefix}.csv") as f:
+        assert {r["provider"] for r in csv.DictReader(f)} >= {"torch", "normlab"}
+
+
 def test_cli_usage_errors(capsys):
     assert main(["bench", "--case", "bogus:1x2"]) == 2
     assert "expected a case like" in capsys.readouterr().err
     assert main(["bench", "--quick", "--mode", "sideways"]) == 2
     assert main(["bench", "--quick", "--provider", "tpu"]) == 2
     assert main(["bench", "--quick", "--repeats", "0"]) == 2
+    assert main(["bench", "--quick", "--processes", "0"]) == 2
+    assert "--processes: expected a positive count" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--processes", "2", "--plot"]) == 2
 
 
 def test_cli_device_cuda_usage_errors(capsys):

@@ -39,6 +39,10 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="write PREFIX.csv and PREFIX.json (and PREFIX.png with --plot)")
     parser.add_argument("--plot", action="store_true", help="draw a PNG (needs --out or writes bench.png)")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="run the suite in this many fresh processes, one after another, and report "
+                             "the median speed-up of each case with its range (CPU suite; small and "
+                             "mid-size cases vary from process to process)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: the GPU suite (torch.nn vs the Triton kernels vs a copy, eager and "
                              "CUDA-graph times; see normlab.backends.gpu.bench). Takes --norm, --dtype, "
@@ -121,6 +125,66 @@ def _gpu_handler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """The ``normlab bench`` arguments of one process of ``--processes``: the suite's
+    options as given, without the output ones."""
+    argv = ["bench"]
+    for option in ("case", "norm", "mode", "provider"):
+        for value in getattr(args, option) or ():
+            argv += [f"--{option}", value]
+    for option in ("dtype", "repeats", "threads"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option}", str(getattr(args, option))]
+    return argv + (["--quick"] if args.quick else [])
+
+
+def _across_processes(args: argparse.Namespace) -> int:
+    """``--processes N``: the suite in N fresh processes in turn (each writes its rows to
+    a temporary JSON), then one table of the medians over the processes and the range
+    of each speed-up; ``--out`` gets the merged rows and, in the JSON, every process's."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from . import report
+
+    if args.processes < 1:
+        raise _usage_error(f"--processes: expected a positive count, got {args.processes}")
+    if args.plot:
+        raise _usage_error("--plot is not supported with --processes")
+    runs, environment = [], {}
+    with tempfile.TemporaryDirectory(prefix="normlab-bench-") as tmp:
+        for i in range(args.processes):
+            prefix = Path(tmp) / f"process{i}"
+            print(f"process {i + 1}/{args.processes}", file=sys.stderr, flush=True)
+            done = subprocess.run([sys.executable, "-m", "normlab", *_child_argv(args), "--out", str(prefix)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{done.stderr}\nnormlab bench: process {i + 1} of {args.processes} failed "
+                      f"(exit code {done.returncode})", file=sys.stderr)
+                return 1
+            data = json.loads(prefix.with_suffix(".json").read_text())
+            environment = data["environment"]
+            runs.append(data["rows"])
+    merged = report.merge_processes(runs)
+    print(report.format_table(merged))
+    print(f"\nspeed-up over torch.nn, median [range] of {args.processes} processes:")
+    for r in merged:
+        if r["provider"] != "torch" and r["speedup_vs_torch"] is not None:
+            print(f"  {r['case']} -- {r['mode']}, {r['provider']}: {r['speedup_vs_torch']:.2f}x "
+                  f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]")
+    if args.out:
+        rows = [{**environment, **r} for r in merged]
+        report.write_csv(rows, f"{args.out}.csv")
+        report.write_json(rows, f"{args.out}.json", note=args.note)
+        data = json.loads(Path(f"{args.out}.json").read_text())
+        data["processes"] = runs
+        Path(f"{args.out}.json").write_text(json.dumps(data, indent=1))
+        print(f"wrote {args.out}.csv and {args.out}.json", file=sys.stderr)
+    return 0
+
+
 def handler(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; print the table; write files."""
     import dataclasses
@@ -175,6 +239,8 @@ def handler(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 9)
     if repeats < 1:
         raise _usage_error(f"--repeats: expected a positive count, got {repeats}")
+    if args.processes != 1:
+        return _across_processes(args)
 
     rows = run_suite(suite, modes, providers, repeats, min_time=0.002 if args.quick else 0.02,
                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["format_table", "summary", "write_csv", "write_json", "plot"]
+__all__ = ["format_table", "merge_processes", "summary", "write_csv", "write_json", "plot"]
 
 _ENV_KEYS = ("date", "machine", "platform", "python", "torch", "numpy", "numba", "normlab", "threads")
 
@@ -63,6 +63,31 @@ def summary(rows: Sequence[dict], provider: str = "cpu-numba", min_numel_mb: flo
             entry["small_cases_speedup"] = {r["case"]: r["speedup_vs_torch"] for r in small}
         out[mode] = entry
     return out
+
+
+def merge_processes(runs: Sequence[Sequence[dict]]) -> list[dict]:
+    """One row per (case, mode, provider) from the rows of several processes that timed
+    the same suite: ``median_ms``, ``gbps``, ``pct_floor`` and ``speedup_vs_torch`` are the
+    medians over the processes (each speed-up measured inside one process, interleaved
+    with torch.nn), with ``speedup_min``/``speedup_max`` and ``processes`` beside them."""
+    import statistics
+
+    def median(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    by_key: dict[tuple, list[dict]] = {}
+    for rows in runs:
+        for r in rows:
+            by_key.setdefault((r["case"], r["mode"], r["provider"]), []).append(r)
+    merged = []
+    for same in by_key.values():
+        speedups = [r["speedup_vs_torch"] for r in same if r["speedup_vs_torch"] is not None]
+        merged.append({**same[0], **{k: median([r[k] for r in same])
+                                     for k in ("median_ms", "gbps", "pct_floor", "speedup_vs_torch")},
+                       "speedup_min": min(speedups) if speedups else None,
+                       "speedup_max": max(speedups) if speedups else None, "processes": len(same)})
+    return merged
 
 
 def _itemsize(dtype: str) -> int:
