@@ -205,6 +205,8 @@ def test_cli_device_cuda_usage_errors(capsys):
     assert main(["bench", "--device", "cuda", "--dtype", "float64"]) == 2
     assert "expected one of float32, bfloat16, float16, got 'float64'" in capsys.readouterr().err
     assert main(["bench", "--device", "cuda", "--norm", "xn"]) == 2
+    assert main(["bench", "--device", "cuda", "--processes", "3"]) == 2
+    assert "--processes is not supported with --device cuda" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda", "--quick"]) == 2
         assert "expected a CUDA GPU" in capsys.readouterr().err

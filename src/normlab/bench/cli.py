@@ -85,8 +85,8 @@ def _gpu_handler(args: argparse.Namespace) -> int:
         if getattr(args, option) is not None:
             raise _usage_error(f"--{option} is not supported with --device cuda (the GPU suite compares "
                                "torch.nn, gpu-triton and a copy on its own cases; pick them with --norm)")
-    if args.plot:
-        raise _usage_error("--plot is not supported with --device cuda")
+    if args.plot or args.processes != 1:
+        raise _usage_error(f"--{'plot' if args.plot else 'processes'} is not supported with --device cuda")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = args.dtype or "float32"
     if dtype not in dtypes:
