@@ -44,7 +44,10 @@ def test_the_rule_is_read_from_torch():
     assert {"layer_norm", "group_norm"} <= autograd.autocast_float32_families("cuda")
     assert "batch_norm" not in autograd.autocast_float32_families("cuda")
     assert autograd.autocast_float32_families("cpu") == frozenset()
-    assert autograd.autocast_float32_families("meta") == frozenset()  # no autocast key
+    assert autograd.autocast_float32_families("meta") == frozenset()  # no rule read there
+    # read at import for every device type with a rule (the dispatcher query can't be traced)
+    assert set(autograd._AUTOCAST_KEYS) <= set(autograd._AUTOCAST_FLOAT32)
+    assert not autograd._has_kernel("aten::no_such_op", "AutocastCUDA")  # an op this torch lacks
 
 
 # torch's RMSNorm warns that a bfloat16 input with float32 weights takes its unfused path

@@ -153,8 +153,8 @@ def test_cli_quick_writes_csv_json_png(tmp_path, capsys):
 
 def test_merge_processes_takes_medians_and_ranges():
     def row(speedup, ms, provider="normlab"):
-        return {"case": "c", "mode": "forward", "provider": provider, "median_ms": ms, "gbps": 1.0,
-                "pct_floor": None, "speedup_vs_torch": speedup}
+        return {"case": "c", "mode": "forward", "provider": provider, "median_ms": ms, "min_ms": ms / 2,
+                "gbps": 1.0, "pct_floor": None, "copy_gbps": 10 * ms, "speedup_vs_torch": speedup}
 
     runs = [[row(1.0, 3.0), row(None, 9.0, "copy")], [row(4.0, 1.0), row(None, 7.0, "copy")],
             [row(2.0, 2.0), row(None, 8.0, "copy")]]
@@ -162,7 +162,20 @@ def test_merge_processes_takes_medians_and_ranges():
     assert (merged["normlab"]["speedup_vs_torch"], merged["normlab"]["speedup_min"],
             merged["normlab"]["speedup_max"], merged["normlab"]["median_ms"]) == (2.0, 1.0, 4.0, 2.0)
     assert merged["normlab"]["processes"] == 3 and merged["normlab"]["pct_floor"] is None
+    assert (merged["normlab"]["min_ms"], merged["normlab"]["copy_gbps"]) == (0.5, 20.0)
     assert merged["copy"]["speedup_vs_torch"] is None and merged["copy"]["median_ms"] == 8.0
+
+
+def test_processes_pass_the_suite_options_to_each_process():
+    from normlab.bench import cli as bench_cli
+
+    args = bench_cli.build_parser().parse_args(
+        ["--case", "rms:16x24", "--case", "bn:2x3", "--norm", "gn", "--mode", "forward", "--provider", "normlab",
+         "--dtype", "float64", "--repeats", "4", "--threads", "1", "--quick", "--processes", "3", "--out", "x",
+         "--note", "n"])
+    assert bench_cli._child_argv(args) == [
+        "bench", "--case", "rms:16x24", "--case", "bn:2x3", "--norm", "gn", "--mode", "forward", "--provider",
+        "normlab", "--dtype", "float64", "--repeats", "4", "--threads", "1", "--quick"]
 
 
 def test_cli_processes_runs_the_suite_in_fresh_processes(tmp_path, capsys):
@@ -195,6 +208,7 @@ def test_cli_usage_errors(capsys):
     assert main(["bench", "--quick", "--processes", "0"]) == 2
     assert "--processes: expected a positive count" in capsys.readouterr().err
     assert main(["bench", "--quick", "--processes", "2", "--plot"]) == 2
+    assert "--plot is not supported with --processes" in capsys.readouterr().err
 
 
 def test_cli_device_cuda_usage_errors(capsys):

@@ -273,7 +273,7 @@ def test_layer_norm_backward_programs_follow_the_rows(monkeypatch):
     assert _common.partial_programs(gpu_device, 65536) == 528  # 4 per SM
     assert _common.partial_programs(gpu_device, 100) == 132
     assert _common.partial_programs(torch.device("cpu"), 65536) == TUNING.interpreter_programs
-    # the plan it feeds: 132 programs of 32 rows (whole row tiles) for (4096, 8192)
+    # the plan it feeds: a target of 132 programs gives 128 of 32 rows each (whole row tiles)
     programs, rows, _single, _options = _rows._backward_plan(4096, 8192, 132, (8192, 2048))
     assert (programs, rows) == (128, 32)
     # ... and the backward asks it for its rows

@@ -172,8 +172,9 @@ def _across_processes(args: argparse.Namespace) -> int:
     print(f"\nspeed-up over torch.nn, median [range] of {args.processes} processes:")
     for r in merged:
         if r["provider"] != "torch" and r["speedup_vs_torch"] is not None:
+            some = f" (in {r['processes']} of them)" if r["processes"] != args.processes else ""
             print(f"  {r['case']} -- {r['mode']}, {r['provider']}: {r['speedup_vs_torch']:.2f}x "
-                  f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]")
+                  f"[{r['speedup_min']:.2f}-{r['speedup_max']:.2f}]{some}")
     if args.out:
         rows = [{**environment, **r} for r in merged]
         report.write_csv(rows, f"{args.out}.csv")

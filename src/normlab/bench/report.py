@@ -67,9 +67,10 @@ def summary(rows: Sequence[dict], provider: str = "cpu-numba", min_numel_mb: flo
 
 def merge_processes(runs: Sequence[Sequence[dict]]) -> list[dict]:
     """One row per (case, mode, provider) from the rows of several processes that timed
-    the same suite: ``median_ms``, ``gbps``, ``pct_floor`` and ``speedup_vs_torch`` are the
-    medians over the processes (each speed-up measured inside one process, interleaved
-    with torch.nn), with ``speedup_min``/``speedup_max`` and ``processes`` beside them."""
+    the same suite: ``median_ms``, ``gbps``, ``pct_floor``, ``copy_gbps`` and
+    ``speedup_vs_torch`` are the medians over the processes (each speed-up measured
+    inside one process, interleaved with torch.nn), ``min_ms`` the minimum, with
+    ``speedup_min``/``speedup_max`` and ``processes`` (how many had the row) beside them."""
     import statistics
 
     def median(values: list) -> float | None:
@@ -83,8 +84,9 @@ def merge_processes(runs: Sequence[Sequence[dict]]) -> list[dict]:
     merged = []
     for same in by_key.values():
         speedups = [r["speedup_vs_torch"] for r in same if r["speedup_vs_torch"] is not None]
-        merged.append({**same[0], **{k: median([r[k] for r in same])
-                                     for k in ("median_ms", "gbps", "pct_floor", "speedup_vs_torch")},
+        merged.append({**same[0], **{k: median([r.get(k) for r in same])
+                                     for k in ("median_ms", "gbps", "pct_floor", "copy_gbps", "speedup_vs_torch")},
+                       "min_ms": min((r["min_ms"] for r in same if r.get("min_ms") is not None), default=None),
                        "speedup_min": min(speedups) if speedups else None,
                        "speedup_max": max(speedups) if speedups else None, "processes": len(same)})
     return merged

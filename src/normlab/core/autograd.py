@@ -240,26 +240,36 @@ _AUTOCAST_FLOAT32: dict[str, frozenset[str]] = {}
 _LOWER_PRECISION = (torch.float16, torch.bfloat16)
 
 
+#: the dispatch keys of the autocast rules read below (other device types: no cast; on
+#: MPS torch 2.13 also autocasts batch_norm, which normlab does not follow)
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU"}
+
+
 def autocast_float32_families(device_type: str) -> frozenset[str]:
     """The families whose torch op has an autocast kernel for ``device_type`` in this
     torch (read from the dispatcher; on CPU, CUDA and XPU torch's autocast kernels of
     these ops run them in float32). torch 2.13: layer_norm, group_norm and rms_norm on
-    CUDA, none on CPU."""
+    CUDA and XPU, none on CPU; empty for device types outside ``_AUTOCAST_KEYS``."""
     families = _AUTOCAST_FLOAT32.get(device_type)
     if families is None:
-        key = "Autocast" + {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU"}.get(device_type, "")
-        try:
-            families = frozenset(family for family, op in _TORCH_OPS.items()
-                                 if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
-        except (RuntimeError, ValueError):  # a device type without an autocast key
-            families = frozenset()
+        key = _AUTOCAST_KEYS.get(device_type)
+        families = frozenset() if key is None else frozenset(
+            family for family, op in _TORCH_OPS.items() if _has_kernel(op, key))
         _AUTOCAST_FLOAT32[device_type] = families
     return families
 
 
-# read now rather than on a first call that torch.compile might be tracing
-autocast_float32_families("cpu")
-autocast_float32_families("cuda")
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+    except RuntimeError:  # an op this torch does not have (aten::rms_norm before 2.4)
+        return False
+
+
+# read now, for every device type that has a rule, rather than on a first call that
+# torch.compile might be tracing (the dispatcher query cannot be traced)
+for _device_type in _AUTOCAST_KEYS:
+    autocast_float32_families(_device_type)
 
 
 def _autocasts_to_float32(x: torch.Tensor, family: str) -> bool:
