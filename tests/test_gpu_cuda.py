@@ -401,3 +401,34 @@ def test_layers_under_cuda_autocast_match_torch_nn(name, make_torch, class_name,
     for (pname, p_ref), p_nl in zip(reference.named_parameters(), layer.parameters(), strict=True):
         assert p_nl.grad.dtype == p_ref.grad.dtype
         assert_close(p_nl.grad, p_ref.grad, dtype=low, scale=4.0, what=f"{name} d{pname}")
+
+
+def test_gpu_model_benchmark_keeps_each_captured_step_alive():
+    """benchmarks/gpu/models.py: a captured training step keeps its model, optimizer and
+    inputs (the graph holds only their addresses). Two steps captured one after the other
+    -- the second capture empties the allocator's cache -- then replayed in turn: the
+    pattern that faulted while the script let a captured model be freed. Each replay
+    trains its model. Not yet run on a GPU when written (session 22)."""
+    import gc
+
+    from normlab.tools import from_torch
+
+    models = pytest.importorskip("test_bench")._models_script("gpu")
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, device=CUDA)
+    target = torch.randint(0, 10, (8,), device=CUDA)
+    build = models.MODELS["resnet20"].build
+    first = models._graphed(from_torch(build()).to(CUDA), x, target, "train")
+    second = models._graphed(build().to(CUDA), x, target, "train")
+    gc.collect()
+    model = first.kept[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        first()
+        second()
+    torch.cuda.synchronize()
+    after = list(model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(torch.isfinite(p).all() for p in after)
+    row = models.compare("resnet20-gn", 8, "infer", 1, CUDA, graphs=True)
+    assert row["graph_torch_ms"] > 0 and row["graph_normlab_ms"] > 0
