@@ -107,18 +107,30 @@ MODELS = {
 SUITE = (("resnet20", (8, 64)), ("resnet20-gn", (8, 64)), ("encoder-ln", (4, 16)), ("encoder-rms", (4, 16)))
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+def train_parts(model: nn.Module, x: torch.Tensor,
+                target: torch.Tensor) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """(forward, cross-entropy, backward and an SGD step -- without zeroing the
+    gradients --, the optimizer): the training step of this script and of
+    ``benchmarks/gpu/models.py``, which captures it in a CUDA graph."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
-    def run() -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def step() -> None:
         loss_fn(model(x), target).backward()
         optimizer.step()
+    return step, optimizer
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    step, optimizer = train_parts(model, x, target)
+
+    def run() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        step()
     return run
 
 
-def _infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def infer_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
             model(x)
@@ -170,7 +182,7 @@ def _compare(model: Model, batch: int, mode: str, rounds: int, seed: int) -> dic
     steps = {}
     for name, m in (("torch.nn", reference), ("normlab", twin)):
         m.train(mode == "train")
-        steps[name] = _train_step(m, x, target) if mode == "train" else _infer_step(m, x)
+        steps[name] = train_step(m, x, target) if mode == "train" else infer_step(m, x)
     with torch.no_grad():  # the two compute the same function (what is timed is worth comparing)
         expected, got = reference(x), twin(x)
     if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):

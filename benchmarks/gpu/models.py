@@ -48,31 +48,6 @@ SUITE = (("resnet20", (128, 512)), ("resnet20-gn", (128, 512)), ("encoder-ln", (
          ("encoder-rms", (64, 256)))
 
 
-def _train_parts(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> tuple[Callable[[], None], Callable]:
-    """(step without zero_grad, the optimizer) of an SGD training step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        loss_fn(model(x), target).backward()
-        optimizer.step()
-    return step, optimizer
-
-
-def _eager(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str) -> Callable[[], None]:
-    if mode == "infer":
-        def infer() -> None:
-            with torch.inference_mode():
-                model(x)
-        return infer
-    step, optimizer = _train_parts(model, x, target)
-
-    def train() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        step()
-    return train
-
-
 class _Replay:
     """A captured step, with everything its kernels read and write: the model, its
     optimizer (and so the momentum buffers) and the static inputs. The graph holds only
@@ -97,7 +72,7 @@ def _graphed(model: nn.Module, x: torch.Tensor, target: torch.Tensor, mode: str)
                 model(x)
         warm = body
     else:
-        body, optimizer = _train_parts(model, x, target)
+        body, optimizer = cpu_models.train_parts(model, x, target)
 
         def warm() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -169,7 +144,8 @@ def _compare(model, batch: int, mode: str, rounds: int, device: torch.device, gr
                              f"{(got - expected).abs().max().item():.3g}")
     steps = {}
     for name, m in (("torch.nn", reference), ("normlab", twin)):
-        steps[f"{name} eager"] = _eager(m, x, target, mode)
+        steps[f"{name} eager"] = cpu_models.train_step(m, x, target) if mode == "train" else \
+            cpu_models.infer_step(m, x)
     if graphs:
         # separate copies: a captured graph owns its model's gradient and state tensors
         for name, m in (("torch.nn", copy.deepcopy(reference)), ("normlab", copy.deepcopy(twin))):
