@@ -178,10 +178,7 @@ def _across_processes(args: argparse.Namespace) -> int:
     if args.out:
         rows = [{**environment, **r} for r in merged]
         report.write_csv(rows, f"{args.out}.csv")
-        report.write_json(rows, f"{args.out}.json", note=args.note)
-        data = json.loads(Path(f"{args.out}.json").read_text())
-        data["processes"] = runs
-        Path(f"{args.out}.json").write_text(json.dumps(data, indent=1))
+        report.write_json(rows, f"{args.out}.json", note=args.note, processes=runs)
         print(f"wrote {args.out}.csv and {args.out}.json", file=sys.stderr)
     return 0
 

@@ -108,16 +108,16 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> None:
                              for k, v in r.items()})
 
 
-def write_json(rows: Sequence[dict], path: str | Path, note: str = "") -> None:
-    """``{"environment": ..., "note": ..., "summary": ..., "rows": [...]}``; rows carry
-    only their own fields (the environment is stated once)."""
+def write_json(rows: Sequence[dict], path: str | Path, note: str = "", **extra: object) -> None:
+    """``{"environment": ..., "note": ..., "summary": ..., "rows": [...], **extra}``; rows
+    carry only their own fields (the environment is stated once)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     env = {k: rows[0][k] for k in _ENV_KEYS if rows and k in rows[0]}
     slim = [{k: v for k, v in r.items() if k not in _ENV_KEYS} for r in rows]
     providers = {r["provider"] for r in rows}
     summ = {p: summary(rows, p) for p in sorted(providers) if p not in ("torch", "copy", "alloc+copy")}
-    path.write_text(json.dumps({"environment": env, "note": note, "summary": summ, "rows": slim},
+    path.write_text(json.dumps({"environment": env, "note": note, "summary": summ, "rows": slim, **extra},
                                indent=1))
 
 
