@@ -235,7 +235,8 @@ def normalize(
 _TORCH_OPS = {"batch_norm": "aten::batch_norm", "instance_norm": "aten::instance_norm",
               "group_norm": "aten::group_norm", "layer_norm": "aten::layer_norm",
               "layer_norm_2d": "aten::layer_norm", "rms_norm": "aten::rms_norm"}
-#: device type -> the families torch's autocast runs in float32 there (filled on first use)
+#: device type -> the families torch's autocast runs in float32 there (read at import for
+#: the device types of ``_AUTOCAST_KEYS``, empty for others on first use)
 _AUTOCAST_FLOAT32: dict[str, frozenset[str]] = {}
 _LOWER_PRECISION = (torch.float16, torch.bfloat16)
 
