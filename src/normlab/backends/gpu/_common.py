@@ -134,10 +134,10 @@ def partial_programs(device: torch.device, rows: int) -> int:
     """Programs of a grid-stride reduction over ``rows`` rows that writes one row of
     partial sums per program: as :func:`num_programs`, but no more than one program per
     :attr:`Tuning.rows_per_partial` rows, down to one per SM."""
+    programs = num_programs(device)
     if device.type != "cuda":
-        return TUNING.interpreter_programs
-    per_sm = _multiprocessors(device.index)
-    return max(per_sm, min(per_sm * TUNING.programs_per_sm, cdiv(rows, TUNING.rows_per_partial)))
+        return programs
+    return max(_multiprocessors(device.index), min(programs, cdiv(rows, TUNING.rows_per_partial)))
 
 
 def resident_programs(device: torch.device) -> int:
