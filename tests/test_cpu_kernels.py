@@ -383,7 +383,7 @@ def test_write_loop_streams_exactly_its_run(dtype):
 # (norm, shape, layout, groups): planes/rows whose starts fall off the 64-byte lines (odd
 # spatial sizes, rows of 1023, channels_last rows of 3 or 24 channels), on every write
 # loop: grouped NCHW (BN/IN/GN), LayerNorm/RMSNorm long and short rows, channels_last BN
-# (register runs of 16 channels, tiles of 3 and 24) and the per-sample channels_last
+# (register runs of 16, 64 and 128 channels, tiles of 3 and 24) and the per-sample channels_last
 # GN/IN kernels.
 _STREAMED = [
     ("bn", (4, 16, 37, 41), "contiguous", None),
@@ -397,6 +397,8 @@ _STREAMED = [
     ("bn", (4, 24, 37, 41), "channels_last", None),
     ("gn", (4, 16, 37, 41), "channels_last", 4),
     ("in", (4, 24, 37, 41), "channels_last", None),
+    ("bn", (2, 64, 9, 11), "channels_last", None),  # rows of 64 and 128 channels: whole lines
+    ("gn", (2, 128, 5, 7), "channels_last", 8),
 ]
 
 
@@ -438,6 +440,53 @@ def test_streamed_outputs_match_torch(norm, shape, layout, groups, dtype, monkey
     what = f"{norm} {shape} {layout} {dtype}"
     assert_close(y, ey, dtype, scale=2, what=f"{what} y")
     assert_close(dx, edx, dtype, scale=8, what=f"{what} dx")
+
+
+def _aligned(n: int, dtype) -> np.ndarray:
+    """n elements of ``dtype`` from a 64-byte boundary (where streaming stores may write)."""
+    raw = np.empty(n * np.dtype(dtype).itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + n * np.dtype(dtype).itemsize].view(dtype)
+
+
+@pytest.mark.parametrize("storage", [np.float32, np.float64, np.uint16, np.int16])  # uint16/int16: bf16/f16 bits
+@pytest.mark.parametrize("channels", [64, 128, 16])
+def test_whole_line_passes_equal_the_tiled_loops(storage, channels):
+    """The channels-last output and dx passes with their coefficients in registers write
+    whole 64-byte lines through the kernels' own vector IR (``_affine_line``/``_dx_line``,
+    streamed or not); the tiled passes compute the same formulas as numba loops. Both
+    must give the same bits, for every storage format (16-bit floats decoded and rounded
+    back in the lines), streamed or not, from a line boundary or off one (then nothing is
+    streamed), with NaN and Inf among the inputs."""
+    compute = np.float64 if storage is np.float64 else np.float32
+    rows, base = 37, 0
+    gen = np.random.default_rng(channels)
+
+    def values(n: int) -> np.ndarray:
+        v = (gen.standard_normal(n) * 3 + 1).astype(np.float32)
+        v[[3, 70]] = np.nan, np.inf
+        if storage is np.uint16:
+            return torch.from_numpy(v).bfloat16().view(torch.uint16).numpy().astype(np.uint16)
+        if storage is np.int16:
+            return torch.from_numpy(v).half().view(torch.int16).numpy()
+        return v.astype(storage)
+
+    n = (rows + 1) * channels
+    x, dy = _aligned(n, storage), _aligned(n, storage)
+    x[:], dy[:] = values(n), values(n)
+    mc, sc, sh, cb, cc = (gen.standard_normal(channels).astype(compute) for _ in range(5))
+    for base, stream in itertools.product((0, 8), (False, True)):
+        what = f"base {base}, stream {stream}"
+        lines, tiles = _aligned(n, storage), _aligned(n, storage)
+        lines[:] = tiles[:] = 0
+        _kernels._cl_affine_rows(x, lines, mc, sc, sh, base, 0, rows, channels, stream)
+        _kernels._cl_affine_tile_rows(x, tiles, mc, sc, sh, base, 0, rows, channels, stream)
+        np.testing.assert_array_equal(lines.view(np.uint8), tiles.view(np.uint8), err_msg=f"affine, {what}")
+        _kernels._cl_dx_rows(dy, x, mc, sc, cb, cc, base, 0, rows, channels, lines, stream)
+        _kernels._cl_dx_tile_rows(dy, x, mc, sc, cb, cc, base, 0, rows, channels, tiles, stream)
+        np.testing.assert_array_equal(lines.view(np.uint8), tiles.view(np.uint8), err_msg=f"dx, {what}")
+        end = base + rows * channels  # written up to there, not beyond
+        assert lines[end - 1] != 0 and not lines[end:].any() and not lines[:base].any(), what
 
 
 _SMALL_PLANES = [(16, 512, 4, 4), (9, 300, 7, 7), (8, 96, 13), (6, 64, 3, 5, 7)]
