@@ -336,40 +336,41 @@ def test_channels_last_gradient_sums_match_float64(channels, dtype):
 def _write_loop_copy(dst, o, e, src, stream):
     """``dst[o:e] = src[o:e]`` in the shape of the kernels' write loops (see "The write
     loops" in ``_kernels``): ordinary stores up to the first line boundary (or all of
-    them), whole spans streamed, the tail; then the store fence. Returns where the
-    first ordinary segment ended."""
-    span = _kernels._SPAN
-    buf = np.empty(span, dst.dtype)
+    them), whole lines streamed (``y = (x - 0) * 1 + 0`` through a line intrinsic), the
+    tail; then the store fence. Returns where the first ordinary segment ended."""
+    dt = _kernels._ctype(dst)
+    per = _kernels._line_elems(dst)
     i, j = o, _kernels._plain_end(dst, o, e, stream)
     head = j
     while True:
         dst[i:j] = src[i:j]
         if j == e:
             break
-        while j + span <= e:
-            buf[:] = src[j:j + span]
-            _kernels._stream_span(dst, j, buf, 0)
-            j += span
+        while j + per <= e:
+            _kernels._affine_line_streamed((src,), dst, j, (dt(0), dt(1), dt(0)), 0)
+            j += per
         i, j = j, e
     _kernels._store_fence()
     return head
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int16])  # uint16/int16: bf16/f16 bits
 def test_write_loop_streams_exactly_its_run(dtype):
-    """``_plain_end`` and ``_stream_span`` in the write-loop shape write dst[o:e] and
-    nothing else, for every start offset within a line and lengths around the line and
-    span sizes; the ordinary head ends on the first line boundary (all of the run when
-    not streaming)."""
+    """``_plain_end`` and the streamed line intrinsics in the write-loop shape write
+    dst[o:e] and nothing else, for every start offset within a line and lengths around
+    one and several lines; the ordinary head ends on the first line boundary (all of
+    the run when not streaming)."""
     itemsize = np.dtype(dtype).itemsize
     per = 64 // itemsize  # elements per line
-    span = _kernels._SPAN
     for o in range(per + 2):
-        for n in (0, 1, per - 1, per, per + 1, span - 1, span, span + per + 3, 3 * span + 7):
-            raw = np.zeros(3 * span + 4 * per + 64, dtype)
+        for n in (0, 1, per - 1, per, per + 1, 2 * per - 1, 4 * per, 5 * per + 3, 12 * per + 7):
+            raw = np.zeros(16 * per + 64, dtype)
             first = (-raw.ctypes.data % 64) // itemsize
-            dst = raw[first:first + 3 * span + 3 * per]  # from a line boundary
+            dst = raw[first:first + 15 * per]  # from a line boundary
             src = np.arange(1, dst.size + 1).astype(dtype)
+            if dtype in (np.uint16, np.int16):  # 16-bit floats: the bits of 1, 2, ... (normal numbers)
+                bits = torch.float16 if dtype is np.int16 else torch.bfloat16
+                src = torch.arange(1, dst.size + 1, dtype=bits).view(torch.int16).numpy().view(dtype)
             for stream in (True, False):
                 dst[:] = 0
                 head = _write_loop_copy(dst, o, o + n, src, stream)
@@ -475,18 +476,51 @@ def test_whole_line_passes_equal_the_tiled_loops(storage, channels):
     x, dy = _aligned(n, storage), _aligned(n, storage)
     x[:], dy[:] = values(n), values(n)
     mc, sc, sh, cb, cc = (gen.standard_normal(channels).astype(compute) for _ in range(5))
-    for base, stream in itertools.product((0, 8), (False, True)):
-        what = f"base {base}, stream {stream}"
-        lines, tiles = _aligned(n, storage), _aligned(n, storage)
-        lines[:] = tiles[:] = 0
-        _kernels._cl_affine_rows(x, lines, mc, sc, sh, base, 0, rows, channels, stream)
-        _kernels._cl_affine_tile_rows(x, tiles, mc, sc, sh, base, 0, rows, channels, stream)
-        np.testing.assert_array_equal(lines.view(np.uint8), tiles.view(np.uint8), err_msg=f"affine, {what}")
-        _kernels._cl_dx_rows(dy, x, mc, sc, cb, cc, base, 0, rows, channels, lines, stream)
-        _kernels._cl_dx_tile_rows(dy, x, mc, sc, cb, cc, base, 0, rows, channels, tiles, stream)
-        np.testing.assert_array_equal(lines.view(np.uint8), tiles.view(np.uint8), err_msg=f"dx, {what}")
-        end = base + rows * channels  # written up to there, not beyond
-        assert lines[end - 1] != 0 and not lines[end:].any() and not lines[:base].any(), what
+    for base in (0, 8):
+        want = {}
+        for stream in (False, True):
+            what = f"base {base}, stream {stream}"
+            lines, tiles = _aligned(n, storage), _aligned(n, storage)
+            lines[:] = tiles[:] = 0
+            _kernels._cl_affine_rows(x, lines, mc, sc, sh, base, 0, rows, channels, stream)
+            _kernels._cl_affine_tile_rows(x, tiles, mc, sc, sh, base, 0, rows, channels, stream)
+            want.setdefault("affine", tiles.copy())
+            for got in (lines, tiles):  # and the same bits streamed or not
+                np.testing.assert_array_equal(got.view(np.uint8), want["affine"].view(np.uint8), err_msg=f"y, {what}")
+            _kernels._cl_dx_rows(dy, x, mc, sc, cb, cc, base, 0, rows, channels, lines, stream)
+            _kernels._cl_dx_tile_rows(dy, x, mc, sc, cb, cc, base, 0, rows, channels, tiles, stream)
+            want.setdefault("dx", tiles.copy())
+            for got in (lines, tiles):
+                np.testing.assert_array_equal(got.view(np.uint8), want["dx"].view(np.uint8), err_msg=f"dx, {what}")
+            end = base + rows * channels  # written up to there, not beyond
+            assert lines[end - 1] != 0 and not lines[end:].any() and not lines[:base].any(), what
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dims", [(4, 16, 1, 37 * 41, 16), (1, 64, 1, 196, 16), (1, 16, 4, 197, 4)])
+def test_grouped_kernels_stream_the_same_bits(dims, dtype):
+    """The grouped (NCHW) kernels' output and dx passes give the same bits with streaming
+    stores (whole lines through the line intrinsics between ordinary heads and tails) as
+    without: BatchNorm (A, P, 1, S, P), InstanceNorm, GroupNorm views."""
+    a, p, k, s, g = dims
+    rng = np.random.default_rng(a * p * k * s)
+    x = (rng.standard_normal(a * p * k * s) * 3 + 10).astype(dtype)  # offset: the mean correction
+    dy = rng.standard_normal(x.size).astype(dtype)
+    w, b = (rng.random(g * k) + 0.5).astype(dtype), rng.standard_normal(g * k).astype(dtype)
+    outs, grads = [], []
+    for stream in (False, True):
+        y, stats = np.empty_like(x), [np.empty(p, dtype) for _ in range(3)]
+        _kernels.grouped_forward(x, y, w, b, a, p, k, s, g, 1e-5, True, True, *stats, stream, 0, p)
+        outs.append((y, *stats))
+    for got, want in zip(outs[1], outs[0], strict=True):
+        np.testing.assert_array_equal(got, want)
+    for stream in (False, True):
+        dx, dwp, dbp = np.empty_like(x), np.zeros((3, g * k)), np.zeros((3, g * k))
+        _kernels.grouped_backward(dy, x, w, outs[0][1], outs[0][3], a, p, k, s, g, True, True, True, 3, dx, dwp, dbp,
+                                  stream, 0, 3)
+        grads.append((dx, dwp, dbp))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 _SMALL_PLANES = [(16, 512, 4, 4), (9, 300, 7, 7), (8, 96, 13), (6, 64, 3, 5, 7)]

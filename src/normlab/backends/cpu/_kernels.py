@@ -232,9 +232,9 @@ def _ctype_impl(x):
 # slower, 0.24 against 0.18 ms -- hence a size threshold. (torch.nn's normalization
 # kernels use ordinary stores.)
 #
-# A write loop computes spans of output into a buffer on the stack (kept in registers)
-# and :func:`_stream_span` stores each as whole 64-byte lines with non-temporal stores
-# (see the write loops below). Streaming stores are weakly ordered: every team body
+# A write loop streams whole 64-byte lines of output, each computed and stored by one
+# line intrinsic (see "Whole lines" and the write loops below). Streaming stores are
+# weakly ordered: every team body
 # that may stream ends with :func:`_store_fence`, so the outputs are visible before the
 # team's closing barrier. Whether a call streams is the caller's ``stream`` argument
 # (the backend decides by the output's size against the cache: ``backend.STREAM_FROM``).
@@ -254,23 +254,6 @@ def _to_line(typingctx, arr, i):
         itemsize = context.get_abi_sizeof(context.get_value_type(signature.args[0].dtype))
         return builder.lshr(gap, i64(itemsize.bit_length() - 1))
     return types.intp(arr, types.intp), codegen
-
-
-@intrinsic
-def _stream_line(typingctx, dst, i, src, j):
-    """Copy the 64 bytes at ``src[j]`` to ``dst[i]`` -- which must be 64-byte aligned --
-    with one non-temporal vector store."""
-    def codegen(context, builder, signature, args):
-        d = context.make_array(signature.args[0])(context, builder, args[0])
-        s = context.make_array(signature.args[2])(context, builder, args[2])
-        element = context.get_value_type(signature.args[0].dtype)
-        line = llvm_ir.VectorType(element, _LINE // context.get_abi_sizeof(element))
-        source = builder.bitcast(builder.gep(s.data, [args[3]]), line.as_pointer())
-        target = builder.bitcast(builder.gep(d.data, [args[1]]), line.as_pointer())
-        store = builder.store(builder.load(source, align=1), target, align=_LINE)
-        store.set_metadata("nontemporal", builder.module.add_metadata([llvm_ir.Constant(llvm_ir.IntType(32), 1)]))
-        return context.get_dummy_value()
-    return types.void(dst, types.intp, src, types.intp), codegen
 
 
 @intrinsic
@@ -304,41 +287,27 @@ def _stack_buffer(count: int, zero: bool):
     return buffer
 
 
-#: Elements of output a write loop computes into its stack buffer before streaming
-#: them: a constant, so that LLVM unrolls the run and keeps the buffer in vector
-#: registers. (Runs of a variable length, up to 256, left the loop scalar: LayerNorm
-#: (16384, 768) forward, one thread, 11.7 ms streaming against 8.8 ms without.)
-_SPAN = 64
-#: ``_span(like)``: a buffer of ``_SPAN`` elements of ``like``'s type on the stack.
-_span = _stack_buffer(_SPAN, zero=False)
-
-
 @njit(inline="always", **_OPTS)
 def _plain_end(dst, i, e, stream):
     """Where the first segment of ordinary stores of a write loop over ``dst[i:e]`` ends:
-    at e when not streaming, else at the first 64-byte boundary (at most e). The spans
-    after it start on a boundary and, being whole lines (``_SPAN * itemsize`` is a
-    multiple of 64 bytes), stay on one."""
+    at e when not streaming, else at the first 64-byte boundary (at most e), from which
+    the loop streams whole lines."""
     return i + min(e - i, _to_line(dst, i)) if stream else e
 
 
-@njit(inline="always", **_OPTS)
-def _stream_span(dst, d, src, s):
-    """``dst[d:d + _SPAN] = src[s:s + _SPAN]`` through streaming stores; ``dst[d]`` on a
-    64-byte boundary."""
-    per = _LINE // dst.itemsize
-    for i in range(0, _SPAN, per):
-        _stream_line(dst, d + i, src, s + i)
-
-# Whole lines. The channels-last output passes with their coefficients in registers
-# (:func:`_slice_affine`, :func:`_slice_dx`) write each 64-byte line of output with
-# vector instructions emitted here: loads of x (and dy) at the line and of the
-# coefficients' lanes, the arithmetic with the kernels' fast-math flags, one store --
-# non-temporal when streaming. As numba loops over slices, every run of a row paid the
-# slices' bounds and LLVM's runtime alias checks, and a streamed run went through a stack
-# buffer (:func:`_stream_span`): the channels-last BatchNorm dx pass over (32, 64, 56, 56)
-# float32, one thread, took 2.55 ms streaming (1.58 ms with ordinary stores); with lines
-# 1.49 ms (1.45 ms). Same arithmetic, in the same order: the same bits (tested).
+# Whole lines. Every streamed write, and the channels-last output passes with their
+# coefficients in registers (:func:`_slice_affine`, :func:`_slice_dx`), write each
+# 64-byte line of output with vector instructions emitted here: loads of x (and dy) at
+# the line and of the coefficients (an array's lanes, or a scalar in every lane), the
+# arithmetic with the kernels' fast-math flags, one store -- non-temporal when
+# streaming. Same arithmetic in the same order as the numba loops: the same bits
+# (tested). Before, a streamed run of 64 elements was computed into a buffer on the
+# stack and copied from there with non-temporal stores, and the register passes looped
+# over slices, each run paying the slices' bounds and LLVM's runtime alias checks. One
+# thread, 25.7 MB float32, streaming, before -> after: channels-last (C = 64) output
+# pass 1.78 -> 0.91 ms, dx pass 2.35 -> 1.46 ms; NCHW output pass over planes of 3136
+# elements 1.11-1.23 -> 0.85-0.90 ms, of 784 2.18 -> 0.79 ms, of 196 6.40 -> 0.88 ms
+# (a copy: 0.93-1.43 ms in the same runs).
 
 _FM_FLAGS = tuple(sorted(_FM))
 
@@ -377,33 +346,13 @@ def _store_line(context, builder, aryty, ary, index, value, stream):
         store.set_metadata("nontemporal", builder.module.add_metadata([llvm_ir.Constant(llvm_ir.IntType(32), 1)]))
 
 
-def _line_codegen(inputs, formula, stream):
-    """Codegen of a line intrinsic ``f(*inputs, out, i, *coefficients, j)``: over the 64-byte
-    line of ``out`` from ``i`` (L elements), ``out[i:i + L] = formula(builder, *input
-    lines from i, *coefficient lines from j)``."""
-    def codegen(context, builder, signature, args):
-        out_type = signature.args[inputs]
-        lanes = _LINE // context.get_abi_sizeof(context.get_value_type(out_type.dtype))
-        i, j = args[inputs + 1], args[-1]
-        lines = [_load_line(context, builder, signature.args[q], args[q], i, lanes) for q in range(inputs)]
-        lines += [_load_line(context, builder, signature.args[q], args[q], j, lanes)
-                  for q in range(inputs + 2, len(args) - 1)]
-        _store_line(context, builder, out_type, args[inputs], i, formula(builder, *lines), stream)
-        return context.get_dummy_value()
-    return codegen
-
-
-def _affine_formula(builder, x, m, a, b):
-    """(x - m) * a + b, as :func:`_affine_run`."""
-    f = _FM_FLAGS
-    return builder.fadd(builder.fmul(builder.fsub(x, m, flags=f), a, flags=f), b, flags=f)
-
-
-def _dx_formula(builder, dy, x, m, a, b, k):
-    """a * dy + b * (x - m) + k, as :func:`_dx_run`."""
-    f = _FM_FLAGS
-    scaled = builder.fmul(b, builder.fsub(x, m, flags=f), flags=f)
-    return builder.fadd(builder.fadd(builder.fmul(a, dy, flags=f), scaled, flags=f), k, flags=f)
+def _splat(builder, value, lanes):
+    """The scalar ``value`` in every one of ``lanes`` lanes of a vector."""
+    vector = llvm_ir.VectorType(value.type, lanes)
+    undefined = llvm_ir.Constant(vector, llvm_ir.Undefined)
+    one = builder.insert_element(undefined, value, llvm_ir.Constant(llvm_ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undefined, llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), lanes),
+                                                                   [0] * lanes))
 
 
 def _line_elems(arr):
@@ -418,45 +367,81 @@ def _line_elems_impl(arr):
     return lambda arr: elems
 
 
-def _affine_line_intrinsic(stream: bool):
+def _line_intrinsic(formula, stream: bool):
+    """An intrinsic ``f(inputs, out, i, coefficients, j)`` that writes the 64-byte line of
+    ``out`` from ``i`` (L elements): ``out[i:i + L] = formula(builder, *(a[i:i + L] for a
+    in inputs), *coefficients)``, where a coefficient is an array read from ``j`` (its
+    lanes) or a scalar (the same in every lane); ``stream``: with a non-temporal store."""
     @intrinsic
-    def affine_line(typingctx, x, out, i, m, a, b, j):
-        """``out[i:i + L] = (x[i:i + L] - m[j:j + L]) * a[j:j + L] + b[j:j + L]`` over one
-        64-byte line of out (see "Whole lines")."""
-        return types.void(x, out, types.intp, m, a, b, types.intp), _line_codegen(1, _affine_formula, stream)
-    return affine_line
+    def line(typingctx, inputs, out, i, coefficients, j):
+        def codegen(context, builder, signature, args):
+            inputs_type, out_type, _, coefficients_type, _ = signature.args
+            lanes = _LINE * 8 // out_type.dtype.bitwidth
+            values = [_load_line(context, builder, ty, builder.extract_value(args[0], q), args[2], lanes)
+                      for q, ty in enumerate(inputs_type)]
+            for q, ty in enumerate(coefficients_type):
+                value = builder.extract_value(args[3], q)
+                values.append(_load_line(context, builder, ty, value, args[4], lanes) if isinstance(ty, types.Array)
+                              else _splat(builder, value, lanes))
+            _store_line(context, builder, out_type, args[1], args[2], formula(builder, *values), stream)
+            return context.get_dummy_value()
+        return types.void(inputs, out, types.intp, coefficients, types.intp), codegen
+    return line
 
 
-def _dx_line_intrinsic(stream: bool):
-    @intrinsic
-    def dx_line(typingctx, dy, x, out, i, m, a, b, k, j):
-        """``out[i:i + L] = a * dy + b * (x - m) + k`` over one 64-byte line of out, dy
-        and x from i, the coefficients' lanes from j (see "Whole lines")."""
-        return types.void(dy, x, out, types.intp, m, a, b, k, types.intp), _line_codegen(2, _dx_formula, stream)
-    return dx_line
+# The formulas of the write loops' runs, with their order of operations.
+
+def _affine_formula(builder, x, m, a, b):
+    """(x - m) * a + b, as :func:`_affine_run` and :func:`_scaled_run`."""
+    f = _FM_FLAGS
+    return builder.fadd(builder.fmul(builder.fsub(x, m, flags=f), a, flags=f), b, flags=f)
 
 
-_affine_line, _affine_line_streamed = _affine_line_intrinsic(False), _affine_line_intrinsic(True)
-_dx_line, _dx_line_streamed = _dx_line_intrinsic(False), _dx_line_intrinsic(True)
+def _row_affine_formula(builder, x, mc, rc, sh, w, b):
+    """((x - mc) * rc + sh) * w + b, as :func:`_row_affine_run`."""
+    f = _FM_FLAGS
+    normed = builder.fadd(builder.fmul(builder.fsub(x, mc, flags=f), rc, flags=f), sh, flags=f)
+    return builder.fadd(builder.fmul(normed, w, flags=f), b, flags=f)
 
-# The write loops. Each computes a run of output into ``out`` -- the output itself, or
-# a stack buffer then streamed -- and a caller that may stream calls it once per
-# target, in this shape (one copy of each call)::
+
+def _dx_formula(builder, dy, x, m, a, b, k):
+    """a * dy + b * (x - m) + k, as :func:`_dx_run` and :func:`_scaled_dx_run`."""
+    f = _FM_FLAGS
+    scaled = builder.fmul(b, builder.fsub(x, m, flags=f), flags=f)
+    return builder.fadd(builder.fadd(builder.fmul(a, dy, flags=f), scaled, flags=f), k, flags=f)
+
+
+def _row_dx_formula(builder, dy, x, mc, rc, w, b, k):
+    """(rc * w) * dy + b * (x - mc) + k, as :func:`_row_dx_run`."""
+    f = _FM_FLAGS
+    scaled = builder.fmul(b, builder.fsub(x, mc, flags=f), flags=f)
+    gradient = builder.fmul(builder.fmul(rc, w, flags=f), dy, flags=f)
+    return builder.fadd(gradient, builder.fadd(scaled, k, flags=f), flags=f)
+
+
+#: ``_affine_line((x,), y, i, (m, a, b), j)`` and the others: a line of each run's
+#: formula, with ordinary stores and (``*_streamed``) non-temporal ones.
+_affine_line, _affine_line_streamed = _line_intrinsic(_affine_formula, False), _line_intrinsic(_affine_formula, True)
+_row_affine_line = _line_intrinsic(_row_affine_formula, False)
+_row_affine_line_streamed = _line_intrinsic(_row_affine_formula, True)
+_dx_line, _dx_line_streamed = _line_intrinsic(_dx_formula, False), _line_intrinsic(_dx_formula, True)
+_row_dx_line, _row_dx_line_streamed = _line_intrinsic(_row_dx_formula, False), _line_intrinsic(_row_dx_formula, True)
+
+# The write loops. Each computes a run of output into ``out`` (numba loops below) and a
+# caller that may stream writes its target in this shape (one copy of each call)::
 #
 #     i, j = o, _plain_end(y, o, e, stream)
 #     while True:
 #         run(x[i:j] -> y[i:j])                 # ordinary stores: all of [o, e) when
 #         if j == e:                            # not streaming, else the head up to the
 #             break                             # first line boundary, then the tail
-#         while j + _SPAN <= e:
-#             run(x[j:j + _SPAN] -> buf)        # whole spans, streamed
-#             _stream_span(y, j, buf, 0)
-#             j += _SPAN
+#         while j + _line_elems(y) <= e:
+#             line_streamed((x,), y, j, ...)    # whole lines, streamed
+#             j += _line_elems(y)
 #         i, j = j, e
 #
-# (One call on a target chosen at run time -- a pointer phi -- measured 30 % slower
-# with ordinary stores and 6x slower streaming: LLVM then keeps neither the buffer in
-# registers nor the loop vectorized.)
+# (One run call on a target chosen at run time -- a pointer phi -- measured 30 % slower
+# with ordinary stores: LLVM then does not vectorize the loop.)
 
 
 @njit(inline="always", **_OPTS)
@@ -649,7 +634,7 @@ def _group_sums(x, A, P, p, ks, mc):
 
 
 @njit(inline="always", **_OPTS)
-def _row_affine(x, y, o, K, mc, rc, sh, w, b, buf, stream):
+def _row_affine(x, y, o, K, mc, rc, sh, w, b, stream):
     """y = ((x - mc) * rc + sh) * w + b over the row of K elements at offset o
     (streaming: see the write loops)."""
     e = o + K
@@ -658,15 +643,14 @@ def _row_affine(x, y, o, K, mc, rc, sh, w, b, buf, stream):
         _row_affine_run(x[i:j], y[i:j], mc, rc, sh, w[i - o:], b[i - o:], j - i)
         if j == e:
             break
-        while j + _SPAN <= e:
-            _row_affine_run(x[j:j + _SPAN], buf, mc, rc, sh, w[j - o:], b[j - o:], _SPAN)
-            _stream_span(y, j, buf, 0)
-            j += _SPAN
+        while j + _line_elems(y) <= e:
+            _row_affine_line_streamed((x,), y, j, (mc, rc, sh, w, b), j - o)
+            j += _line_elems(y)
         i, j = j, e
 
 
 @njit(inline="always", **_OPTS)
-def _plane_affine(x, y, o, S, mc, ca, cb, buf, stream):
+def _plane_affine(x, y, o, S, mc, ca, cb, stream):
     """y = (x - mc) * ca + cb over the plane of S elements at offset o (one channel's
     coefficients; streaming: see the write loops)."""
     e = o + S
@@ -675,10 +659,9 @@ def _plane_affine(x, y, o, S, mc, ca, cb, buf, stream):
         _scaled_run(x[i:j], y[i:j], mc, ca, cb, j - i)
         if j == e:
             break
-        while j + _SPAN <= e:
-            _scaled_run(x[j:j + _SPAN], buf, mc, ca, cb, _SPAN)
-            _stream_span(y, j, buf, 0)
-            j += _SPAN
+        while j + _line_elems(y) <= e:
+            _affine_line_streamed((x,), y, j, (mc, ca, cb), 0)
+            j += _line_elems(y)
         i, j = j, e
 
 
@@ -706,7 +689,6 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
     z = dt(0.0)
     ks = K * S
     n = A * ks
-    buf = carray(_span(y.dtype.type(0)), _SPAN)  # (streaming: see the write loops)
     for p in range(lo, hi):
         if compute:
             mc = _rough_mean(x[p * ks:p * ks + min(ks, _SAMPLE)]) if center else z
@@ -731,15 +713,15 @@ def grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, 
             if S == 1:
                 rc = dt(r)
                 sh = dt(-dm * r)
-                _row_affine(x, y, base, K, mc, rc, sh, ws, bs, buf, stream)
+                _row_affine(x, y, base, K, mc, rc, sh, ws, bs, stream)
             else:
                 for k in range(K):
                     sc = r * ws[k]
-                    _plane_affine(x, y, base + k * S, S, mc, dt(sc), dt(bs[k] - dm * sc), buf, stream)
+                    _plane_affine(x, y, base + k * S, S, mc, dt(sc), dt(bs[k] - dm * sc), stream)
 
 
 @njit(inline="always", **_OPTS)
-def _row_dx(dy, x, o, K, ws, mc, rc, cb, cc, dx, buf, stream):
+def _row_dx(dy, x, o, K, ws, mc, rc, cb, cc, dx, stream):
     """dx = (rc * w) * dy + cb * (x - mc) + cc over the row of K elements at offset o
     (streaming: see the write loops)."""
     e = o + K
@@ -748,15 +730,14 @@ def _row_dx(dy, x, o, K, ws, mc, rc, cb, cc, dx, buf, stream):
         _row_dx_run(dy[i:j], x[i:j], dx[i:j], mc, rc, ws[i - o:], cb, cc, j - i)
         if j == e:
             break
-        while j + _SPAN <= e:
-            _row_dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mc, rc, ws[j - o:], cb, cc, _SPAN)
-            _stream_span(dx, j, buf, 0)
-            j += _SPAN
+        while j + _line_elems(dx) <= e:
+            _row_dx_line_streamed((dy, x), dx, j, (mc, rc, ws, cb, cc), j - o)
+            j += _line_elems(dx)
         i, j = j, e
 
 
 @njit(inline="always", **_OPTS)
-def _plane_dx(dy, x, o, S, mc, ca, cb, cc, dx, buf, stream):
+def _plane_dx(dy, x, o, S, mc, ca, cb, cc, dx, stream):
     """dx = ca * dy + cb * (x - mc) + cc over the plane of S elements at offset o
     (streaming: see the write loops)."""
     e = o + S
@@ -765,10 +746,9 @@ def _plane_dx(dy, x, o, S, mc, ca, cb, cc, dx, buf, stream):
         _scaled_dx_run(dy[i:j], x[i:j], dx[i:j], mc, ca, cb, cc, j - i)
         if j == e:
             break
-        while j + _SPAN <= e:
-            _scaled_dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mc, ca, cb, cc, _SPAN)
-            _stream_span(dx, j, buf, 0)
-            j += _SPAN
+        while j + _line_elems(dx) <= e:
+            _dx_line_streamed((dy, x), dx, j, (mc, ca, cb, cc), 0)
+            j += _line_elems(dx)
         i, j = j, e
 
 
@@ -789,7 +769,6 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
     dt = _ctype(x)
     ks = K * S
     n = A * ks
-    buf = carray(_span(dx.dtype.type(0)), _SPAN)
     for t in range(lo, hi):
         p0 = t * P // T
         p1 = (t + 1) * P // T
@@ -831,10 +810,10 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
             for a in range(A):
                 base = (a * P + p) * ks
                 if S == 1:
-                    _row_dx(dy, x, base, K, ws, mc, rc, cb, cc, dx, buf, stream)
+                    _row_dx(dy, x, base, K, ws, mc, rc, cb, cc, dx, stream)
                 else:
                     for k in range(K):
-                        _plane_dx(dy, x, base + k * S, S, mc, rc * ws[k], cb, cc, dx, buf, stream)
+                        _plane_dx(dy, x, base + k * S, S, mc, rc * ws[k], cb, cc, dx, stream)
 
 
 @njit(**_OPTS)
@@ -858,7 +837,6 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
     flushed into the float64 ``dwp[t]``/``dbp[t]``."""
     dt = _ctype(x)
     z = dt(0.0)
-    buf = carray(_span(dx.dtype.type(0)), _SPAN)
     for t in range(lo, hi):
         p0 = t * P // T
         p1 = (t + 1) * P // T
@@ -899,7 +877,7 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
             if not need_dx:
                 continue
             cb, cc = _dx_shifts(r, s1, s2, K, batch, center, dt)
-            _row_dx(dy, x, p * K, K, w, mc, rc, cb, cc, dx, buf, stream)
+            _row_dx(dy, x, p * K, K, w, mc, rc, cb, cc, dx, stream)
 
 
 # --------------------------------------------------------------- small planes, in order
@@ -971,12 +949,11 @@ def planes_apply(x, y, P, S, mc, ca, cb, stream, lo, hi):
     """``y = (x - mc[p]) * ca[p] + cb[p]`` over planes [lo, hi) of the (A, P, S) view
     (plane ``a * P + p``), in memory order. Items are planes, not samples, so that a
     batch of one (inference on one image) still splits over threads."""
-    buf = carray(_span(y.dtype.type(0)), _SPAN)
     q = lo
     while q < hi:  # the planes of one sample at a time
         first = q - q % P
         for p in range(q - first, min(P, hi - first)):
-            _plane_affine(x, y, (first + p) * S, S, mc[p], ca[p], cb[p], buf, stream)
+            _plane_affine(x, y, (first + p) * S, S, mc[p], ca[p], cb[p], stream)
         q = min(hi, first + P)
 
 
@@ -1040,10 +1017,9 @@ def planes_dx_coefficients(psdy, psdyx, A, P, S, center, batch, w, mean, rstd, d
 def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
     """``dx = ca[p] * dy + cb[p] * (x - mc[p]) + cc[p]`` over samples [lo, hi), plane by
     plane in memory order."""
-    buf = carray(_span(dx.dtype.type(0)), _SPAN)
     for a in range(lo, hi):
         for p in range(P):
-            _plane_dx(dy, x, (a * P + p) * S, S, mc[p], ca[p], cb[p], cc[p], dx, buf, stream)
+            _plane_dx(dy, x, (a * P + p) * S, S, mc[p], ca[p], cb[p], cc[p], dx, stream)
 
 
 # ------------------------------------------------------------------------ short rows
@@ -1078,7 +1054,6 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, l
     sqs = np.zeros(tile)
     dms = np.zeros(tile)
     rs = np.zeros(tile)
-    buf = carray(_span(y.dtype.type(0)), _SPAN)
     for p0 in range(lo, hi, tile):
         p1 = min(hi, p0 + tile)
         if center:
@@ -1105,7 +1080,7 @@ def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, l
             r = rs[p - p0]
             rc = dt(r)
             sh = dt(-dms[p - p0] * r)
-            _row_affine(x, y, p * K, K, mc, rc, sh, w, b, buf, stream)
+            _row_affine(x, y, p * K, K, mc, rc, sh, w, b, stream)
 
 
 @njit(**_OPTS)
@@ -1118,7 +1093,6 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
     tile = max(1, _ROW_TILE // K)
     cbs = np.zeros(tile, dt)
     ccs = np.zeros(tile, dt)
-    buf = carray(_span(dx.dtype.type(0)), _SPAN)
     for t in range(lo, hi):
         p_first = t * P // T
         p_last = (t + 1) * P // T
@@ -1154,7 +1128,7 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
             for p in range(p0, p1):
                 mc = dt(mean[p])
                 rc = dt(np.float64(rstd[p]))
-                _row_dx(dy, x, p * K, K, w, mc, rc, cbs[p - p0], ccs[p - p0], dx, buf, stream)
+                _row_dx(dy, x, p * K, K, w, mc, rc, cbs[p - p0], ccs[p - p0], dx, stream)
 
 
 @njit(inline="always", **_OPTS)
@@ -1566,11 +1540,11 @@ def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream):
     if stream and _to_line(y, start) == 0:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                _affine_line_streamed(x, y, o + j, m, a, b, j)
+                _affine_line_streamed((x,), y, o + j, (m, a, b), j)
     else:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                _affine_line(x, y, o + j, m, a, b, j)
+                _affine_line((x,), y, o + j, (m, a, b), j)
 
 
 @njit(**_OPTS)
@@ -1605,7 +1579,6 @@ def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
     mt = _tiled(mc, R)
     st = _tiled(sc, R)
     ht = _tiled(sh, R)
-    buf = carray(_span(y.dtype.type(0)), _SPAN)
     s = s0
     while s < s1:
         n = min(R, s1 - s) * C  # (a last, shorter tile uses the coefficients' prefix)
@@ -1616,10 +1589,9 @@ def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
             _affine_run(x[i:j], y[i:j], mt[i - o:], st[i - o:], ht[i - o:], j - i)
             if j == e:
                 break
-            while j + _SPAN <= e:
-                _affine_run(x[j:j + _SPAN], buf, mt[j - o:], st[j - o:], ht[j - o:], _SPAN)
-                _stream_span(y, j, buf, 0)
-                j += _SPAN
+            while j + _line_elems(y) <= e:
+                _affine_line_streamed((x,), y, j, (mt, st, ht), j - o)
+                j += _line_elems(y)
             i, j = j, e
         s += R
 
@@ -1843,11 +1815,11 @@ def _slice_dx(dy, x, dx, start, runs, mc, ca, cb, cc, W, stream):
     if stream and _to_line(dx, start) == 0:  # (as in _slice_affine)
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                _dx_line_streamed(dy, x, dx, o + j, m, a, b, k, j)
+                _dx_line_streamed((dy, x), dx, o + j, (m, a, b, k), j)
     else:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                _dx_line(dy, x, dx, o + j, m, a, b, k, j)
+                _dx_line((dy, x), dx, o + j, (m, a, b, k), j)
 
 
 @njit(**_OPTS)
@@ -1876,7 +1848,6 @@ def _cl_dx_tile_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx, stream):
     at = _tiled(ca, R)
     bt = _tiled(cb, R)
     ct = _tiled(cc, R)
-    buf = carray(_span(dx.dtype.type(0)), _SPAN)
     s = s0
     while s < s1:
         n = min(R, s1 - s) * C  # (as in _cl_affine_rows)
@@ -1887,10 +1858,9 @@ def _cl_dx_tile_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx, stream):
             _dx_run(dy[i:j], x[i:j], dx[i:j], mt[i - o:], at[i - o:], bt[i - o:], ct[i - o:], j - i)
             if j == e:
                 break
-            while j + _SPAN <= e:
-                _dx_run(dy[j:j + _SPAN], x[j:j + _SPAN], buf, mt[j - o:], at[j - o:], bt[j - o:], ct[j - o:], _SPAN)
-                _stream_span(dx, j, buf, 0)
-                j += _SPAN
+            while j + _line_elems(dx) <= e:
+                _dx_line_streamed((dy, x), dx, j, (mt, at, bt, ct), j - o)
+                j += _line_elems(dx)
             i, j = j, e
         s += R
 
@@ -2454,7 +2424,7 @@ def dispatch_grouped_forward_body(p):
             dispatch_grouped_forward(x, y, w, b, A, P, K_, S, G, eps, center, compute, short, mean, var, rstd, False,
                                      lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 def dispatch_grouped_backward_body(p):
@@ -2474,7 +2444,7 @@ def dispatch_grouped_backward_body(p):
             dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K_, S, G, center, batch, need_dx, T, short, dx,
                                       dwp, dbp, False, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 def planes_rough_means_body(p):
@@ -2523,7 +2493,7 @@ def planes_apply_body(p):
         else:
             planes_apply(x, y, P, S, mc, ca, cb, False, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 def planes_grad_sums_body(p):
@@ -2562,7 +2532,7 @@ def planes_dx_body(p):
         else:
             planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, False, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 def cl_forward_fused_body(p):
@@ -2578,7 +2548,7 @@ def cl_forward_fused_body(p):
         else:
             cl_forward_fused(x, y, w, b, N, S, G, K_, eps, mean, var, rstd, False, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 def cl_backward_fused_body(p):
@@ -2596,7 +2566,7 @@ def cl_backward_fused_body(p):
         else:
             cl_backward_fused(dy, x, w, mean, rstd, N, S, G, K_, center, batch, need_dx, dwp, dbp, dx, False, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 def cl_stats_body(p):
@@ -2623,7 +2593,7 @@ def cl_apply_body(p):
         else:
             cl_apply(x, y, mc, sc, sh, N, S, C, B, False, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 def cl_grad_sums_body(p):
@@ -2652,7 +2622,7 @@ def cl_dx_body(p):
         else:
             cl_dx(dy, x, mc, ca, cb, cc, N, S, C, B, dx, False, lo, hi)
         lo, hi = _claim(p, job)
-    _store_fence()  # (streaming stores: see _stream_span)
+    _store_fence()  # (streaming stores: see _store_line)
 
 
 _STORAGE = {"float32": types.float32, "float64": types.float64, "bfloat16": types.uint16,
