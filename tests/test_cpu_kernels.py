@@ -363,7 +363,7 @@ def test_write_loop_streams_exactly_its_run(dtype):
     itemsize = np.dtype(dtype).itemsize
     per = 64 // itemsize  # elements per line
     for o in range(per + 2):
-        for n in (0, 1, per - 1, per, per + 1, 2 * per - 1, 4 * per, 5 * per + 3, 12 * per + 7):
+        for n in (0, 1, per - 1, per, per + 1, 2 * per - 1, 4 * per, 8 * per - 1, 8 * per, 9 * per + 3, 12 * per + 7):
             raw = np.zeros(16 * per + 64, dtype)
             first = (-raw.ctypes.data % 64) // itemsize
             dst = raw[first:first + 15 * per]  # from a line boundary
@@ -407,9 +407,10 @@ _STREAMED = [
 @pytest.mark.parametrize("norm,shape,layout,groups", _STREAMED)
 def test_streamed_outputs_match_torch(norm, shape, layout, groups, dtype, monkeypatch):
     """Forward and input gradient written with streaming stores (every output streamed:
-    ``STREAM_FROM = 0``; parallel kernels at every size) against torch.nn in float64 on
+    ``STREAM_FROM = 0``, runs of any length; parallel kernels at every size) against torch.nn in float64 on
     the same input, at the dtype's tolerance."""
     monkeypatch.setattr(numba_backend, "STREAM_FROM", 0)
+    monkeypatch.setattr(numba_backend, "STREAM_MIN_RUN", 0)
     monkeypatch.setattr(numba_backend, "SERIAL_BELOW", 0)
     gen = torch.Generator().manual_seed(len(shape) + shape[1])
     x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
@@ -663,6 +664,28 @@ def test_channels_last_batch_norm_of_offset_inputs_matches_float64(channels):
     close(dx, x64.grad, rtol=1e-4, atol=1e-4)
     close(dw, w64.grad, rtol=1e-4, atol=1e-3)
     close(db, b64.grad, rtol=1e-5, atol=1e-3)
+
+
+def test_streamed_outputs_need_size_and_long_runs(monkeypatch):
+    """An output is streamed from ``STREAM_FROM`` bytes on, and only where each run the
+    write loops write (a plane, a row) has at least ``STREAM_MIN_RUN`` bytes: GroupNorm
+    NCHW with 7x7 planes is not, with 14x14 planes it is; LayerNorm by its row length;
+    channels-last tiles always."""
+    monkeypatch.setattr(numba_backend, "STREAM_FROM", 1 << 20)
+    monkeypatch.setattr(numba_backend, "STREAM_MIN_RUN", 512)
+    big, small = torch.empty(1 << 18), torch.empty(1 << 17)  # float32: 1 MiB and half of it
+    assert numba_backend._streams(big) and not numba_backend._streams(small)
+    assert numba_backend._streams(big, 128) and not numba_backend._streams(big, 127)
+    assert not numba_backend._streams(big.to(torch.bfloat16), 128)  # 256 bytes a run
+
+    def run(shape, spec, layout="contiguous"):
+        return numba_backend._run_of(numba_backend.plan_of(torch.empty(shape).contiguous(
+            memory_format=CL if layout == "channels_last" else torch.contiguous_format), spec))
+
+    assert run((2, 64, 7, 7), group_norm_spec((2, 64, 7, 7), 8)) == 49
+    assert run((2, 64, 14, 14), group_norm_spec((2, 64, 14, 14), 8)) == 196
+    assert run((8, 768), layer_norm_spec((8, 768), (768,))) == 768
+    assert run((2, 64, 7, 7), group_norm_spec((2, 64, 7, 7), 8), "channels_last") is None
 
 
 def test_stream_threshold_from_cache_and_environment(monkeypatch):

@@ -88,8 +88,30 @@ def _stream_from() -> int:
 STREAM_FROM = _stream_from()
 
 
-def _streams(out: torch.Tensor) -> bool:
-    return out.numel() * out.element_size() >= STREAM_FROM
+#: Output runs (elements written with one set of coefficients: a plane, a row) shorter
+#: than this many bytes are written with ordinary stores even in a streamed output: a
+#: streamed run starts and ends with ordinary stores up to a line boundary, which on
+#: short runs take most of it. Measured at module level (2 threads, 18-26 MB float32
+#: GroupNorm/InstanceNorm NCHW, streamed against ordinary stores): planes of 49 and 81
+#: elements 1.1-1.3x slower streamed, 100 even, 144 to 784 1.0-1.4x faster.
+STREAM_MIN_RUN = 512
+
+
+def _streams(out: torch.Tensor, run: int | None = None) -> bool:
+    """Whether a pass writes ``out`` with streaming stores: at least ``STREAM_FROM`` bytes,
+    in runs of ``run`` elements of at least ``STREAM_MIN_RUN`` bytes (None: long runs,
+    e.g. channels-last tiles)."""
+    size = out.element_size()
+    return out.numel() * size >= STREAM_FROM and (run is None or run * size >= STREAM_MIN_RUN)
+
+
+def _run_of(plan: Plan) -> int | None:
+    """Elements a grouped-view write loop writes per run (a plane of S, else a row of K);
+    None for the channels-last view (tiles of rows)."""
+    if plan.kind != "grouped":
+        return None
+    _, _, kk, s, _ = plan.dims
+    return s if s > 1 else kk
 
 
 def _partials(groups: int, numel: int) -> int:
@@ -327,7 +349,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         a, p, kk, s, g = plan.dims
         _launch("dispatch_grouped_forward", dtype, p, threads,
                 (xc, y, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed, call.short_rows,
-                 mean_in, var_out, rstd_in, _streams(y)))
+                 mean_in, var_out, rstd_in, _streams(y, _run_of(plan))))
     elif not fixed and plan.blocks == 1:
         # one work item per sample: statistics and output in one sweep
         n, s, g, kk = plan.dims
@@ -376,7 +398,7 @@ def _planes_forward(x, y, w, b, plan: Plan, eps, center, fixed, mean, var, rstd,
         _launch("planes_sums", dtype, a, threads, (x, a, p, s, mc, psd, psq))
     _launch("planes_coefficients", dtype, p, threads,
             (x, psd, psq, a, p, s, float(eps), center, not fixed, w, b, mc, mean, var, rstd, ca, cb))
-    _launch("planes_apply", dtype, a * p, threads, (x, y, p, s, mc, ca, cb, _streams(y)))
+    _launch("planes_apply", dtype, a * p, threads, (x, y, p, s, mc, ca, cb, _streams(y, s)))
 
 
 def _planes_backward(dy, x, w, mean, rstd, plan: Plan, center, batch_statistics, need_dx, dx, threads):
@@ -392,7 +414,7 @@ def _planes_backward(dy, x, w, mean, rstd, plan: Plan, center, batch_statistics,
     _launch("planes_dx_coefficients", dtype, p, threads,
             (psdy, psdyx, a, p, s, center, batch_statistics, w, mean, rstd, dwp, dbp, mc, ca, cb, cc))
     if need_dx:
-        _launch("planes_dx", dtype, a, threads, (dy, x, dx, p, s, mc, ca, cb, cc, _streams(dx)))
+        _launch("planes_dx", dtype, a, threads, (dy, x, dx, p, s, mc, ca, cb, cc, _streams(dx, s)))
     return dwp, dbp
 
 
@@ -449,7 +471,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     addresses = (x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(), rstd.data_ptr(),
                  _LIKE[call.cdt])
     threads = 1 if serial else torch.get_num_threads()
-    stream = not serial and _streams(y)
+    stream = not serial and _streams(y, _run_of(call.plan))
     if call.memory_order:
         a, p, _, s, _ = call.plan.dims
         runtime.kernels().planes_forward_at(*addresses, a, p, s, float(eps), spec.center, running_mean_at,
@@ -514,7 +536,7 @@ def _fixed_forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, 
     apply_team = _team("planes_apply", call, o * c, threads) if i > 1 else _team("cl_apply", call, blocks, threads)
     runtime.kernels().fixed_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean_at, fixed_var.data_ptr(),
                                        rstd.data_ptr(), _LIKE[call.cdt], o, c, i, blocks, float(eps), apply_team,
-                                       not serial and _streams(y))
+                                       not serial and _streams(y, i if i > 1 else None))
     return y, fixed_mean, fixed_var, rstd
 
 
@@ -658,7 +680,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
         dwp, dbp = np.zeros((2, t, channels))
         _launch("dispatch_grouped_backward", dtype, t, threads,
                 (dy, xc, w, mean_in, rstd_in, a, p, kk, s, g, spec.center, batch_statistics, need_dx, t,
-                 call.short_rows, dx_out, dwp, dbp, _streams(dx_out)))
+                 call.short_rows, dx_out, dwp, dbp, _streams(dx_out, _run_of(plan))))
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
         dwp, dbp = np.empty((2, n, channels))
@@ -717,7 +739,7 @@ def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_s
     db = torch.from_numpy(np.empty(call.param_shape, call.npdt))
     addresses = (dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at, dx.data_ptr() if need_dx else 0,
                  dw.data_ptr(), db.data_ptr(), _LIKE[call.cdt])
-    stream = need_dx and not serial and _streams(dx)
+    stream = need_dx and not serial and _streams(dx, _run_of(call.plan))
     if call.memory_order:
         a, p, _, s, _ = call.plan.dims
         runtime.kernels().planes_backward_at(*addresses, a, p, s, spec.center, batch_statistics, need_dx,
