@@ -234,10 +234,11 @@ def _ctype_impl(x):
 #
 # A write loop streams whole 64-byte lines of output, each computed and stored by one
 # line intrinsic (see "Whole lines" and the write loops below). Streaming stores are
-# weakly ordered: every team body
-# that may stream ends with :func:`_store_fence`, so the outputs are visible before the
-# team's closing barrier. Whether a call streams is the caller's ``stream`` argument
-# (the backend decides by the output's size against the cache: ``backend.STREAM_FROM``).
+# weakly ordered: every team body that may stream ends with :func:`_store_fence`, so the
+# outputs are visible before the team's closing barrier. Whether a call streams is the
+# caller's ``stream`` argument (the backend decides by the output's size against the
+# cache, ``backend.STREAM_FROM``, and by the length of the runs the loops write,
+# ``backend.STREAM_MIN_RUN``).
 
 _LINE = 64  # bytes per non-temporal vector store: a cache line
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
@@ -412,7 +413,10 @@ def _dx_formula(builder, dy, x, m, a, b, k):
 
 
 def _row_dx_formula(builder, dy, x, mc, rc, w, b, k):
-    """(rc * w) * dy + b * (x - mc) + k, as :func:`_row_dx_run`."""
+    """(rc * w) * dy + (b * (x - mc) + k): :func:`_row_dx_run`'s ``(rc * w) * dy + b *
+    (x - mc) + k`` as LLVM reassociates it in the loop (the fast-math flags allow it; the
+    multiply-adds then fuse ``b * (x - mc) + k`` first). Written in the source's order
+    here, the lines' bits differed from the loop's (``test_short_row_kernels_equal_the_row_kernels``)."""
     f = _FM_FLAGS
     scaled = builder.fmul(b, builder.fsub(x, mc, flags=f), flags=f)
     gradient = builder.fmul(builder.fmul(rc, w, flags=f), dy, flags=f)
@@ -420,12 +424,12 @@ def _row_dx_formula(builder, dy, x, mc, rc, w, b, k):
 
 
 #: ``_affine_line((x,), y, i, (m, a, b), j)`` and the others: a line of each run's
-#: formula, with ordinary stores and (``*_streamed``) non-temporal ones.
+#: formula, with ordinary stores (the channels-last register passes) and (``*_streamed``)
+#: non-temporal ones (every streamed write loop).
 _affine_line, _affine_line_streamed = _line_intrinsic(_affine_formula, False), _line_intrinsic(_affine_formula, True)
-_row_affine_line = _line_intrinsic(_row_affine_formula, False)
-_row_affine_line_streamed = _line_intrinsic(_row_affine_formula, True)
 _dx_line, _dx_line_streamed = _line_intrinsic(_dx_formula, False), _line_intrinsic(_dx_formula, True)
-_row_dx_line, _row_dx_line_streamed = _line_intrinsic(_row_dx_formula, False), _line_intrinsic(_row_dx_formula, True)
+_row_affine_line_streamed = _line_intrinsic(_row_affine_formula, True)
+_row_dx_line_streamed = _line_intrinsic(_row_dx_formula, True)
 
 # The write loops. Each computes a run of output into ``out`` (numba loops below) and a
 # caller that may stream writes its target in this shape (one copy of each call)::
@@ -439,9 +443,6 @@ _row_dx_line, _row_dx_line_streamed = _line_intrinsic(_row_dx_formula, False), _
 #             line_streamed((x,), y, j, ...)    # whole lines, streamed
 #             j += _line_elems(y)
 #         i, j = j, e
-#
-# (One run call on a target chosen at run time -- a pointer phi -- measured 30 % slower
-# with ordinary stores: LLVM then does not vectorize the loop.)
 
 
 @njit(inline="always", **_OPTS)
@@ -1534,9 +1535,10 @@ def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream):
         a[c] = sc[c]
         b[c] = sh[c]
     per = _line_elems(y)  # (W is a multiple of it)
-    # runs of whole lines: streamed when the first is (a row of C >= 16 float32 channels
-    # always is; runs of a few shorter rows may fall off the lines, then none is)
-    # (the line loop, of a constant count, unrolls: its coefficient lines stay in registers)
+    # Runs of whole lines, streamed when the first starts on a line boundary (then all do:
+    # W * itemsize is a multiple of 64), else all with ordinary stores. Two loops, as each
+    # intrinsic's store is fixed when it compiles; the inner loop, of a constant count,
+    # unrolls, so the coefficient lines stay in registers.
     if stream and _to_line(y, start) == 0:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
@@ -1584,7 +1586,7 @@ def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
         n = min(R, s1 - s) * C  # (a last, shorter tile uses the coefficients' prefix)
         o = base + s * C
         e = o + n
-        i, j = o, _plain_end(y, o, e, stream)  # (write loops: see _affine_run)
+        i, j = o, _plain_end(y, o, e, stream)  # (see "The write loops")
         while True:
             _affine_run(x[i:j], y[i:j], mt[i - o:], st[i - o:], ht[i - o:], j - i)
             if j == e:
