@@ -301,14 +301,15 @@ def _plain_end(dst, i, e, stream):
 # 64-byte line of output with vector instructions emitted here: loads of x (and dy) at
 # the line and of the coefficients (an array's lanes, or a scalar in every lane), the
 # arithmetic with the kernels' fast-math flags, one store -- non-temporal when
-# streaming. Same arithmetic in the same order as the numba loops: the same bits
-# (tested). Before, a streamed run of 64 elements was computed into a buffer on the
-# stack and copied from there with non-temporal stores, and the register passes looped
-# over slices, each run paying the slices' bounds and LLVM's runtime alias checks. One
-# thread, 25.7 MB float32, streaming, before -> after: channels-last (C = 64) output
-# pass 1.78 -> 0.91 ms, dx pass 2.35 -> 1.46 ms; NCHW output pass over planes of 3136
-# elements 1.11-1.23 -> 0.85-0.90 ms, of 784 2.18 -> 0.79 ms, of 196 6.40 -> 0.88 ms
-# (a copy: 0.93-1.43 ms in the same runs).
+# streaming. Same arithmetic as the numba loops, in the order LLVM gives the loops
+# (:func:`_row_dx_formula`): the same bits (tested). Before, a streamed run of 64
+# elements was computed into a buffer on the stack and copied from there with
+# non-temporal stores, and the register passes looped over slices, each run paying the
+# slices' bounds and LLVM's runtime alias checks. One thread, 25.7 MB float32,
+# streaming, before -> after: channels-last (C = 64) output pass 1.78 -> 0.91 ms, dx
+# pass 2.35 -> 1.46 ms; NCHW output pass over planes of 3136 elements 1.11-1.23 ->
+# 0.85-0.90 ms, of 784 2.18 -> 0.79 ms, of 196 6.40 -> 0.88 ms (a copy: 0.93-1.43 ms in
+# the same runs).
 
 _FM_FLAGS = tuple(sorted(_FM))
 
