@@ -211,6 +211,17 @@ def suite_parser(description: str, rounds: int) -> argparse.ArgumentParser:
     return parser
 
 
+def selected(args: argparse.Namespace, suite: tuple) -> tuple[list[tuple[str, tuple[int, ...]]], list[str]]:
+    """The (model, batch sizes) pairs and the modes a run covers under
+    :func:`suite_parser`'s options: ``suite``'s models (or those given with --model, one
+    outside ``suite`` at batch 8) with their batch sizes (or --batch's), both modes (or
+    --mode's)."""
+    runs = [(name, tuple(args.batch) if args.batch else batches) for name, batches in suite
+            if not args.model or name in args.model]
+    runs += [(name, tuple(args.batch or (8,))) for name in args.model or () if name not in dict(suite)]
+    return runs, args.mode or ["train", "infer"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = suite_parser(__doc__.split("\n\n")[0], rounds=9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -219,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     fixed = not args.glibc_heap and fix_glibc_heap()
-    suite = [(name, tuple(args.batch) if args.batch else batches) for name, batches in SUITE
-             if not args.model or name in args.model]
-    suite += [(name, tuple(args.batch or (8,))) for name in args.model or () if name not in dict(SUITE)]
-    modes = args.mode or ["train", "infer"]
+    suite, modes = selected(args, SUITE)
     print(f"torch {torch.__version__}, {args.threads} threads, glibc heap {'fixed' if fixed else 'as is'}; "
           f"median of {args.rounds} interleaved rounds")
     for name, _ in suite:

@@ -178,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     graphs = device.type == "cuda" and not args.no_graphs
-    suite = [(name, tuple(args.batch) if args.batch else batches) for name, batches in SUITE
-             if not args.model or name in args.model]
-    modes = args.mode or ["train", "infer"]
+    suite, modes = cpu_models.selected(args, SUITE)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}; median of {args.rounds} interleaved rounds; ms per step")
     print(f"{'model':12s} {'batch':>5s} {'mode':5s} | {'eager: torch.nn':>15s} {'normlab':>8s} {'speed-up':>8s} | "

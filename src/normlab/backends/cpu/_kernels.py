@@ -363,9 +363,14 @@ def _line_elems(arr):
     raise NotImplementedError  # numba-only, see the overload
 
 
+def _lanes_of(dtype: types.Type) -> int:
+    """Elements of numba type ``dtype`` in a 64-byte line."""
+    return _LINE * 8 // dtype.bitwidth
+
+
 @overload(_line_elems, inline="always")
 def _line_elems_impl(arr):
-    elems = _LINE * 8 // arr.dtype.bitwidth
+    elems = _lanes_of(arr.dtype)
     return lambda arr: elems
 
 
@@ -378,7 +383,7 @@ def _line_intrinsic(formula, stream: bool):
     def line(typingctx, inputs, out, i, coefficients, j):
         def codegen(context, builder, signature, args):
             inputs_type, out_type, _, coefficients_type, _ = signature.args
-            lanes = _LINE * 8 // out_type.dtype.bitwidth
+            lanes = _lanes_of(out_type.dtype)
             values = [_load_line(context, builder, ty, builder.extract_value(args[0], q), args[2], lanes)
                       for q, ty in enumerate(inputs_type)]
             for q, ty in enumerate(coefficients_type):
