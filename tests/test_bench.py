@@ -51,6 +51,28 @@ def test_interleaved_gives_every_function_the_same_calls_per_sample():
     assert calls["fast"] == calls["slow"] > 2
 
 
+def test_interleaved_cold_flushes_before_every_single_call_sample():
+    """The cold policy: each sample is one call, right after a flush (never timed with
+    it), whatever ``min_time`` asks for."""
+    events = []
+    samples = interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=3,
+                          warmup=1, min_time=1.0, flush=lambda: events.append("flush"))
+    assert len(samples["a"]) == len(samples["b"]) == 3
+    timed = events[4:]  # after the warm-up and calibration calls (two each, unflushed)
+    assert len(timed) == 12
+    assert timed[0::2] == ["flush"] * 6 and sorted(timed[1::2]) == ["a"] * 3 + ["b"] * 3
+
+
+def test_cache_flusher_reads_twice_the_last_level_cache(monkeypatch):
+    from normlab.backends import _env
+    from normlab.bench import timing
+
+    monkeypatch.setattr(_env, "last_level_cache_bytes", lambda: 3 << 20)
+    flush = timing.cache_flusher()
+    assert flush.__self__.numel() * 4 == 6 << 20 and flush().item() == (6 << 20) // 4
+    assert timing.cache_flusher(4096).__self__.numel() == 1024
+
+
 def test_saved_bytes_counts_what_backward_keeps():
     x = torch.randn(16, 32, requires_grad=True)
     w = torch.randn(32, requires_grad=True)
@@ -93,8 +115,25 @@ def test_run_case_rows():
         if r["provider"] not in ("copy", "alloc+copy"):
             floor_ms = floor_bytes(case.numel, case.itemsize, r["mode"]) / (r["copy_gbps"] * 1e9) * 1e3
             assert r["pct_floor"] == pytest.approx(100 * floor_ms / r["median_ms"])
+    assert {r["cache"] for r in rows} == {"warm"}
     env = environment()
     assert {"date", "machine", "torch", "numba", "threads"} <= set(env)
+
+
+def test_run_case_cold_flushes_for_every_provider_and_the_copy(monkeypatch):
+    """``cache="cold"``: the rows say so, and every sample of every timed function (the
+    copy's included) had a flush before it; an unknown policy is refused by name."""
+    from normlab.bench import run as bench_run
+
+    flushes = []
+    monkeypatch.setattr(bench_run, "cache_flusher", lambda: lambda: flushes.append(1))
+    case = C.Case("ln", (16, 24))
+    rows = run_case(case, ["forward"], ["torch", "reference"], repeats=3, min_time=0.0, cache="cold")
+    assert {r["cache"] for r in rows} == {"cold"}
+    assert {r["provider"] for r in rows} == {"copy", "alloc+copy", "torch", "reference"}
+    assert len(flushes) == 4 * 3  # four timed functions, three samples each
+    with pytest.raises(ValueError, match="cache: expected one of warm, cold, got 'hot'"):
+        run_case(case, ["forward"], ["torch"], repeats=1, cache="hot")
 
 
 def test_eval_mode_times_inference_with_running_statistics():
@@ -176,6 +215,8 @@ def test_processes_pass_the_suite_options_to_each_process():
     assert bench_cli._child_argv(args) == [
         "bench", "--case", "rms:16x24", "--case", "bn:2x3", "--norm", "gn", "--mode", "forward", "--provider",
         "normlab", "--dtype", "float64", "--repeats", "4", "--threads", "1", "--quick"]
+    cold = bench_cli.build_parser().parse_args(["--norm", "bn", "--cache", "cold", "--processes", "2"])
+    assert bench_cli._child_argv(cold) == ["bench", "--norm", "bn", "--cache", "cold"]
 
 
 def test_cli_processes_runs_the_suite_in_fresh_processes(tmp_path, capsys):
@@ -197,6 +238,16 @@ def test_cli_processes_runs_the_suite_in_fresh_processes(tmp_path, capsys):
     assert (low, high) == (per_process[0], per_process[-1])
     with open(f"{prefix}.csv") as f:
         assert {r["provider"] for r in csv.DictReader(f)} >= {"torch", "normlab"}
+
+
+def test_cli_cache_cold_says_so_in_the_table_and_the_rows(tmp_path, capsys):
+    prefix = tmp_path / "cold"
+    assert main(["bench", "--case", "ln:16x24", "--mode", "forward", "--provider", "normlab", "--repeats", "1",
+                 "--cache", "cold", "--out", str(prefix)]) == 0
+    out = capsys.readouterr().out
+    assert "ln 16x24 float32 -- forward (copy" in out and "GB/s, cold cache)" in out
+    assert "(cases >= 1 MB, cold cache)" in out or "cpu-numba" not in out
+    assert {r["cache"] for r in json.loads((tmp_path / "cold.json").read_text())["rows"]} == {"cold"}
 
 
 def test_cli_usage_errors(capsys):
@@ -221,6 +272,8 @@ def test_cli_device_cuda_usage_errors(capsys):
     assert main(["bench", "--device", "cuda", "--norm", "xn"]) == 2
     assert main(["bench", "--device", "cuda", "--processes", "3"]) == 2
     assert "--processes is not supported with --device cuda" in capsys.readouterr().err
+    assert main(["bench", "--device", "cuda", "--cache", "cold"]) == 2
+    assert "--cache cold is for the CPU suite" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda", "--quick"]) == 2
         assert "expected a CUDA GPU" in capsys.readouterr().err

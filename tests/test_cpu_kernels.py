@@ -30,6 +30,7 @@ import normlab.functional as NF  # noqa: E402
 from normlab import reference as R  # noqa: E402
 from normlab.backends import cpu, select_backend  # noqa: E402
 from normlab.backends import reference as reference_backend  # noqa: E402
+from normlab.backends._env import last_level_cache_bytes  # noqa: E402
 from normlab.backends.cpu import backend as numba_backend  # noqa: E402
 from normlab.backends.cpu import runtime, team  # noqa: E402
 
@@ -696,7 +697,7 @@ def test_stream_threshold_from_cache_and_environment(monkeypatch):
     """``STREAM_FROM`` defaults to half the level-3 cache; ``NORMLAB_STREAM_MB`` sets it,
     and a value that is not a number is refused with the variable's name."""
     monkeypatch.delenv("NORMLAB_STREAM_MB", raising=False)
-    assert numba_backend._stream_from() == numba_backend._last_level_cache_bytes() // 2 > 0
+    assert numba_backend._stream_from() == last_level_cache_bytes() // 2 > 0
     monkeypatch.setenv("NORMLAB_STREAM_MB", "4.5")
     assert numba_backend._stream_from() == int(4.5 * 2**20)
     monkeypatch.setenv("NORMLAB_STREAM_MB", "lots")

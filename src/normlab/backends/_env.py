@@ -1,5 +1,5 @@
 """Environment switches: ``os.environ.get`` for those read on every normalization call,
-and sizes given in MiB.
+sizes given in MiB, and the machine's last-level cache.
 
 Backend choice reads ``NORMLAB_BACKEND`` (and the Triton backend its CPU-interpreter
 switches) on every call, so that a test or the benchmark can flip them at any time.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["getenv", "mebibytes"]
+__all__ = ["getenv", "mebibytes", "last_level_cache_bytes"]
 
 _environ = os.environ
 # the encoded key -> value mapping os.environ reads and writes (CPython's os._Environ)
@@ -45,3 +45,20 @@ def mebibytes(name: str, default: int) -> int:
         return max(0, int(float(text) * (1 << 20)))
     except ValueError:
         raise ValueError(f"{name}: expected a number of MiB, got {text!r}") from None
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's level-3 cache in bytes as Linux reports it (32 MiB if unknown)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            with open(f"{base}/{index}/level") as f:
+                if f.read().strip() != "3":
+                    continue
+            with open(f"{base}/{index}/size") as f:
+                text = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return 32 << 20

@@ -6,6 +6,7 @@ Examples::
     normlab bench --quick                  # tiny cases, few repeats (smoke test)
     normlab bench --case gn:32x64x56x56:channels_last --mode forward+backward
     normlab bench --out benchmarks/results/cpu --plot
+    normlab bench --cache cold --processes 3  # every sample from a flushed cache
     normlab bench --device cuda --dtype bfloat16 --out gpu   # on a GPU machine
 """
 
@@ -33,6 +34,11 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                         help="torch, reference, cpu-numba, normlab, naive (repeatable; default: all "
                              "available). torch is always included as the baseline")
     parser.add_argument("--repeats", type=int, default=None, help="samples per provider (default 9)")
+    parser.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                        help="warm: each sample is back-to-back calls (what the caches hold stays there); "
+                             "cold: each sample is one call after a read of twice the last-level cache has "
+                             "evicted everything, for every provider and for the copy that sets the floor "
+                             "(memory-bound cases; CPU suite only; default: warm)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     parser.add_argument("--quick", action="store_true", help="tiny cases and 3 repeats (for tests)")
     parser.add_argument("--out", default=None, metavar="PREFIX",
@@ -87,6 +93,9 @@ def _gpu_handler(args: argparse.Namespace) -> int:
                                "torch.nn, gpu-triton and a copy on its own cases; pick them with --norm)")
     if args.plot or args.processes != 1:
         raise _usage_error(f"--{'plot' if args.plot else 'processes'} is not supported with --device cuda")
+    if args.cache != "warm":
+        raise _usage_error("--cache cold is for the CPU suite; the GPU suite times its own cases (the large "
+                           "ones, 200-400 MB, several times an H100's L2 cache)")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = args.dtype or "float32"
     if dtype not in dtypes:
@@ -135,6 +144,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     for option in ("dtype", "repeats", "threads"):
         if getattr(args, option) is not None:
             argv += [f"--{option}", str(getattr(args, option))]
+    if args.cache != "warm":
+        argv += ["--cache", args.cache]
     return argv + (["--quick"] if args.quick else [])
 
 
@@ -241,11 +252,11 @@ def handler(args: argparse.Namespace) -> int:
         return _across_processes(args)
 
     rows = run_suite(suite, modes, providers, repeats, min_time=0.002 if args.quick else 0.02,
-                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                     progress=lambda msg: print(msg, file=sys.stderr, flush=True), cache=args.cache)
     print(report.format_table(rows))
     summ = report.summary(rows) if "cpu-numba" in providers else {}
     if summ:
-        print("\ncpu-numba vs torch.nn (cases >= 1 MB):")
+        print(f"\ncpu-numba vs torch.nn (cases >= 1 MB, {args.cache} cache):")
         for mode, entry in summ.items():
             if "geomean_speedup" in entry:
                 print(f"  {mode:<17} geomean {entry['geomean_speedup']:.2f}x, worst "

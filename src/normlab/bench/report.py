@@ -26,7 +26,8 @@ def format_table(rows: Sequence[dict]) -> str:
         if (r["case"], r["mode"]) != key:
             key = (r["case"], r["mode"])
             lines.append("")
-            lines.append(f"{r['case']} -- {r['mode']} (copy {r['copy_gbps']:.1f} GB/s)")
+            cold = ", cold cache" if r.get("cache") == "cold" else ""
+            lines.append(f"{r['case']} -- {r['mode']} (copy {r['copy_gbps']:.1f} GB/s{cold})")
             lines.append(header)
         speedup = r["speedup_vs_torch"]
         speedup_text = f"{speedup:>7.2f}x" if speedup is not None else f"{'-':>8}"

@@ -11,9 +11,14 @@ Modes: ``forward`` (training mode under ``torch.no_grad``: batch statistics),
 ``torch.no_grad``: inference with the running statistics; only norms that keep them,
 BatchNorm, and not the ``naive`` provider, which has none).
 
+``cache``: ``"warm"`` (samples of back-to-back calls) or ``"cold"`` (each sample one
+call after the caches were flushed; see :mod:`normlab.bench.timing`) -- the same
+policy for every provider and for the copy.
+
 A row: case fields, mode, provider, median/min milliseconds, effective GB/s (floor
 bytes / time), % of the floor, speed-up vs torch.nn, bytes saved for backward, the
-copy bandwidth, plus the run's machine/versions/date (:func:`environment`).
+copy bandwidth, the cache policy, plus the run's machine/versions/date
+(:func:`environment`).
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .cases import PROVIDERS, Case, build, make_input, provider_env
-from .timing import floor_bytes, interleaved, median, saved_bytes
+from .timing import cache_flusher, floor_bytes, interleaved, median, saved_bytes
 
-__all__ = ["MODES", "EVAL_NORMS", "environment", "run_case", "run_suite", "available_providers"]
+__all__ = ["MODES", "CACHE_POLICIES", "EVAL_NORMS", "environment", "run_case", "run_suite", "available_providers"]
 
 MODES = ("forward", "backward", "forward+backward", "eval")
+CACHE_POLICIES = ("warm", "cold")
 #: Norms whose modules keep running statistics, so that eval mode computes something else.
 EVAL_NORMS = ("bn",)
 
@@ -114,14 +120,18 @@ def _mode_fns(mode: str, fns: dict[str, Callable], case: Case) -> dict[str, Call
 
 
 def run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats: int,
-             min_time: float = 0.02) -> list[dict[str, object]]:
-    """Rows for one case: every mode x provider, plus the copy floor."""
+             min_time: float = 0.02, cache: str = "warm") -> list[dict[str, object]]:
+    """Rows for one case: every mode x provider, plus the copy floor, timed under the
+    ``cache`` policy (see the module docstring)."""
+    if cache not in CACHE_POLICIES:
+        raise ValueError(f"cache: expected one of {', '.join(CACHE_POLICIES)}, got {cache!r}")
+    flush = cache_flusher() if cache == "cold" else None
     with provider_env("normlab"):  # no NORMLAB_BACKEND from the caller's environment
-        return _run_case(case, modes, providers, repeats, min_time)
+        return _run_case(case, modes, providers, repeats, min_time, flush)
 
 
 def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats: int,
-              min_time: float) -> list[dict[str, object]]:
+              min_time: float, flush: Callable[[], object] | None) -> list[dict[str, object]]:
     fns = build(case, tuple(providers))
     x = make_input(case)
     dst = torch.empty_like(x)
@@ -137,7 +147,7 @@ def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeat
         fns_now = {name: f for name, f in fns.items() if mode != "eval" or name != "naive"}
         timed.update(_mode_fns(mode, fns_now, case))
         with _eval_mode(fns_now, mode == "eval"):
-            samples = interleaved(timed, repeats, min_time=min_time, same_calls=list(fns_now))
+            samples = interleaved(timed, repeats, min_time=min_time, same_calls=list(fns_now), flush=flush)
         copy_s = median(samples["copy"])
         copy_gbps = 2 * nbytes / copy_s / 1e9
         floor_s = floor_bytes(case.numel, case.itemsize, mode) / (copy_gbps * 1e9)
@@ -156,7 +166,7 @@ def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeat
                 "pct_floor": None if is_copy else 100 * floor_s / t,
                 "speedup_vs_torch": None if is_copy or torch_s is None else torch_s / t,
                 "saved_mb": None if is_copy or mode == "eval" else saved[name] / 2**20,
-                "copy_gbps": copy_gbps, "repeats": repeats,
+                "copy_gbps": copy_gbps, "repeats": repeats, "cache": "cold" if flush else "warm",
             })
     return rows
 
@@ -180,14 +190,14 @@ def _eval_mode(fns: dict[str, Callable], on: bool) -> Iterator[None]:
 
 
 def run_suite(cases: Sequence[Case], modes: Sequence[str], providers: Sequence[str], repeats: int,
-              min_time: float = 0.02, progress: Callable[[str], None] | None = None
+              min_time: float = 0.02, progress: Callable[[str], None] | None = None, cache: str = "warm"
               ) -> list[dict[str, object]]:
-    """Rows of every case, each row carrying :func:`environment`."""
+    """Rows of every case under the ``cache`` policy, each row carrying :func:`environment`."""
     env = environment()
     rows = []
     for i, case in enumerate(cases):
         if progress:
             progress(f"[{i + 1}/{len(cases)}] {case.label}")
-        for row in run_case(case, modes, providers, repeats, min_time):
+        for row in run_case(case, modes, providers, repeats, min_time, cache):
             rows.append({**row, **env})
     return rows

@@ -24,7 +24,6 @@ kernels are called directly, which saves the dispatcher's per-call overhead.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -34,7 +33,7 @@ import torch
 
 from ...core.spec import NormSpec
 from ...core.stats import RunningStats, compute_dtype, fold_running_stats
-from .._env import getenv, mebibytes
+from .._env import getenv, last_level_cache_bytes, mebibytes
 from . import outputs, runtime, team
 from .plan import Plan, layout_of, plan_for, row_blocks
 
@@ -55,27 +54,10 @@ PARTIAL_ELEMENTS = 1 << 16
 MAX_PARTIALS = 64
 
 
-def _last_level_cache_bytes() -> int:
-    """The CPU's level-3 cache in bytes as Linux reports it (32 MiB if unknown)."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for index in sorted(os.listdir(base)):
-            with open(f"{base}/{index}/level") as f:
-                if f.read().strip() != "3":
-                    continue
-            with open(f"{base}/{index}/size") as f:
-                text = f.read().strip().upper()
-            scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
-            return int(text.rstrip("KM")) * scale
-    except (OSError, ValueError):
-        pass
-    return 32 << 20
-
-
 def _stream_from() -> int:
     """Default of :data:`STREAM_FROM`: ``NORMLAB_STREAM_MB`` if set, else half the
     level-3 cache."""
-    return mebibytes("NORMLAB_STREAM_MB", _last_level_cache_bytes() // 2)
+    return mebibytes("NORMLAB_STREAM_MB", last_level_cache_bytes() // 2)
 
 
 #: Outputs (y, dx) of at least this many bytes are written with streaming stores (see
