@@ -476,7 +476,10 @@ _row_dx_line_streamed = _line_intrinsic(_row_dx_formula, True)
 # alternated twice: forward InstanceNorm and GroupNorm NCHW (32, 64, 56, 56) 1.43-1.52
 # -> 1.20-1.37 ms (a copy took 1.13-1.34), LayerNorm/RMSNorm (16384, 768) 2.36-2.49 ->
 # 2.21-2.26 ms, BatchNorm NCHW 1.55-1.59 -> 1.47-1.50 ms; backward InstanceNorm/GroupNorm
-# 1.98-2.09 -> 1.87-1.90 ms, LayerNorm and BatchNorm unchanged.
+# 1.98-2.09 -> 1.87-1.90 ms, LayerNorm and BatchNorm unchanged. The channels-last
+# per-sample forward (GroupNorm/InstanceNorm, :func:`cl_forward_fused`) asks for the
+# next sample: (32, 64, 56, 56) 1.50-1.57 -> 1.43-1.47 ms (copy 1.07-1.12); its backward
+# does not (a sample's x and dy, 1.6 MB there, overflow the 1 MiB L2: no gain measured).
 
 
 @njit(inline="always", **_OPTS)
@@ -1569,9 +1572,10 @@ def cl_coefficients(pcnt, pmu, pm2, N, B, G, K, eps, fixed, w, b, mean, var, rst
 
 
 @njit(inline="always", **_OPTS)
-def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream):
+def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream, ahead):
     """y = (x - mc) * sc + sh over ``runs`` consecutive runs of W elements (W a constant)
-    from ``start``, with the W coefficients of each kind in registers (see ``_lanes``)."""
+    from ``start``, with the W coefficients of each kind in registers (see ``_lanes``;
+    ``ahead``: see the write loops)."""
     dt = mc.dtype.type
     m = carray(_lanes(dt(0)), W)
     a = carray(_lanes(dt(0)), W)
@@ -1588,6 +1592,8 @@ def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream):
     if stream and _to_line(y, start) == 0:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
+                if ahead:
+                    _prefetch(x, o + j + ahead)
                 _affine_line_streamed((x,), y, o + j, (m, a, b), j)
     else:
         for o in range(start, start + runs * W, W):
@@ -1596,7 +1602,7 @@ def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream):
 
 
 @njit(**_OPTS)
-def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
+def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C, stream, ahead):
     """y = (x - mc[c]) * sc[c] + sh[c] for channels-last rows [s0, s1) from ``base``:
     with the coefficients in registers for C = 64 or 128 (a run is a row) or C dividing
     64 (a run is 64 // C rows; interleaved, one thread, 1.06-1.22x faster than tiles),
@@ -1607,21 +1613,21 @@ def _cl_affine_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
     1e4 in float32 loses nothing beyond its own rounding."""
     start = base + s0 * C
     if C == 64:
-        _slice_affine(x, y, start, s1 - s0, mc, sc, sh, 64, stream)
+        _slice_affine(x, y, start, s1 - s0, mc, sc, sh, 64, stream, ahead)
         return
     if C == 128:
-        _slice_affine(x, y, start, s1 - s0, mc, sc, sh, 128, stream)
+        _slice_affine(x, y, start, s1 - s0, mc, sc, sh, 128, stream, ahead)
         return
     if 64 % C == 0:
         per = 64 // C
         runs = (s1 - s0) // per
-        _slice_affine(x, y, start, runs, _tiled(mc, per), _tiled(sc, per), _tiled(sh, per), 64, stream)
+        _slice_affine(x, y, start, runs, _tiled(mc, per), _tiled(sc, per), _tiled(sh, per), 64, stream, ahead)
         s0 += runs * per
-    _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream)
+    _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream, ahead)
 
 
 @njit(inline="always", **_OPTS)
-def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
+def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream, ahead):
     """:func:`_cl_affine_rows` in tiles of rows (see ``_TILE``)."""
     R = max(1, _TILE // C)
     mt = _tiled(mc, R)
@@ -1638,6 +1644,8 @@ def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream):
             if j == e:
                 break
             while j + _line_elems(y) <= e:
+                if ahead:
+                    _prefetch(x, j + ahead)
                 _affine_line_streamed((x,), y, j, (mt, st, ht), j - o)
                 j += _line_elems(y)
             i, j = j, e
@@ -1651,7 +1659,7 @@ def cl_apply(x, y, mc, sc, sh, N, S, C, B, stream, lo, hi):
     for item in range(lo, hi):
         n = item // B
         bi = item % B
-        _cl_affine_rows(x, y, mc[n], sc[n], sh[n], n * S * C, bi * S // B, (bi + 1) * S // B, C, stream)
+        _cl_affine_rows(x, y, mc[n], sc[n], sh[n], n * S * C, bi * S // B, (bi + 1) * S // B, C, stream, 0)
 
 
 @njit(inline="always", **_OPTS)
@@ -1842,7 +1850,7 @@ def cl_forward_fused(x, y, w, b, N, S, G, K, eps, mean, var, rstd, stream, lo, h
                 mcn[c] = m
                 scn[c] = dt(a)
                 shn[c] = dt(b[c] - ml * a)
-        _cl_affine_rows(x, y, mcn, scn, shn, n * S * C, 0, S, C, stream)
+        _cl_affine_rows(x, y, mcn, scn, shn, n * S * C, 0, S, C, stream, S * C if n + 1 < hi else 0)
 
 
 @njit(inline="always", **_OPTS)
