@@ -75,8 +75,10 @@ STREAM_FROM = _stream_from()
 #: streamed run starts and ends with ordinary stores up to a line boundary, which on
 #: short runs take most of it. Measured at module level (2 threads, 18-26 MB float32
 #: GroupNorm/InstanceNorm NCHW, streamed against ordinary stores): planes of 49 and 81
-#: elements 1.1-1.3x slower streamed, 100 even, 144 to 784 1.0-1.4x faster. (Measured
-#: on float32 only: a bfloat16 14x14 plane, 392 bytes, is not streamed.)
+#: elements 1.1-1.3x slower streamed, 100 even, 144 to 784 1.0-1.4x faster. bfloat16
+#: (GroupNorm NCHW forward, 19-26 MB, in-process): 7x7 and 14x14 planes (98 and 392
+#: bytes) 1.28x and 1.19x slower streamed, 10x10 even, 12x12 (288 bytes, not streamed)
+#: 1.04-1.05x faster streamed, 16x16 (512) even -- the byte threshold holds.
 STREAM_MIN_RUN = 512
 
 
