@@ -240,13 +240,17 @@ def test_cli_processes_runs_the_suite_in_fresh_processes(tmp_path, capsys):
         assert {r["provider"] for r in csv.DictReader(f)} >= {"torch", "normlab"}
 
 
-def test_cli_cache_cold_says_so_in_the_table_and_the_rows(tmp_path, capsys):
+def test_cli_cache_cold_says_so_in_the_table_the_summary_and_the_rows(tmp_path, capsys):
+    """The tables, the summary (whose small cases then time one call from a flushed
+    cache, and say so) and every written row name the cold policy."""
+    pytest.importorskip("numba")
     prefix = tmp_path / "cold"
-    assert main(["bench", "--case", "ln:16x24", "--mode", "forward", "--provider", "normlab", "--repeats", "1",
+    assert main(["bench", "--case", "ln:16x24", "--mode", "forward", "--provider", "cpu-numba", "--repeats", "1",
                  "--cache", "cold", "--out", str(prefix)]) == 0
     out = capsys.readouterr().out
     assert "ln 16x24 float32 -- forward (copy" in out and "GB/s, cold cache)" in out
-    assert "(cases >= 1 MB, cold cache)" in out or "cpu-numba" not in out
+    assert "cpu-numba vs torch.nn (cases >= 1 MB, cold cache):" in out
+    assert "small cases (cold: one call from a flushed cache, not a training loop): ln 16x24" in out
     assert {r["cache"] for r in json.loads((tmp_path / "cold.json").read_text())["rows"]} == {"cold"}
 
 

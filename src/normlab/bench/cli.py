@@ -264,7 +264,8 @@ def handler(args: argparse.Namespace) -> int:
                       f"{entry['min_pct_floor']:.0f}% ({entry['min_pct_floor_case']})")
             if "small_cases_speedup" in entry:
                 small = ", ".join(f"{k}: {v:.2f}x" for k, v in entry["small_cases_speedup"].items())
-                print(f"  {mode:<17} small cases: {small}")
+                caveat = " (cold: one call from a flushed cache, not a training loop)" if args.cache == "cold" else ""
+                print(f"  {mode:<17} small cases{caveat}: {small}")
     if args.out:
         report.write_csv(rows, f"{args.out}.csv")
         report.write_json(rows, f"{args.out}.json", note=args.note)
