@@ -54,10 +54,18 @@ def test_interleaved_gives_every_function_the_same_calls_per_sample():
 def test_interleaved_cold_flushes_before_every_single_call_sample():
     """The cold policy: each sample is one call, right after a flush (never timed with
     it), whatever ``min_time`` asks for."""
+    import time
+
     events = []
+
+    def flush():
+        events.append("flush")
+        time.sleep(0.05)
+
     samples = interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, repeats=3,
-                          warmup=1, min_time=1.0, flush=lambda: events.append("flush"))
+                          warmup=1, min_time=1.0, flush=flush)
     assert len(samples["a"]) == len(samples["b"]) == 3
+    assert max(samples["a"] + samples["b"]) < 0.025  # the 50 ms flushes are outside the samples
     timed = events[4:]  # after the warm-up and calibration calls (two each, unflushed)
     assert len(timed) == 12
     assert timed[0::2] == ["flush"] * 6 and sorted(timed[1::2]) == ["a"] * 3 + ["b"] * 3

@@ -529,6 +529,18 @@ def test_grouped_kernels_stream_the_same_bits(dims, dtype):
         np.testing.assert_array_equal(got, want)
 
 
+def test_streamed_grouped_passes_prefetch_the_next_group():
+    """The grouped kernels' streamed write loops ask for the next group's input
+    (``_prefetch``: a hint, so the bit tests above cannot see it; this checks that it is
+    compiled in). numba shows no IR of cached code: the kernel is compiled afresh here."""
+    kernel = njit(**{**_kernels._OPTS, "cache": False})(_kernels.grouped_forward.py_func)
+    x = np.zeros(4 * 256, np.float32)
+    stats = [np.empty(4, np.float32) for _ in range(3)]
+    w, b = np.ones(256, np.float32), np.zeros(256, np.float32)
+    kernel(x, np.empty_like(x), w, b, 1, 4, 256, 1, 1, 1e-5, True, True, *stats, True, 0, 4)
+    assert any("@llvm.prefetch" in ir for ir in kernel.inspect_llvm().values())
+
+
 _SMALL_PLANES = [(16, 512, 4, 4), (9, 300, 7, 7), (8, 96, 13), (6, 64, 3, 5, 7)]
 
 

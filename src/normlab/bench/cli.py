@@ -180,7 +180,7 @@ def _across_processes(args: argparse.Namespace) -> int:
             runs.append(data["rows"])
     merged = report.merge_processes(runs)
     print(report.format_table(merged))
-    print(f"\nspeed-up over torch.nn, median [range] of {args.processes} processes:")
+    print(f"\nspeed-up over torch.nn, median [range] of {args.processes} processes ({args.cache} cache):")
     for r in merged:
         if r["provider"] != "torch" and r["speedup_vs_torch"] is not None:
             some = f" (in {r['processes']} of them)" if r["processes"] != args.processes else ""

@@ -12,7 +12,7 @@ every provider -- and the copy that sets the floor -- starts with its tensors in
 memory. Warm suits inputs the caches hold; cold gives a memory-bound case one
 well-defined state. (Warm, on the 32 MiB-L3 benchmark machine: the copy of a 25.7 MB
 case, timed over ~40 back-to-back calls, ran at 106 GB/s -- more than twice what one
-copy after a flush reaches, 42-45 GB/s -- while each provider's sample there was 4
+copy after a flush reaches, 42-46 GB/s -- while each provider's sample there was 4
 calls taken right after other providers'.)
 """
 
@@ -56,7 +56,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
         return max(1, min(1000, int(min_time / seconds)))
 
     shared = calls(max((once[name] for name in same), default=1e-7))
-    inner = {name: 1 if flush else shared if name in same else calls(once[name]) for name in fns}
+    inner = {name: 1 if flush is not None else shared if name in same else calls(once[name]) for name in fns}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     shuffle = random.Random(0).shuffle
@@ -79,10 +79,12 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 def cache_flusher(nbytes: int | None = None) -> Callable[[], object]:
     """A function that reads ``nbytes`` (default: twice the last-level cache) of its own
-    buffer on torch's threads, evicting what the caches held (every core's own levels
-    and the shared one). A read, not a fill: large fills may bypass the caches (glibc's
-    memset streams them), and the read also writes back lines the timed call left dirty
-    before the next sample starts."""
+    buffer on torch's threads, evicting what the caches held: the shared level and the
+    own levels of every core one of those threads runs on (with fewer threads than
+    cores, e.g. ``--threads 1``, the other cores' private caches keep their lines). A
+    read, not a fill: large fills may bypass the caches (glibc's memset streams them),
+    and the read also writes back lines the timed call left dirty before the next
+    sample starts."""
     from ..backends._env import last_level_cache_bytes
 
     size = nbytes if nbytes is not None else 2 * last_level_cache_bytes()

@@ -818,6 +818,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
     dt = _ctype(x)
     ks = K * S
     n = A * ks
+    last = hi * P // T  # the end of this call's groups: group p + 1 is the next it visits
     for t in range(lo, hi):
         p0 = t * P // T
         p1 = (t + 1) * P // T
@@ -856,7 +857,7 @@ def grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx
             if not need_dx:
                 continue
             cb, cc = _dx_shifts(r, s1, s2, n, batch, center, dt)
-            ahead = ks if p + 1 < hi * P // T else 0  # (as in grouped_forward)
+            ahead = ks if p + 1 < last else 0  # the next group's element at the same place
             for a in range(A):
                 base = (a * P + p) * ks
                 if S == 1:
@@ -887,6 +888,7 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
     flushed into the float64 ``dwp[t]``/``dbp[t]``."""
     dt = _ctype(x)
     z = dt(0.0)
+    last = hi * P // T  # (as in grouped_backward)
     for t in range(lo, hi):
         p0 = t * P // T
         p1 = (t + 1) * P // T
@@ -927,7 +929,7 @@ def rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp
             if not need_dx:
                 continue
             cb, cc = _dx_shifts(r, s1, s2, K, batch, center, dt)
-            _row_dx(dy, x, p * K, K, w, mc, rc, cb, cc, dx, stream, K if p + 1 < hi * P // T else 0)
+            _row_dx(dy, x, p * K, K, w, mc, rc, cb, cc, dx, stream, K if p + 1 < last else 0)
 
 
 # --------------------------------------------------------------- small planes, in order
