@@ -143,7 +143,8 @@ def plot(rows: Sequence[dict], path: str | Path) -> None:
     ax.set_ylabel("% of copy-bandwidth floor")
     ax.axhline(100, color="gray", lw=0.5)
     ax.legend(fontsize=8)
-    ax.set_title("normlab bench: fraction of the memory floor (higher is better)")
+    cold = " -- cold cache" if rows and rows[0].get("cache") == "cold" else ""
+    ax.set_title(f"normlab bench: fraction of the memory floor (higher is better){cold}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
