@@ -81,10 +81,11 @@ def cache_flusher(nbytes: int | None = None) -> Callable[[], object]:
     """A function that reads ``nbytes`` (default: twice the last-level cache) of its own
     buffer on torch's threads, evicting what the caches held: the shared level and the
     own levels of every core one of those threads runs on (with fewer threads than
-    cores, e.g. ``--threads 1``, the other cores' private caches keep their lines). A
-    read, not a fill: large fills may bypass the caches (glibc's memset streams them),
-    and the read also writes back lines the timed call left dirty before the next
-    sample starts."""
+    cores, e.g. ``--threads 1``, the other cores' private caches keep their lines; on a
+    CPU with several last-level caches -- one per chiplet -- the default size is twice
+    one of them, and each sees only the share its cores read). A read, not a fill:
+    large fills may bypass the caches (glibc's memset streams them), and the read also
+    writes back lines the timed call left dirty before the next sample starts."""
     from ..backends._env import last_level_cache_bytes
 
     size = nbytes if nbytes is not None else 2 * last_level_cache_bytes()
