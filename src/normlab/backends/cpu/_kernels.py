@@ -478,7 +478,8 @@ _row_dx_line_streamed = _line_intrinsic(_row_dx_formula, True)
 # 2.21-2.26 ms, BatchNorm NCHW 1.55-1.59 -> 1.47-1.50 ms; backward InstanceNorm/GroupNorm
 # 1.98-2.09 -> 1.87-1.90 ms, LayerNorm and BatchNorm unchanged. The channels-last
 # per-sample forward (GroupNorm/InstanceNorm, :func:`cl_forward_fused`) asks for the
-# next sample: (32, 64, 56, 56) 1.50-1.57 -> 1.43-1.47 ms (copy 1.07-1.12); its backward
+# next sample: (32, 64, 56, 56) 1.50-1.57 -> 1.43-1.47 ms in one alternated run, 1.51-1.57
+# -> 1.48-1.53 in another (copy 1.07-1.14): 0-5 %, kept as the same rule; its backward
 # does not (a sample's x and dy, 1.6 MB there, overflow the 1 MiB L2: no gain measured).
 
 
