@@ -348,7 +348,7 @@ def _write_loop_copy(dst, o, e, src, stream):
         if j == e:
             break
         while j + per <= e:
-            _kernels._affine_line_streamed((src,), dst, j, (dt(0), dt(1), dt(0)), 0)
+            _kernels._affine_line_streamed((src,), dst, j, (dt(0), dt(1), dt(0)), 0, 0)
             j += per
         i, j = j, e
     _kernels._store_fence()
@@ -530,9 +530,9 @@ def test_grouped_kernels_stream_the_same_bits(dims, dtype):
 
 
 def test_streamed_grouped_passes_prefetch_the_next_group():
-    """The grouped kernels' streamed write loops ask for the next group's input
-    (``_prefetch``: a hint, so the bit tests above cannot see it; this checks that it is
-    compiled in). numba shows no IR of cached code: the kernel is compiled afresh here."""
+    """The grouped kernels' streamed write loops ask for the next group's input (the line
+    intrinsics' ``ahead``: a hint, so the bit tests above cannot see it; this checks that
+    it is compiled in). numba shows no IR of cached code: the kernel is compiled afresh here."""
     kernel = njit(**{**_kernels._OPTS, "cache": False})(_kernels.grouped_forward.py_func)
     x = np.zeros(4 * 256, np.float32)
     stats = [np.empty(4, np.float32) for _ in range(3)]

@@ -271,22 +271,6 @@ def _store_fence(typingctx):
     return types.void(), codegen
 
 
-@intrinsic
-def _prefetch(typingctx, arr, i):
-    """Ask for the cache line holding ``arr[i]`` to be brought into the caches: a hint
-    (``llvm.prefetch``, for reading, kept in every level), which neither faults nor
-    changes any result."""
-    def codegen(context, builder, signature, args):
-        a = context.make_array(signature.args[0])(context, builder, args[0])
-        byte_ptr = llvm_ir.IntType(8).as_pointer()
-        i32 = llvm_ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [byte_ptr, i32, i32, i32]), "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.bitcast(builder.gep(a.data, [args[1]]), byte_ptr), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.void(arr, types.intp), codegen
-
-
 def _stack_buffer(count: int, zero: bool):
     """An intrinsic ``f(like)``: ``count`` elements of ``like``'s type on the stack (zeros
     if ``zero``), as a pointer valid in the calling function (allocated once in its entry
@@ -349,6 +333,18 @@ def _load_line(context, builder, aryty, ary, index, lanes):
     return value
 
 
+def _prefetch_line(context, builder, aryty, ary, index):
+    """Ask for the cache line holding ``ary[index]`` to be brought into the caches: a hint
+    (``llvm.prefetch``, for reading, kept in every level), which neither faults nor
+    changes any result."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    byte_ptr = llvm_ir.IntType(8).as_pointer()
+    i32 = llvm_ir.IntType(32)
+    fn = cgutils.get_or_insert_function(
+        builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [byte_ptr, i32, i32, i32]), "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(builder.gep(data, [index]), byte_ptr), i32(0), i32(3), i32(1)])
+
+
 def _store_line(context, builder, aryty, ary, index, value, stream):
     """Store the vector ``value`` into ``ary`` from ``index`` (rounded to its 16-bit format
     if any, as :func:`_enc`); ``stream``: with a non-temporal store, ``ary[index]`` on a
@@ -391,14 +387,20 @@ def _line_elems_impl(arr):
 
 
 def _line_intrinsic(formula, stream: bool):
-    """An intrinsic ``f(inputs, out, i, coefficients, j)`` that writes the 64-byte line of
-    ``out`` from ``i`` (L elements): ``out[i:i + L] = formula(builder, *(a[i:i + L] for a
-    in inputs), *coefficients)``, where a coefficient is an array read from ``j`` (its
-    lanes) or a scalar (the same in every lane); ``stream``: with a non-temporal store."""
+    """An intrinsic ``f(inputs, out, i, coefficients, j, ahead)`` that writes the 64-byte
+    line of ``out`` from ``i`` (L elements): ``out[i:i + L] = formula(builder, *(a[i:i +
+    L] for a in inputs), *coefficients)``, where a coefficient is an array read from ``j``
+    (its lanes) or a scalar (the same in every lane); ``stream``: with a non-temporal
+    store. ``ahead`` not 0: first asks for each input's line ``ahead`` elements on (see
+    the write loops)."""
     @intrinsic
-    def line(typingctx, inputs, out, i, coefficients, j):
+    def line(typingctx, inputs, out, i, coefficients, j, ahead):
         def codegen(context, builder, signature, args):
-            inputs_type, out_type, _, coefficients_type, _ = signature.args
+            inputs_type, out_type, _, coefficients_type, _, _ = signature.args
+            with builder.if_then(builder.icmp_signed("!=", args[5], _const(args[5].type, 0))):
+                there = builder.add(args[2], args[5])
+                for q, ty in enumerate(inputs_type):
+                    _prefetch_line(context, builder, ty, builder.extract_value(args[0], q), there)
             lanes = _lanes_of(out_type.dtype)
             values = [_load_line(context, builder, ty, builder.extract_value(args[0], q), args[2], lanes)
                       for q, ty in enumerate(inputs_type)]
@@ -408,7 +410,7 @@ def _line_intrinsic(formula, stream: bool):
                               else _splat(builder, value, lanes))
             _store_line(context, builder, out_type, args[1], args[2], formula(builder, *values), stream)
             return context.get_dummy_value()
-        return types.void(inputs, out, types.intp, coefficients, types.intp), codegen
+        return types.void(inputs, out, types.intp, coefficients, types.intp, types.intp), codegen
     return line
 
 
@@ -445,7 +447,7 @@ def _row_dx_formula(builder, dy, x, mc, rc, w, b, k):
     return builder.fadd(gradient, builder.fadd(scaled, k, flags=f), flags=f)
 
 
-#: ``_affine_line((x,), y, i, (m, a, b), j)`` and the others: a line of each run's
+#: ``_affine_line((x,), y, i, (m, a, b), j, ahead)`` and the others: a line of each run's
 #: formula, with ordinary stores (the channels-last register passes) and (``*_streamed``)
 #: non-temporal ones (every streamed write loop).
 _affine_line, _affine_line_streamed = _line_intrinsic(_affine_formula, False), _line_intrinsic(_affine_formula, True)
@@ -468,8 +470,9 @@ _row_dx_line_streamed = _line_intrinsic(_row_dx_formula, True)
 #
 # ``ahead`` (grouped and row kernels, streamed lines only): where the group the thread
 # visits next lies, in elements from this one (0: none in its chunk). Each streamed line
-# then asks for the same line of that group's input (:func:`_prefetch`), so the next
-# statistics pass finds its data on the way while this one's stores drain. Without
+# then asks for the same line of each of that group's inputs (the line intrinsics' own
+# ``ahead``: :func:`_prefetch_line`), so the next statistics pass finds its data on the
+# way while this one's stores drain. Without
 # it, a pass of statistics over a group read from memory and an output pass that only
 # wrote took turns. Module level, 2 threads, float32, each sample one call after the
 # caches were flushed (``normlab bench --cache cold``'s policy), old vs new code
@@ -683,9 +686,7 @@ def _row_affine(x, y, o, K, mc, rc, sh, w, b, stream, ahead):
         if j == e:
             break
         while j + _line_elems(y) <= e:
-            if ahead:
-                _prefetch(x, j + ahead)
-            _row_affine_line_streamed((x,), y, j, (mc, rc, sh, w, b), j - o)
+            _row_affine_line_streamed((x,), y, j, (mc, rc, sh, w, b), j - o, ahead)
             j += _line_elems(y)
         i, j = j, e
 
@@ -701,9 +702,7 @@ def _plane_affine(x, y, o, S, mc, ca, cb, stream, ahead):
         if j == e:
             break
         while j + _line_elems(y) <= e:
-            if ahead:
-                _prefetch(x, j + ahead)
-            _affine_line_streamed((x,), y, j, (mc, ca, cb), 0)
+            _affine_line_streamed((x,), y, j, (mc, ca, cb), 0, ahead)
             j += _line_elems(y)
         i, j = j, e
 
@@ -775,10 +774,7 @@ def _row_dx(dy, x, o, K, ws, mc, rc, cb, cc, dx, stream, ahead):
         if j == e:
             break
         while j + _line_elems(dx) <= e:
-            if ahead:
-                _prefetch(dy, j + ahead)
-                _prefetch(x, j + ahead)
-            _row_dx_line_streamed((dy, x), dx, j, (mc, rc, ws, cb, cc), j - o)
+            _row_dx_line_streamed((dy, x), dx, j, (mc, rc, ws, cb, cc), j - o, ahead)
             j += _line_elems(dx)
         i, j = j, e
 
@@ -794,10 +790,7 @@ def _plane_dx(dy, x, o, S, mc, ca, cb, cc, dx, stream, ahead):
         if j == e:
             break
         while j + _line_elems(dx) <= e:
-            if ahead:
-                _prefetch(dy, j + ahead)
-                _prefetch(x, j + ahead)
-            _dx_line_streamed((dy, x), dx, j, (mc, ca, cb, cc), 0)
+            _dx_line_streamed((dy, x), dx, j, (mc, ca, cb, cc), 0, ahead)
             j += _line_elems(dx)
         i, j = j, e
 
@@ -1595,13 +1588,11 @@ def _slice_affine(x, y, start, runs, mc, sc, sh, W, stream, ahead):
     if stream and _to_line(y, start) == 0:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                if ahead:
-                    _prefetch(x, o + j + ahead)
-                _affine_line_streamed((x,), y, o + j, (m, a, b), j)
+                _affine_line_streamed((x,), y, o + j, (m, a, b), j, ahead)
     else:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                _affine_line((x,), y, o + j, (m, a, b), j)
+                _affine_line((x,), y, o + j, (m, a, b), j, 0)
 
 
 @njit(**_OPTS)
@@ -1647,9 +1638,7 @@ def _cl_affine_tile_rows(x, y, mc, sc, sh, base, s0, s1, C, stream, ahead):
             if j == e:
                 break
             while j + _line_elems(y) <= e:
-                if ahead:
-                    _prefetch(x, j + ahead)
-                _affine_line_streamed((x,), y, j, (mt, st, ht), j - o)
+                _affine_line_streamed((x,), y, j, (mt, st, ht), j - o, ahead)
                 j += _line_elems(y)
             i, j = j, e
         s += R
@@ -1874,11 +1863,11 @@ def _slice_dx(dy, x, dx, start, runs, mc, ca, cb, cc, W, stream):
     if stream and _to_line(dx, start) == 0:  # (as in _slice_affine)
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                _dx_line_streamed((dy, x), dx, o + j, (m, a, b, k), j)
+                _dx_line_streamed((dy, x), dx, o + j, (m, a, b, k), j, 0)
     else:
         for o in range(start, start + runs * W, W):
             for j in range(0, W, per):
-                _dx_line((dy, x), dx, o + j, (m, a, b, k), j)
+                _dx_line((dy, x), dx, o + j, (m, a, b, k), j, 0)
 
 
 @njit(**_OPTS)
@@ -1918,7 +1907,7 @@ def _cl_dx_tile_rows(dy, x, mc, ca, cb, cc, base, s0, s1, C, dx, stream):
             if j == e:
                 break
             while j + _line_elems(dx) <= e:
-                _dx_line_streamed((dy, x), dx, j, (mt, at, bt, ct), j - o)
+                _dx_line_streamed((dy, x), dx, j, (mt, at, bt, ct), j - o, 0)
                 j += _line_elems(dx)
             i, j = j, e
         s += R
