@@ -746,44 +746,74 @@ def test_float32_block_gradients_match_float64():
         assert_close(db, db64, torch.float32, 1 + float(db64.abs().max()), what="dbias")
 
 
-@pytest.mark.parametrize("rows,k", [(1, 1), (37, 3), (700, 40), (33, 256)])
+#: (P, K, S, G) grouped views of short groups: LayerNorm rows (S = G = 1), GroupNorm
+#: (N*G groups of K channels of S elements), InstanceNorm (K = 1), up to SHORT_GROUP.
+_SHORT_GROUPS = [(1, 1, 1, 1), (37, 3, 1, 1), (700, 40, 1, 1), (33, 256, 1, 1),
+                 (24, 4, 7, 8), (150, 1, 49, 50), (6, 2, 128, 3), (64, 4, 40, 8)]
+
+
+@pytest.mark.parametrize("groups,k,s,g", _SHORT_GROUPS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_short_row_kernels_equal_the_row_kernels(rows, k, dtype):
-    """The tile-phased kernels for short LayerNorm/RMSNorm rows do the row kernels'
-    arithmetic in another order of rows: results must be bit-identical (forward and
-    backward, centred or not, batch or fixed statistics, ragged tiles and chunks), with
-    ordinary and with streaming stores (``stream``: what the dispatchers pass for large
-    outputs)."""
+def test_short_group_kernels_equal_the_grouped_kernels(groups, k, s, g, dtype):
+    """The tile-phased kernels for short groups (forward; backward: rows) do the
+    per-group kernels' arithmetic in another order of groups: results must be
+    bit-identical (forward and backward, centred or not, batch or fixed statistics,
+    ragged tiles and chunks), with ordinary and with streaming stores (``stream``: what
+    the dispatchers pass for large outputs)."""
     kern = runtime.kernels()
-    rng = np.random.default_rng(rows * k)
-    x = (rng.standard_normal(rows * k) * 3 + 1e3).astype(dtype)  # offset: exercises the mean correction
-    dy = rng.standard_normal(rows * k).astype(dtype)
-    w = (rng.random(k) + 0.5).astype(dtype)
-    b = rng.standard_normal(k).astype(dtype)
+    n = groups * k * s
+    rng = np.random.default_rng(n + g)
+    x = (rng.standard_normal(n) * 3 + 1e3).astype(dtype)  # offset: exercises the mean correction
+    dy = rng.standard_normal(n).astype(dtype)
+    w = (rng.random(g * k) + 0.5).astype(dtype)
+    b = rng.standard_normal(g * k).astype(dtype)
     for center in (True, False):
         outs = []
-        for fwd, stream in itertools.product(("grouped_forward", "short_rows_forward"), (False, True)):
+        for fwd, stream in itertools.product(("grouped_forward", "short_groups_forward"), (False, True)):
             y = np.empty_like(x)
-            stats = [np.empty(rows, dtype) for _ in range(3)]
+            stats = [np.empty(groups, dtype) for _ in range(3)]
             if fwd == "grouped_forward":
-                kern.grouped_forward(x, y, w, b, 1, rows, k, 1, 1, 1e-5, center, True, *stats, stream, 0, rows)
+                kern.grouped_forward(x, y, w, b, 1, groups, k, s, g, 1e-5, center, True, *stats, stream, 0, groups)
             else:
-                kern.short_rows_forward(x, y, w, b, rows, k, 1e-5, center, *stats, stream, 0, rows)
+                kern.short_groups_forward(x, y, w, b, groups, k, s, g, 1e-5, center, *stats, stream, 0, groups)
             outs.append((y, *stats))
         for other in outs[1:]:
             for got, want in zip(other, outs[0], strict=True):
                 np.testing.assert_array_equal(got, want)
+        if s > 1:
+            continue  # planes have one backward kernel
         mean, rstd = outs[0][1], outs[0][3]
         for batch in (True, False):
             grads = []
             for bwd, stream in itertools.product((kern.rows_backward, kern.short_rows_backward), (False, True)):
                 dx = np.empty_like(x)
                 dwp, dbp = np.zeros((3, k)), np.zeros((3, k))
-                bwd(dy, x, w, mean, rstd, rows, k, center, batch, True, 3, dx, dwp, dbp, stream, 0, 3)
+                bwd(dy, x, w, mean, rstd, groups, k, center, batch, True, 3, dx, dwp, dbp, stream, 0, 3)
                 grads.append((dx, dwp, dbp))
             for other in grads[1:]:
                 for got, want in zip(other, grads[0], strict=True):
                     np.testing.assert_array_equal(got, want)
+
+
+def test_short_groups_are_the_contiguous_groups_of_at_most_short_group_elements():
+    """Which configurations take the tile-phased kernels: grouped view with one slab per
+    group (A = 1) and at most SHORT_GROUP elements per group -- not BatchNorm (N slabs
+    per channel), nor channels_last, nor GroupNorm on (N, C) (rows whose affine is not
+    the whole row's: the phased kernel's rows are LayerNorm's)."""
+    limit = numba_backend.SHORT_GROUP
+    cases = {
+        "LayerNorm row of SHORT_GROUP": (layer_norm_spec((8, limit), (limit,)), "contiguous", True),
+        "LayerNorm row one longer": (layer_norm_spec((8, limit + 1), (limit + 1,)), "contiguous", False),
+        "GroupNorm (8, 32, 40), 8 groups": (group_norm_spec((8, 32, 40), 8), "contiguous", True),
+        "GroupNorm (32, 64, 56, 56)": (group_norm_spec((32, 64, 56, 56), 32), "contiguous", False),
+        "InstanceNorm 7x7 planes": (instance_norm_spec((64, 2048, 7, 7)), "contiguous", True),
+        "BatchNorm (8, 32, 40)": (batch_norm_spec((8, 32, 40)), "contiguous", False),
+        "GroupNorm channels_last": (group_norm_spec((2, 8, 3, 3), 4), "channels_last", False),
+        "GroupNorm on (N, C)": (group_norm_spec((30, 15), 3), "contiguous", False),
+        "GroupNorm on (N, C), one group": (group_norm_spec((30, 15), 1), "contiguous", True),
+    }
+    for what, (spec, layout, short) in cases.items():
+        assert numba_backend.call_for(spec, layout, torch.float32).short_groups is short, what
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -815,13 +845,13 @@ def test_row_kernels_results_do_not_depend_on_the_arrays_addresses(dtype):
     for run in range(32):
         shift = run % 8
         x, dy = shifted(x0, shift), shifted(dy0, shift)
-        for fwd in ("grouped_forward", "short_rows_forward"):
+        for fwd in ("grouped_forward", "short_groups_forward"):
             y = shifted(np.zeros_like(x0), shift)
             got = [np.empty(rows, dtype) for _ in range(3)]
             if fwd == "grouped_forward":
                 kern.grouped_forward(x, y, w, b, 1, rows, k, 1, 1, 1e-5, True, True, *got, False, 0, rows)
             else:
-                kern.short_rows_forward(x, y, w, b, rows, k, 1e-5, True, *got, False, 0, rows)
+                kern.short_groups_forward(x, y, w, b, rows, k, 1, 1, 1e-5, True, *got, False, 0, rows)
             results.setdefault(fwd, []).append((y.copy(), *got))
         for bwd in ("rows_backward", "short_rows_backward"):
             dx = shifted(np.zeros_like(x0), shift)
@@ -1299,7 +1329,8 @@ def test_team_runs_on_torchs_openmp_runtime():
 
 
 @pytest.mark.parametrize("case", ["bn", "bn_small_planes", "bn_cl", "bn_cl_wide", "bn_cl_one_row_tiles",
-                                  "gn_cl_few_samples", "gn_cl", "in", "ln", "ln_short", "gn"])
+                                  "gn_cl_few_samples", "gn_cl", "in", "in_small_planes", "ln", "ln_short", "gn",
+                                  "gn_short_groups"])
 def test_results_are_the_same_on_any_number_of_threads(case):
     """Work splits and dweight/dbias partials depend on the input's size, never on the
     thread count: 1, 2 and 3 threads give the same bits (a DataLoader worker with one
@@ -1313,9 +1344,11 @@ def test_results_are_the_same_on_any_number_of_threads(case):
               "gn_cl_few_samples": ((2, 16, 96, 48), group_norm_spec, 4, True),
               "gn_cl": ((9, 16, 32, 32), group_norm_spec, 4, True),
               "in": ((4, 16, 48, 48), instance_norm_spec, None, False),
+              "in_small_planes": ((16, 256, 7, 7), instance_norm_spec, None, False),  # short groups
               "ln": ((300, 700), layer_norm_spec, (700,), False),
               "ln_short": ((4000, 40), layer_norm_spec, (40,), False),
-              "gn": ((4, 16, 48, 48), group_norm_spec, 4, False)}
+              "gn": ((4, 16, 48, 48), group_norm_spec, 4, False),
+              "gn_short_groups": ((32, 64, 10, 10), group_norm_spec, 32, False)}
     shape, make, arg, cl = shapes[case]
     spec = make(shape) if arg is None else make(shape, arg)
     fmt = CL if cl else torch.contiguous_format

@@ -1068,70 +1068,94 @@ def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
             _plane_dx(dy, x, (a * P + p) * S, S, mc[p], ca[p], cb[p], cc[p], dx, stream, 0)
 
 
-# ------------------------------------------------------------------------ short rows
+# ----------------------------------------------------------------------- short groups
 #
-# LayerNorm/RMSNorm rows of at most SHORT_ROW elements (e.g. the (8, 32, 40) of a
-# small model) take one pass per *tile* of rows instead of per row: each phase is a
-# loop over independent rows, so the scalar work of one row (float64 sums, a division,
-# a square root, the vector loop's remainder) overlaps with the next row's instead of
-# waiting on it. A tile is at most _ROW_TILE elements, so the later phases re-read it
-# from L1. Measured on (256, 40) float32, one call: forward 11.7 -> 6.4 us (rows
-# phased); then, on a slower day, 15 -> 9.4-10.3 us with the deviation sums in a phase
-# of their own through :func:`_dev_sums`. Those sums had looped over range(K) on the
-# row's slice: numba kept the negative-index checks, and they took 7.5 us instead of
-# 1.7 (a loop over the slice's own size, as in _dev_sums, drops them).
+# Groups of at most SHORT_GROUP contiguous elements -- LayerNorm/RMSNorm rows (e.g. the
+# (8, 32, 40) of a small model), GroupNorm and InstanceNorm on small planes -- take one
+# pass per *tile* of groups instead of per group: each phase is a loop over independent
+# groups, so the scalar work of one group (float64 sums, a division, a square root, the
+# vector loops' remainders) overlaps with the next group's instead of waiting on it. A
+# tile is at most _ROW_TILE elements, so the later phases re-read it from L1/L2.
+# Measured on (256, 40) float32 rows, one call: forward 11.7 -> 6.4 us (rows phased);
+# then, on a slower day, 15 -> 9.4-10.3 us with the deviation sums in a phase of their
+# own through :func:`_dev_sums`. Those sums had looped over range(K) on the row's slice:
+# numba kept the negative-index checks, and they took 7.5 us instead of 1.7 (a loop over
+# the slice's own size, as in _dev_sums, drops them). Planes, forward, one thread, from
+# cache, per-group kernel -> phased: GroupNorm (8, 32, 40) with 8 groups 4.0 -> 2.8 us;
+# InstanceNorm (8, 256, 7, 7) 66 -> 38 us, (8, 256, 14, 14) 86 -> 68 us. The backward
+# of planes stays per group: phased, it gained 20 % on 7x7 planes and nothing from 160
+# elements up; and one backward kernel for rows and planes ran the rows 2x slower (LLVM
+# vectorized the rows' loop worse in the larger function). For the same reason rows
+# here are LayerNorm/RMSNorm's (one affine over the row): slicing w per row for
+# GroupNorm on (N, C) cost the rows 8 %, a second row branch 76 %.
 
-# The caller sends rows of at most ``backend.SHORT_ROW`` elements here.
+# The caller sends groups of at most ``backend.SHORT_GROUP`` elements here.
 _ROW_TILE = 8192
 
 
 @njit(**_OPTS)
-def short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, lo, hi):
-    """:func:`grouped_forward` for P rows of K <= SHORT_ROW elements (batch statistics),
-    with the same arithmetic -- rough mean ``mc`` in x's dtype, the deviation sums, the
-    correction ``dm`` and the output ``y = ((x - mc) * rstd - dm * rstd) * w + b`` -- in
-    phases over a tile of rows: rough means, deviation sums, moments (summing again the
-    rare row whose rough mean was far off, see ``_RECENTER``), output; kept per row of
-    the tile in scratch arrays between the phases."""
+def short_groups_forward(x, y, w, b, P, K, S, G, eps, center, mean, var, rstd, stream, lo, hi):
+    """:func:`grouped_forward` with batch statistics for A = 1 and groups of K*S <=
+    SHORT_GROUP elements -- LayerNorm/RMSNorm rows (S = 1, where G must be 1), GroupNorm
+    and InstanceNorm on small planes -- with the same arithmetic (rough mean ``mc`` in x's
+    dtype, the deviation sums, the correction ``dm``, the output
+    ``y = (x - mc) * a + b'`` per channel) in phases over a tile of groups: the
+    statistics (:func:`_tile_statistics`), then the output; kept per group of the tile
+    in scratch arrays between the phases."""
     dt = _ctype(x)
-    tile = max(1, _ROW_TILE // K)
-    mcs = np.zeros(tile, dt)
-    sds = np.zeros(tile)
-    sqs = np.zeros(tile)
-    dms = np.zeros(tile)
-    rs = np.zeros(tile)
+    ks = K * S
+    tile = max(1, _ROW_TILE // ks)
+    mcs = np.empty(tile, dt)
+    dms = np.empty(tile)
+    rs = np.empty(tile)
     for p0 in range(lo, hi, tile):
         p1 = min(hi, p0 + tile)
-        if center:
-            for p in range(p0, p1):
-                mcs[p - p0] = _rough_mean(x[p * K:p * K + min(K, _SAMPLE)])
-        for p in range(p0, p1):
-            sds[p - p0], sqs[p - p0] = _dev_sums(x[p * K:(p + 1) * K], mcs[p - p0])
+        _tile_statistics(x, ks, eps, center, mean, var, rstd, mcs, dms, rs, p0, p1)
+        c0 = (p0 % G) * K  # group p's first channel (stepped: a division per group costs)
         for p in range(p0, p1):
             mc = mcs[p - p0]
-            sd = sds[p - p0]
-            sq = sqs[p - p0]
-            if center and not _near_enough(sd, sq, K):  # as in grouped_forward: again about the mean found
-                mc = dt(mc + sd / K)
-                sd, sq = _dev_sums(x[p * K:(p + 1) * K], mc)
-                mcs[p - p0] = mc
-            dm, v, r = _moments(sd, sq, K, center, eps)
-            dms[p - p0] = dm
-            rs[p - p0] = r
-            var[p] = v
-            rstd[p] = r
-            mean[p] = mc + dm
-        for p in range(p0, p1):
-            mc = mcs[p - p0]
+            dm = dms[p - p0]
             r = rs[p - p0]
-            rc = dt(r)
-            sh = dt(-dms[p - p0] * r)
-            _row_affine(x, y, p * K, K, mc, rc, sh, w, b, stream, 0)
+            if S == 1:  # a LayerNorm/RMSNorm row
+                _row_affine(x, y, p * K, K, mc, dt(r), dt(-dm * r), w, b, stream, 0)
+            else:
+                for k in range(K):
+                    sc = r * w[c0 + k]
+                    _plane_affine(x, y, (p * K + k) * S, S, mc, dt(sc), dt(b[c0 + k] - dm * sc), stream, 0)
+            c0 = c0 + K if c0 + K < G * K else 0
+
+
+@njit(inline="always", **_OPTS)
+def _tile_statistics(x, n, eps, center, mean, var, rstd, mcs, dms, rs, p0, p1):
+    """The batch statistics of groups [p0, p1) of n contiguous elements each into
+    mean/var/rstd, and for the output pass each group's rough mean ``mc``, correction
+    ``dm`` and rstd into ``mcs``/``dms``/``rs`` (indexed from p0), in phases: rough
+    means, deviation sums (kept in ``dms``/``rs`` meanwhile), moments (summing again the
+    rare group whose rough mean was far off, see ``_RECENTER``)."""
+    dt = _ctype(x)
+    for p in range(p0, p1):
+        mcs[p - p0] = _rough_mean(x[p * n:p * n + min(n, _SAMPLE)]) if center else dt(0.0)
+    for p in range(p0, p1):
+        dms[p - p0], rs[p - p0] = _dev_sums(x[p * n:(p + 1) * n], mcs[p - p0])
+    for p in range(p0, p1):
+        mc = mcs[p - p0]
+        sd = dms[p - p0]
+        sq = rs[p - p0]
+        if center and not _near_enough(sd, sq, n):  # as in grouped_forward: again about the mean found
+            mc = dt(mc + sd / n)
+            sd, sq = _dev_sums(x[p * n:(p + 1) * n], mc)
+            mcs[p - p0] = mc
+        dm, v, r = _moments(sd, sq, n, center, eps)
+        dms[p - p0] = dm
+        rs[p - p0] = r
+        mean[p] = mc + dm
+        var[p] = v
+        rstd[p] = r
 
 
 @njit(**_OPTS)
 def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi):
-    """:func:`rows_backward` for rows of K <= SHORT_ROW elements, phased per tile of
+    """:func:`rows_backward` for rows of K <= SHORT_GROUP elements, phased per tile of
     rows (same arithmetic, same partial-sum order): the row sums and the dweight/dbias
     partials for every row of the tile, then the tile's dx."""
     dt = _ctype(x)
@@ -1178,26 +1202,27 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
 
 
 @njit(inline="always", **_OPTS)
-def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, short_rows, mean, var, rstd, stream,
-                             lo, hi):
-    """The grouped-view forward over groups [lo, hi): the tile-phased kernel for short
-    LayerNorm/RMSNorm rows (``short_rows``) with batch statistics, else
-    :func:`grouped_forward`. The one place that choice is made, for the threaded calls
-    and the by-address ones alike. ``stream``: write y with streaming stores."""
-    if compute and short_rows:
-        short_rows_forward(x, y, w, b, P, K, eps, center, mean, var, rstd, stream, lo, hi)
+def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, short_groups, mean, var, rstd,
+                             stream, lo, hi):
+    """The grouped-view forward over groups [lo, hi): with batch statistics on short
+    groups (``short_groups``: A = 1 and K*S <= SHORT_GROUP), the tile-phased
+    :func:`short_groups_forward`, else :func:`grouped_forward`. The one place that choice
+    is made, for the threaded calls and the by-address ones alike. ``stream``: write y
+    with streaming stores."""
+    if compute and short_groups:
+        short_groups_forward(x, y, w, b, P, K, S, G, eps, center, mean, var, rstd, stream, lo, hi)
     else:
         grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, mean, var, rstd, stream, lo, hi)
 
 
 @njit(inline="always", **_OPTS)
-def dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx,
+def dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_groups, dx,
                               dwp, dbp, stream, lo, hi):
     """The grouped-view backward over partial chunks [lo, hi) (see
     :func:`dispatch_grouped_forward`): the row kernels for LayerNorm/RMSNorm rows (the
     tile-phased one for short rows), else :func:`grouped_backward`."""
     if A == 1 and S == 1 and G == 1:
-        if short_rows:
+        if short_groups:
             short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi)
         else:
             rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi)
@@ -2103,7 +2128,7 @@ def _run_team(team, items, args):
 
 @njit(**_OPTS)
 def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x, like_c, A, P, K, S, G, eps,
-                       center, short_rows, running_mean_at, running_var_at, like_r, momentum, correction):
+                       center, short_groups, running_mean_at, running_var_at, like_r, momentum, correction):
     """:func:`dispatch_grouped_forward` with batch statistics on all P groups;
     mean/var/rstd hold P values each.
 
@@ -2119,7 +2144,7 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
     mean = _at(mean_at, P, like_c)
     var = _at(var_at, P, like_c)
     rstd = _at(rstd_at, P, like_c)
-    dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_rows, mean, var, rstd, False, 0, P)
+    dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, True, short_groups, mean, var, rstd, False, 0, P)
     if running_var_at:
         update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_r, like_c, P // G, G, momentum,
                           correction)
@@ -2127,7 +2152,7 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
 
 @njit(**_OPTS)
 def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, K, S,
-                        G, center, batch, need_dx, T, short_rows):
+                        G, center, batch, need_dx, T, short_groups):
     """:func:`dispatch_grouped_backward` over all T partial chunks, summed into
     dweight/dbias (G*K values each). dx is written when need_dx."""
     n = A * P * K * S
@@ -2140,19 +2165,19 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at
     rstd = _at(rstd_at, P, like_c)
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
-    dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx, dwp,
+    dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_groups, dx, dwp,
                               dbp, False, 0, T)
     sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
 
 @njit(**_OPTS)
 def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_c, A, P, K, S, G, eps, center,
-                            short_rows, running_mean_at, running_var_at, like_r, momentum, correction, team, stream):
+                            short_groups, running_mean_at, running_var_at, like_r, momentum, correction, team, stream):
     """:func:`grouped_forward_at` on a team running ``dispatch_grouped_forward_body``
     (see :func:`_run_team`; ``stream``: write y with streaming stores)."""
     n = A * P * K * S
     C = G * K
-    _run_team(team, P, ((x_at, n), (y_at, n), (w_at, C), (b_at, C), A, P, K, S, G, eps, center, True, short_rows,
+    _run_team(team, P, ((x_at, n), (y_at, n), (w_at, C), (b_at, C), A, P, K, S, G, eps, center, True, short_groups,
                         (mean_at, P), (var_at, P), (rstd_at, P), stream))
     if running_var_at:
         update_running_at(running_mean_at, running_var_at, mean_at, var_at, like_r, like_c, P // G, G, momentum,
@@ -2161,7 +2186,7 @@ def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, li
 
 @njit(**_OPTS)
 def grouped_backward_team_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_c, A, P, K, S, G,
-                             center, batch, need_dx, T, short_rows, team, stream):
+                             center, batch, need_dx, T, short_groups, team, stream):
     """:func:`grouped_backward_at` on a team running ``dispatch_grouped_backward_body``
     (see :func:`_run_team`)."""
     n = A * P * K * S
@@ -2169,7 +2194,7 @@ def grouped_backward_team_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, 
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
     _run_team(team, T, ((dy_at, n), (x_at, n), (w_at, C), (mean_at, P), (rstd_at, P), A, P, K, S, G, center, batch,
-                        need_dx, T, short_rows, (dx_at, n if need_dx else 0), dwp, dbp, stream))
+                        need_dx, T, short_groups, (dx_at, n if need_dx else 0), dwp, dbp, stream))
     sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
 

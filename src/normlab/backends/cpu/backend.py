@@ -42,8 +42,9 @@ __all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of", "c
 
 #: Inputs with fewer elements run the serial twins of the kernels (no thread hand-off).
 SERIAL_BELOW = 1 << 17
-#: LayerNorm/RMSNorm rows this short use the tile-phased kernels (see ``_kernels``).
-SHORT_ROW = 256
+#: Statistic groups of at most this many contiguous elements (LayerNorm/RMSNorm rows;
+#: GroupNorm/InstanceNorm on small planes) take the tile-phased kernels (see ``_kernels``).
+SHORT_GROUP = 256
 
 
 #: dweight/dbias are summed through per-chunk partial rows, one per ``PARTIAL_ELEMENTS``
@@ -128,7 +129,7 @@ class _Call:
     memory_format: torch.memory_format  # x's layout, for dy
     numel: int
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
-    short_rows: bool  # LayerNorm/RMSNorm rows of at most SHORT_ROW elements
+    short_groups: bool  # groups the tile-phased kernels take (see _short_groups)
     unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
     memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
@@ -220,17 +221,27 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
     if layout == "channels_last":
         fmt = torch.channels_last if len(spec.input_shape) == 4 else torch.channels_last_3d
     numel = math.prod(spec.input_shape)
-    rows = plan.kind == "grouped" and plan.dims[0] == plan.dims[3] == plan.dims[4] == 1
     groups = plan.dims[1] if plan.kind == "grouped" else plan.dims[0] * plan.dims[2]
     return _Call(plan, cdt, _NUMPY_OF[cdt],
                  spec.stat_shape, (3, *spec.stat_shape), (2, *spec.param_shape), spec.param_shape, groups, fmt,
                  numel=numel,
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
-                 short_rows=rows and plan.dims[2] <= SHORT_ROW,
+                 short_groups=_short_groups(plan),
                  unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
                  memory_order=_memory_order(plan, dtype.itemsize),
                  storage=_STORAGE[dtype if dtype in _BITS else cdt],
                  fixed_view=_fixed_view(spec, layout))
+
+
+def _short_groups(plan: Plan) -> bool:
+    """Whether the tile-phased kernels take this plan (``_kernels.short_groups_forward``):
+    grouped view with one slab per group (A = 1), at most ``SHORT_GROUP`` elements per
+    group, and planes (S > 1) or rows with one affine over the row (G = 1; not GroupNorm
+    on (N, C))."""
+    if plan.kind != "grouped":
+        return False
+    a, _, k, s, g = plan.dims
+    return a == 1 and k * s <= SHORT_GROUP and (s > 1 or g == 1)
 
 
 def _fixed_view(spec: NormSpec, layout: str) -> tuple[int, int, int, int] | None:
@@ -333,7 +344,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
     elif plan.kind == "grouped":
         a, p, kk, s, g = plan.dims
         _launch("dispatch_grouped_forward", dtype, p, threads,
-                (xc, y, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed, call.short_rows,
+                (xc, y, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed, call.short_groups,
                  mean_in, var_out, rstd_in, _streams(y, _run_of(plan))))
     elif not fixed and plan.blocks == 1:
         # one work item per sample: statistics and output in one sweep
@@ -421,7 +432,7 @@ def _serial_grouped_forward(call: _Call, x, weight, bias, spec: NormSpec, eps: f
     fused, running_mean_at, running_var_at, like_r, momentum = _running_args(running, call)
     runtime.kernels().grouped_forward_at(x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(),
                                          rstd.data_ptr(), _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g,
-                                         float(eps), spec.center, call.short_rows, running_mean_at, running_var_at,
+                                         float(eps), spec.center, call.short_groups, running_mean_at, running_var_at,
                                          like_r, momentum, call.unbias)
     return _forward_result(spec, running, fused, y, mean, var, rstd)
 
@@ -468,7 +479,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
         runtime.kernels().grouped_forward_team_at(*addresses, a, p, kk, s, g, float(eps), spec.center,
-                                                  call.short_rows, running_mean_at, running_var_at, like_r,
+                                                  call.short_groups, running_mean_at, running_var_at, like_r,
                                                   momentum, call.unbias,
                                                   _team("dispatch_grouped_forward", call, p, threads), stream)
     else:
@@ -665,7 +676,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
         dwp, dbp = np.zeros((2, t, channels))
         _launch("dispatch_grouped_backward", dtype, t, threads,
                 (dy, xc, w, mean_in, rstd_in, a, p, kk, s, g, spec.center, batch_statistics, need_dx, t,
-                 call.short_rows, dx_out, dwp, dbp, _streams(dx_out, _run_of(plan))))
+                 call.short_groups, dx_out, dwp, dbp, _streams(dx_out, _run_of(plan))))
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
         dwp, dbp = np.empty((2, n, channels))
@@ -701,7 +712,7 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     runtime.kernels().grouped_backward_at(dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at,
                                           dx.data_ptr() if need_dx else 0, dw.data_ptr(), db.data_ptr(),
                                           _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, spec.center,
-                                          batch_statistics, need_dx, call.partials, call.short_rows)
+                                          batch_statistics, need_dx, call.partials, call.short_groups)
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
@@ -734,7 +745,7 @@ def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_s
     elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
         runtime.kernels().grouped_backward_team_at(*addresses, a, p, kk, s, g, spec.center, batch_statistics,
-                                                   need_dx, call.partials, call.short_rows,
+                                                   need_dx, call.partials, call.short_groups,
                                                    _team("dispatch_grouped_backward", call, call.partials, threads),
                                                    stream)
     else:
