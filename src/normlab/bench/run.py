@@ -125,13 +125,13 @@ def run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats
     ``cache`` policy (see the module docstring)."""
     if cache not in CACHE_POLICIES:
         raise ValueError(f"cache: expected one of {', '.join(CACHE_POLICIES)}, got {cache!r}")
-    flush = cache_flusher() if cache == "cold" else None
     with provider_env("normlab"):  # no NORMLAB_BACKEND from the caller's environment
-        return _run_case(case, modes, providers, repeats, min_time, flush)
+        return _run_case(case, modes, providers, repeats, min_time, cache)
 
 
 def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeats: int,
-              min_time: float, flush: Callable[[], object] | None) -> list[dict[str, object]]:
+              min_time: float, cache: str) -> list[dict[str, object]]:
+    flush = cache_flusher() if cache == "cold" else None
     fns = build(case, tuple(providers))
     x = make_input(case)
     dst = torch.empty_like(x)
@@ -166,7 +166,7 @@ def _run_case(case: Case, modes: Sequence[str], providers: Sequence[str], repeat
                 "pct_floor": None if is_copy else 100 * floor_s / t,
                 "speedup_vs_torch": None if is_copy or torch_s is None else torch_s / t,
                 "saved_mb": None if is_copy or mode == "eval" else saved[name] / 2**20,
-                "copy_gbps": copy_gbps, "repeats": repeats, "cache": "cold" if flush else "warm",
+                "copy_gbps": copy_gbps, "repeats": repeats, "cache": cache,
             })
     return rows
 

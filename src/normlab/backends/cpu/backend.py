@@ -134,6 +134,7 @@ class _Call:
     memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
     fixed_view: tuple[int, int, int, int] | None  # (O, C, I, B) of per-channel fixed statistics (see _fixed_view)
+    write_run: int | None  # elements the output passes write per run (see _run_of, _streams)
 
     #: :meth:`forward` takes per-channel fixed statistics as (C,) tensors as well as
     #: broadcastable ones (see ``normlab.core.autograd.normalize``)
@@ -230,7 +231,8 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
                  memory_order=_memory_order(plan, dtype.itemsize),
                  storage=_STORAGE[dtype if dtype in _BITS else cdt],
-                 fixed_view=_fixed_view(spec, layout))
+                 fixed_view=_fixed_view(spec, layout),
+                 write_run=_run_of(plan))
 
 
 def _short_groups(plan: Plan) -> bool:
@@ -345,7 +347,7 @@ def forward_impl(x, weight, bias, spec: NormSpec, eps: float, fixed_mean=None, f
         a, p, kk, s, g = plan.dims
         _launch("dispatch_grouped_forward", dtype, p, threads,
                 (xc, y, w, b, a, p, kk, s, g, float(eps), spec.center, not fixed, call.short_groups,
-                 mean_in, var_out, rstd_in, _streams(y, _run_of(plan))))
+                 mean_in, var_out, rstd_in, _streams(y, call.write_run)))
     elif not fixed and plan.blocks == 1:
         # one work item per sample: statistics and output in one sweep
         n, s, g, kk = plan.dims
@@ -467,7 +469,7 @@ def _forward_at(call: _Call, x, weight, bias, spec: NormSpec, eps: float, runnin
     addresses = (x.data_ptr(), y.data_ptr(), w_at, b_at, mean.data_ptr(), var.data_ptr(), rstd.data_ptr(),
                  _LIKE[call.cdt])
     threads = 1 if serial else torch.get_num_threads()
-    stream = not serial and _streams(y, _run_of(call.plan))
+    stream = not serial and _streams(y, call.write_run)
     if call.memory_order:
         a, p, _, s, _ = call.plan.dims
         runtime.kernels().planes_forward_at(*addresses, a, p, s, float(eps), spec.center, running_mean_at,
@@ -676,7 +678,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
         dwp, dbp = np.zeros((2, t, channels))
         _launch("dispatch_grouped_backward", dtype, t, threads,
                 (dy, xc, w, mean_in, rstd_in, a, p, kk, s, g, spec.center, batch_statistics, need_dx, t,
-                 call.short_groups, dx_out, dwp, dbp, _streams(dx_out, _run_of(plan))))
+                 call.short_groups, dx_out, dwp, dbp, _streams(dx_out, call.write_run)))
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
         dwp, dbp = np.empty((2, n, channels))
@@ -735,7 +737,7 @@ def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_s
     db = torch.from_numpy(np.empty(call.param_shape, call.npdt))
     addresses = (dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at, dx.data_ptr() if need_dx else 0,
                  dw.data_ptr(), db.data_ptr(), _LIKE[call.cdt])
-    stream = need_dx and not serial and _streams(dx, _run_of(call.plan))
+    stream = need_dx and not serial and _streams(dx, call.write_run)
     if call.memory_order:
         a, p, _, s, _ = call.plan.dims
         runtime.kernels().planes_backward_at(*addresses, a, p, s, spec.center, batch_statistics, need_dx,
