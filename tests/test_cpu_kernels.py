@@ -797,16 +797,20 @@ def test_short_group_kernels_equal_the_grouped_kernels(groups, k, s, g, dtype):
 
 def test_short_groups_are_the_contiguous_groups_of_at_most_short_group_elements():
     """Which configurations take the tile-phased kernels: grouped view with one slab per
-    group (A = 1) and at most SHORT_GROUP elements per group -- not BatchNorm (N slabs
-    per channel), nor channels_last, nor GroupNorm on (N, C) (rows whose affine is not
-    the whole row's: the phased kernel's rows are LayerNorm's)."""
+    group (A = 1), rows of at most SHORT_GROUP elements, groups of planes of at most
+    SHORT_PLANES -- not BatchNorm (N slabs per channel), nor channels_last, nor GroupNorm
+    on (N, C) (rows whose affine is not the whole row's: the phased kernel's rows are
+    LayerNorm's)."""
     limit = numba_backend.SHORT_GROUP
+    planes = numba_backend.SHORT_PLANES
     cases = {
         "LayerNorm row of SHORT_GROUP": (layer_norm_spec((8, limit), (limit,)), "contiguous", True),
         "LayerNorm row one longer": (layer_norm_spec((8, limit + 1), (limit + 1,)), "contiguous", False),
         "GroupNorm (8, 32, 40), 8 groups": (group_norm_spec((8, 32, 40), 8), "contiguous", True),
         "GroupNorm (32, 64, 56, 56)": (group_norm_spec((32, 64, 56, 56), 32), "contiguous", False),
         "InstanceNorm 7x7 planes": (instance_norm_spec((64, 2048, 7, 7)), "contiguous", True),
+        "InstanceNorm planes of SHORT_PLANES": (instance_norm_spec((4, 8, planes)), "contiguous", True),
+        "InstanceNorm planes one longer": (instance_norm_spec((4, 8, planes + 1)), "contiguous", False),
         "BatchNorm (8, 32, 40)": (batch_norm_spec((8, 32, 40)), "contiguous", False),
         "GroupNorm channels_last": (group_norm_spec((2, 8, 3, 3), 4), "channels_last", False),
         "GroupNorm on (N, C)": (group_norm_spec((30, 15), 3), "contiguous", False),

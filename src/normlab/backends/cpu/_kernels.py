@@ -1070,8 +1070,9 @@ def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
 
 # ----------------------------------------------------------------------- short groups
 #
-# Groups of at most SHORT_GROUP contiguous elements -- LayerNorm/RMSNorm rows (e.g. the
-# (8, 32, 40) of a small model), GroupNorm and InstanceNorm on small planes -- take one
+# Short groups -- LayerNorm/RMSNorm rows of at most SHORT_GROUP elements (e.g. the
+# (8, 32, 40) of a small model), GroupNorm and InstanceNorm groups of at most
+# SHORT_PLANES elements on small planes (see ``backend.SHORT_PLANES``) -- take one
 # pass per *tile* of groups instead of per group: each phase is a loop over independent
 # groups, so the scalar work of one group (float64 sums, a division, a square root, the
 # vector loops' remainders) overlaps with the next group's instead of waiting on it. A
@@ -1082,22 +1083,23 @@ def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
 # numba kept the negative-index checks, and they took 7.5 us instead of 1.7 (a loop over
 # the slice's own size, as in _dev_sums, drops them). Planes, forward, one thread, from
 # cache, per-group kernel -> phased: GroupNorm (8, 32, 40) with 8 groups 4.0 -> 2.8 us;
-# InstanceNorm (8, 256, 7, 7) 66 -> 38 us, (8, 256, 14, 14) 86 -> 68 us. The backward
+# InstanceNorm (8, 256, 7, 7) 66 -> 38 us, (8, 256, 14, 14) 86 -> 68 us (but on 14x14
+# planes beyond the L2, phased was slower: hence SHORT_PLANES). The backward
 # of planes stays per group: phased, it gained 20 % on 7x7 planes and nothing from 160
 # elements up; and one backward kernel for rows and planes ran the rows 2x slower (LLVM
 # vectorized the rows' loop worse in the larger function). For the same reason rows
 # here are LayerNorm/RMSNorm's (one affine over the row): slicing w per row for
 # GroupNorm on (N, C) cost the rows 8 %, a second row branch 76 %.
 
-# The caller sends groups of at most ``backend.SHORT_GROUP`` elements here.
+# The caller sends short groups here (``backend._short_groups``).
 _ROW_TILE = 8192
 
 
 @njit(**_OPTS)
 def short_groups_forward(x, y, w, b, P, K, S, G, eps, center, mean, var, rstd, stream, lo, hi):
-    """:func:`grouped_forward` with batch statistics for A = 1 and groups of K*S <=
-    SHORT_GROUP elements -- LayerNorm/RMSNorm rows (S = 1, where G must be 1), GroupNorm
-    and InstanceNorm on small planes -- with the same arithmetic (rough mean ``mc`` in x's
+    """:func:`grouped_forward` with batch statistics for A = 1 and short groups (see
+    ``backend._short_groups``) -- LayerNorm/RMSNorm rows (S = 1, where G must be 1),
+    GroupNorm and InstanceNorm on small planes -- with the same arithmetic (rough mean ``mc`` in x's
     dtype, the deviation sums, the correction ``dm``, the output
     ``y = (x - mc) * a + b'`` per channel) in phases over a tile of groups: the
     statistics (:func:`_tile_statistics`), then the output; kept per group of the tile
@@ -1205,7 +1207,7 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
 def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, short_groups, mean, var, rstd,
                              stream, lo, hi):
     """The grouped-view forward over groups [lo, hi): with batch statistics on short
-    groups (``short_groups``: A = 1 and K*S <= SHORT_GROUP), the tile-phased
+    groups (``short_groups``, see ``backend._short_groups``), the tile-phased
     :func:`short_groups_forward`, else :func:`grouped_forward`. The one place that choice
     is made, for the threaded calls and the by-address ones alike. ``stream``: write y
     with streaming stores."""
