@@ -530,15 +530,25 @@ def test_grouped_kernels_stream_the_same_bits(dims, dtype):
 
 
 def test_streamed_grouped_passes_prefetch_the_next_group():
-    """The grouped kernels' streamed write loops ask for the next group's input (the line
-    intrinsics' ``ahead``: a hint, so the bit tests above cannot see it; this checks that
-    it is compiled in). numba shows no IR of cached code: the kernel is compiled afresh here."""
-    kernel = njit(**{**_kernels._OPTS, "cache": False})(_kernels.grouped_forward.py_func)
+    """The grouped kernels' streamed write loops -- per group, and the tile-phased ones --
+    ask for the next group's input (the line intrinsics' ``ahead``: a hint, so the bit
+    tests above cannot see it; this checks that it is compiled in). numba shows no IR of
+    cached code: the kernels are compiled afresh here."""
+    def fresh(kernel):
+        return njit(**{**_kernels._OPTS, "cache": False})(kernel.py_func)
+
     x = np.zeros(4 * 256, np.float32)
     stats = [np.empty(4, np.float32) for _ in range(3)]
     w, b = np.ones(256, np.float32), np.zeros(256, np.float32)
-    kernel(x, np.empty_like(x), w, b, 1, 4, 256, 1, 1, 1e-5, True, True, *stats, True, 0, 4)
-    assert any("@llvm.prefetch" in ir for ir in kernel.inspect_llvm().values())
+    grouped, short = fresh(_kernels.grouped_forward), fresh(_kernels.short_groups_forward)
+    grouped(x, np.empty_like(x), w, b, 1, 4, 256, 1, 1, 1e-5, True, True, *stats, True, 0, 4)
+    short(x, np.empty_like(x), w, b, 4, 256, 1, 1, 1e-5, True, *stats, True, 0, 4)
+    short_backward = fresh(_kernels.short_rows_backward)
+    mean, rstd = np.zeros(4, np.float32), np.ones(4, np.float32)
+    short_backward(x, x, w, mean, rstd, 4, 256, True, True, True, 1, np.empty_like(x), np.zeros((1, 256)),
+                   np.zeros((1, 256)), True, 0, 1)
+    for kernel in (grouped, short, short_backward):
+        assert any("@llvm.prefetch" in ir for ir in kernel.inspect_llvm().values()), kernel.py_func.__name__
 
 
 _SMALL_PLANES = [(16, 512, 4, 4), (9, 300, 7, 7), (8, 96, 13), (6, 64, 3, 5, 7)]
@@ -818,6 +828,24 @@ def test_short_groups_are_the_contiguous_groups_of_at_most_short_group_elements(
     }
     for what, (spec, layout, short) in cases.items():
         assert numba_backend.call_for(spec, layout, torch.float32).short_groups is short, what
+
+
+def test_short_rows_backward_are_rows_of_at_most_short_row_backward_elements_that_fit_in_the_cache():
+    """The tile-phased backward takes LayerNorm/RMSNorm rows of at most
+    SHORT_ROW_BACKWARD elements while x, dy and dx fit in the last-level cache."""
+    limit = numba_backend.SHORT_ROW_BACKWARD
+    in_cache = max(2, last_level_cache_bytes() // (3 * 4 * limit))  # rows of float32 that fit
+    cases = {
+        "rows of SHORT_ROW_BACKWARD": ((8, limit), True),
+        "rows one longer": ((8, limit + 1), False),
+        "as many rows as fit in the cache": ((in_cache, limit), True),
+        "one row more": ((in_cache + 1, limit), False),
+    }
+    for what, (shape, short) in cases.items():
+        spec = layer_norm_spec(shape, shape[-1:])
+        assert numba_backend.call_for(spec, "contiguous", torch.float32).short_rows_backward is short, what
+    gn = group_norm_spec((8, 32, 40), 8)  # planes: the per-group backward
+    assert not numba_backend.call_for(gn, "contiguous", torch.float32).short_rows_backward
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

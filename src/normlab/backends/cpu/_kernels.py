@@ -1089,7 +1089,8 @@ def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
 # elements up; and one backward kernel for rows and planes ran the rows 2x slower (LLVM
 # vectorized the rows' loop worse in the larger function). For the same reason rows
 # here are LayerNorm/RMSNorm's (one affine over the row): slicing w per row for
-# GroupNorm on (N, C) cost the rows 8 %, a second row branch 76 %.
+# GroupNorm on (N, C) cost the rows 8 %, a second row branch 76 %. The rows' phased
+# backward pays off on fewer rows than the forward (``backend.SHORT_ROW_BACKWARD``).
 
 # The caller sends short groups here (``backend._short_groups``).
 _ROW_TILE = 8192
@@ -1118,12 +1119,15 @@ def short_groups_forward(x, y, w, b, P, K, S, G, eps, center, mean, var, rstd, s
             mc = mcs[p - p0]
             dm = dms[p - p0]
             r = rs[p - p0]
+            # streamed writes ask for the same element of the group a tile on, which the
+            # next tile's statistics read (see grouped_forward)
+            ahead = tile * ks if p + tile < hi else 0
             if S == 1:  # a LayerNorm/RMSNorm row
-                _row_affine(x, y, p * K, K, mc, dt(r), dt(-dm * r), w, b, stream, 0)
+                _row_affine(x, y, p * K, K, mc, dt(r), dt(-dm * r), w, b, stream, ahead)
             else:
                 for k in range(K):
                     sc = r * w[c0 + k]
-                    _plane_affine(x, y, (p * K + k) * S, S, mc, dt(sc), dt(b[c0 + k] - dm * sc), stream, 0)
+                    _plane_affine(x, y, (p * K + k) * S, S, mc, dt(sc), dt(b[c0 + k] - dm * sc), stream, ahead)
             c0 = c0 + K if c0 + K < G * K else 0
 
 
@@ -1157,7 +1161,7 @@ def _tile_statistics(x, n, eps, center, mean, var, rstd, mcs, dms, rs, p0, p1):
 
 @njit(**_OPTS)
 def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi):
-    """:func:`rows_backward` for rows of K <= SHORT_GROUP elements, phased per tile of
+    """:func:`rows_backward` for short rows (``backend.SHORT_ROW_BACKWARD``), phased per tile of
     rows (same arithmetic, same partial-sum order): the row sums and the dweight/dbias
     partials for every row of the tile, then the tile's dx."""
     dt = _ctype(x)
@@ -1165,6 +1169,7 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
     tile = max(1, _ROW_TILE // K)
     cbs = np.zeros(tile, dt)
     ccs = np.zeros(tile, dt)
+    last = hi * P // T  # the end of this call's rows (as in rows_backward)
     for t in range(lo, hi):
         p_first = t * P // T
         p_last = (t + 1) * P // T
@@ -1200,7 +1205,8 @@ def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, d
             for p in range(p0, p1):
                 mc = dt(mean[p])
                 rc = dt(np.float64(rstd[p]))
-                _row_dx(dy, x, p * K, K, w, mc, rc, cbs[p - p0], ccs[p - p0], dx, stream, 0)
+                ahead = tile * K if p + tile < last else 0  # (as in short_groups_forward)
+                _row_dx(dy, x, p * K, K, w, mc, rc, cbs[p - p0], ccs[p - p0], dx, stream, ahead)
 
 
 @njit(inline="always", **_OPTS)
@@ -1218,13 +1224,13 @@ def dispatch_grouped_forward(x, y, w, b, A, P, K, S, G, eps, center, compute, sh
 
 
 @njit(inline="always", **_OPTS)
-def dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_groups, dx,
+def dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx,
                               dwp, dbp, stream, lo, hi):
     """The grouped-view backward over partial chunks [lo, hi) (see
     :func:`dispatch_grouped_forward`): the row kernels for LayerNorm/RMSNorm rows (the
     tile-phased one for short rows), else :func:`grouped_backward`."""
     if A == 1 and S == 1 and G == 1:
-        if short_groups:
+        if short_rows:
             short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi)
         else:
             rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi)
@@ -2154,7 +2160,7 @@ def grouped_forward_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, like_x,
 
 @njit(**_OPTS)
 def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_x, like_c, A, P, K, S,
-                        G, center, batch, need_dx, T, short_groups):
+                        G, center, batch, need_dx, T, short_rows):
     """:func:`dispatch_grouped_backward` over all T partial chunks, summed into
     dweight/dbias (G*K values each). dx is written when need_dx."""
     n = A * P * K * S
@@ -2167,7 +2173,7 @@ def grouped_backward_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at
     rstd = _at(rstd_at, P, like_c)
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
-    dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_groups, dx, dwp,
+    dispatch_grouped_backward(dy, x, w, mean, rstd, A, P, K, S, G, center, batch, need_dx, T, short_rows, dx, dwp,
                               dbp, False, 0, T)
     sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
@@ -2188,7 +2194,7 @@ def grouped_forward_team_at(x_at, y_at, w_at, b_at, mean_at, var_at, rstd_at, li
 
 @njit(**_OPTS)
 def grouped_backward_team_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, db_at, like_c, A, P, K, S, G,
-                             center, batch, need_dx, T, short_groups, team, stream):
+                             center, batch, need_dx, T, short_rows, team, stream):
     """:func:`grouped_backward_at` on a team running ``dispatch_grouped_backward_body``
     (see :func:`_run_team`)."""
     n = A * P * K * S
@@ -2196,7 +2202,7 @@ def grouped_backward_team_at(dy_at, x_at, w_at, mean_at, rstd_at, dx_at, dw_at, 
     dwp = np.zeros((T, C))
     dbp = np.zeros((T, C))
     _run_team(team, T, ((dy_at, n), (x_at, n), (w_at, C), (mean_at, P), (rstd_at, P), A, P, K, S, G, center, batch,
-                        need_dx, T, short_groups, (dx_at, n if need_dx else 0), dwp, dbp, stream))
+                        need_dx, T, short_rows, (dx_at, n if need_dx else 0), dwp, dbp, stream))
     sum_partials(dwp, dbp, _at(dw_at, C, like_c), _at(db_at, C, like_c))
 
 

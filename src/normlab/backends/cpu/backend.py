@@ -50,6 +50,14 @@ SERIAL_BELOW = 1 << 17
 #: slower (slower on 6.4 MB of 14x14 planes, even on one thread).
 SHORT_GROUP = 256
 SHORT_PLANES = 160
+#: LayerNorm/RMSNorm rows take the tile-phased backward (``_kernels.short_rows_backward``)
+#: up to this many elements, and only while x, dy and dx fit in the last-level cache
+#: together. In-process against the per-row backward (2 threads, float32, session 25):
+#: rows of 40 to 96 from (256, 40) to (65536, 40) 1.06-1.28x faster phased, rows of 128
+#: even, rows of 256 1.08-1.38x slower; and beyond the cache ((65536, 48), (65536, 64),
+#: (32768, 96)) 1.06-1.40x slower (why is not measured: its second pass reads a tile
+#: back from L2, the per-row kernel's a row from L1).
+SHORT_ROW_BACKWARD = 128
 
 
 #: dweight/dbias are summed through per-chunk partial rows, one per ``PARTIAL_ELEMENTS``
@@ -134,7 +142,8 @@ class _Call:
     memory_format: torch.memory_format  # x's layout, for dy
     numel: int
     partials: int  # rows of dweight/dbias partial sums (grouped kernels)
-    short_groups: bool  # groups the tile-phased kernels take (see _short_groups)
+    short_groups: bool  # groups the tile-phased forward takes (see _short_groups)
+    short_rows_backward: bool  # rows the tile-phased backward takes (see SHORT_ROW_BACKWARD)
     unbias: float  # count / (count - 1): the running variance's correction (0 for count <= 1)
     memory_order: bool  # BatchNorm's planes visited in memory order with batch statistics (see _memory_order)
     storage: str  # x's dtype as the team bodies are compiled for it (``_STORAGE``)
@@ -233,6 +242,7 @@ def call_for(spec: NormSpec, layout: str, dtype: torch.dtype) -> _Call | None:
                  numel=numel,
                  partials=_partials(plan.dims[1], numel) if plan.kind == "grouped" else 0,
                  short_groups=_short_groups(plan),
+                 short_rows_backward=_short_rows_backward(plan, numel * dtype.itemsize),
                  unbias=spec.count / (spec.count - 1) if spec.count > 1 else 0.0,
                  memory_order=_memory_order(plan, dtype.itemsize),
                  storage=_STORAGE[dtype if dtype in _BITS else cdt],
@@ -251,6 +261,16 @@ def _short_groups(plan: Plan) -> bool:
     if s == 1:
         return a == 1 and g == 1 and k <= SHORT_GROUP
     return a == 1 and k * s <= SHORT_PLANES
+
+
+def _short_rows_backward(plan: Plan, nbytes: int) -> bool:
+    """Whether the tile-phased backward takes this plan (see ``SHORT_ROW_BACKWARD``):
+    LayerNorm/RMSNorm rows of at most that many elements whose x, dy and dx (``nbytes``
+    each) fit in the last-level cache."""
+    if plan.kind != "grouped":
+        return False
+    a, _, k, s, g = plan.dims
+    return a == s == g == 1 and k <= SHORT_ROW_BACKWARD and 3 * nbytes <= last_level_cache_bytes()
 
 
 def _fixed_view(spec: NormSpec, layout: str) -> tuple[int, int, int, int] | None:
@@ -685,7 +705,7 @@ def backward_impl(dy, x, weight, mean, rstd, spec: NormSpec, batch_statistics: b
         dwp, dbp = np.zeros((2, t, channels))
         _launch("dispatch_grouped_backward", dtype, t, threads,
                 (dy, xc, w, mean_in, rstd_in, a, p, kk, s, g, spec.center, batch_statistics, need_dx, t,
-                 call.short_groups, dx_out, dwp, dbp, _streams(dx_out, call.write_run)))
+                 call.short_rows_backward, dx_out, dwp, dbp, _streams(dx_out, call.write_run)))
     elif plan.blocks == 1:
         n, s, g, kk = plan.dims
         dwp, dbp = np.empty((2, n, channels))
@@ -721,7 +741,7 @@ def _serial_grouped_backward(call: _Call, dy, x, weight, mean, rstd, spec: NormS
     runtime.kernels().grouped_backward_at(dy.data_ptr(), x.data_ptr(), w_at, mean_at, rstd_at,
                                           dx.data_ptr() if need_dx else 0, dw.data_ptr(), db.data_ptr(),
                                           _LIKE[x.dtype], _LIKE[call.cdt], a, p, kk, s, g, spec.center,
-                                          batch_statistics, need_dx, call.partials, call.short_groups)
+                                          batch_statistics, need_dx, call.partials, call.short_rows_backward)
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
@@ -754,7 +774,7 @@ def _backward_at(call: _Call, dy, x, weight, mean, rstd, spec: NormSpec, batch_s
     elif call.plan.kind == "grouped":
         a, p, kk, s, g = call.plan.dims
         runtime.kernels().grouped_backward_team_at(*addresses, a, p, kk, s, g, spec.center, batch_statistics,
-                                                   need_dx, call.partials, call.short_groups,
+                                                   need_dx, call.partials, call.short_rows_backward,
                                                    _team("dispatch_grouped_backward", call, call.partials, threads),
                                                    stream)
     else:
