@@ -1083,11 +1083,12 @@ def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
 # numba kept the negative-index checks, and they took 7.5 us instead of 1.7 (a loop over
 # the slice's own size, as in _dev_sums, drops them). Planes, forward, one thread, from
 # cache, per-group kernel -> phased: GroupNorm (8, 32, 40) with 8 groups 4.0 -> 2.8 us;
-# InstanceNorm (8, 256, 7, 7) 66 -> 38 us, (8, 256, 14, 14) 86 -> 68 us (but on 14x14
-# planes beyond the L2, phased was slower: hence SHORT_PLANES). The backward
-# of planes stays per group: phased, it gained 20 % on 7x7 planes and nothing from 160
-# elements up; and one backward kernel for rows and planes ran the rows 2x slower (LLVM
-# vectorized the rows' loop worse in the larger function). For the same reason rows
+# InstanceNorm (8, 256, 7, 7) 66 -> 38 us, (8, 256, 14, 14) 86 -> 68 us (but at module
+# level 14x14 and 16x16 planes came out about even: hence SHORT_PLANES). The backward of
+# planes stays per group: phased (``benchmarks/cpu/short_groups.py`` with a phased planes
+# backward) it made training steps 0.95x on (8, 256, 7, 7) and 1.15-1.20x on
+# (64, 2048, 7, 7) and 14x14 planes; and one backward kernel for rows and planes ran the
+# rows 2x slower (LLVM vectorized the rows' loop worse in the larger function). For the same reason rows
 # here are LayerNorm/RMSNorm's (one affine over the row): slicing w per row for
 # GroupNorm on (N, C) cost the rows 8 %, a second row branch 76 %. The rows' phased
 # backward pays off on fewer rows than the forward (``backend.SHORT_ROW_BACKWARD``).

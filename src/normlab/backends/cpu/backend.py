@@ -45,9 +45,10 @@ SERIAL_BELOW = 1 << 17
 #: LayerNorm/RMSNorm rows of at most this many elements take the tile-phased kernels
 #: (see ``_kernels``), and so do the statistic groups of GroupNorm/InstanceNorm on planes
 #: of at most ``SHORT_PLANES`` elements in all. Forward, module level, 2 threads, against
-#: the per-group kernel (trees alternated): groups of 49 to 160 elements 1.08-1.48x faster
-#: phased; InstanceNorm on 14x14 to 16x16 planes anywhere from 1.12x faster to 1.27x
-#: slower (slower on 6.4 MB of 14x14 planes, even on one thread).
+#: the per-group kernel: groups of 49 to 160 elements 1.08-1.48x faster phased (trees
+#: alternated across processes); InstanceNorm on 14x14 and 16x16 planes about even
+#: (0.79-1.01x of the per-group time in one process, ``benchmarks/cpu/short_groups.py``
+#: and call-level A/Bs), so they stay per group.
 SHORT_GROUP = 256
 SHORT_PLANES = 160
 #: LayerNorm/RMSNorm rows take the tile-phased backward (``_kernels.short_rows_backward``)
