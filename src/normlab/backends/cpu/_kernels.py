@@ -1088,10 +1088,10 @@ def planes_dx(dy, x, dx, P, S, mc, ca, cb, cc, stream, lo, hi):
 # planes stays per group: phased (``benchmarks/cpu/short_groups.py`` with a phased planes
 # backward) it made training steps 0.95x on (8, 256, 7, 7) and 1.15-1.20x on
 # (64, 2048, 7, 7) and 14x14 planes; and one backward kernel for rows and planes ran the
-# rows 2x slower (LLVM vectorized the rows' loop worse in the larger function). For the same reason rows
-# here are LayerNorm/RMSNorm's (one affine over the row): slicing w per row for
-# GroupNorm on (N, C) cost the rows 8 %, a second row branch 76 %. The rows' phased
-# backward pays off on fewer rows than the forward (``backend.SHORT_ROW_BACKWARD``).
+# rows 2x slower (LLVM vectorized the rows' loop worse in the larger function). For the
+# same reason rows here are LayerNorm/RMSNorm's (one affine over the row): slicing w per
+# row for GroupNorm on (N, C) cost the rows 8 %, a second row branch 76 %. The rows'
+# phased backward pays off on fewer rows than the forward (``backend.SHORT_ROW_BACKWARD``).
 
 # The caller sends short groups here (``backend._short_groups``).
 _ROW_TILE = 8192
@@ -1101,8 +1101,8 @@ _ROW_TILE = 8192
 def short_groups_forward(x, y, w, b, P, K, S, G, eps, center, mean, var, rstd, stream, lo, hi):
     """:func:`grouped_forward` with batch statistics for A = 1 and short groups (see
     ``backend._short_groups``) -- LayerNorm/RMSNorm rows (S = 1, where G must be 1),
-    GroupNorm and InstanceNorm on small planes -- with the same arithmetic (rough mean ``mc`` in x's
-    dtype, the deviation sums, the correction ``dm``, the output
+    GroupNorm and InstanceNorm on small planes -- with the same arithmetic (rough mean
+    ``mc`` in x's dtype, the deviation sums, the correction ``dm``, the output
     ``y = (x - mc) * a + b'`` per channel) in phases over a tile of groups: the
     statistics (:func:`_tile_statistics`), then the output; kept per group of the tile
     in scratch arrays between the phases."""
@@ -1162,9 +1162,9 @@ def _tile_statistics(x, n, eps, center, mean, var, rstd, mcs, dms, rs, p0, p1):
 
 @njit(**_OPTS)
 def short_rows_backward(dy, x, w, mean, rstd, P, K, center, batch, need_dx, T, dx, dwp, dbp, stream, lo, hi):
-    """:func:`rows_backward` for short rows (``backend.SHORT_ROW_BACKWARD``), phased per tile of
-    rows (same arithmetic, same partial-sum order): the row sums and the dweight/dbias
-    partials for every row of the tile, then the tile's dx."""
+    """:func:`rows_backward` for short rows (``backend.SHORT_ROW_BACKWARD``), phased per
+    tile of rows (same arithmetic, same partial-sum order): the row sums and the
+    dweight/dbias partials for every row of the tile, then the tile's dx."""
     dt = _ctype(x)
     z = dt(0.0)
     tile = max(1, _ROW_TILE // K)
