@@ -440,7 +440,8 @@ def _row_dx_formula(builder, dy, x, mc, rc, w, b, k):
     """(rc * w) * dy + (b * (x - mc) + k): :func:`_row_dx_run`'s ``(rc * w) * dy + b *
     (x - mc) + k`` as LLVM reassociates it in the loop (the fast-math flags allow it; the
     multiply-adds then fuse ``b * (x - mc) + k`` first). Written in the source's order
-    here, the lines' bits differed from the loop's (``test_short_row_kernels_equal_the_row_kernels``)."""
+    here, the lines' bits differed from the loop's
+    (``test_short_group_kernels_equal_the_grouped_kernels``)."""
     f = _FM_FLAGS
     scaled = builder.fmul(b, builder.fsub(x, mc, flags=f), flags=f)
     gradient = builder.fmul(builder.fmul(rc, w, flags=f), dy, flags=f)

@@ -42,7 +42,7 @@ __all__ = ["forward", "backward", "forward_impl", "backward_impl", "plan_of", "c
 
 #: Inputs with fewer elements run the serial twins of the kernels (no thread hand-off).
 SERIAL_BELOW = 1 << 17
-#: LayerNorm/RMSNorm rows of at most this many elements take the tile-phased kernels
+#: LayerNorm/RMSNorm rows of at most this many elements take the tile-phased forward
 #: (see ``_kernels``), and so do the statistic groups of GroupNorm/InstanceNorm on planes
 #: of at most ``SHORT_PLANES`` elements in all. Forward, module level, 2 threads, against
 #: the per-group kernel: groups of 49 to 160 elements 1.08-1.48x faster phased (trees
